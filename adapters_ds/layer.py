@@ -1,0 +1,149 @@
+"""What every adapter method shares: the config base class and the adapter layer base class.
+
+An adapter is attached to one frozen `nn.Linear` (or GPT-2's transposed `Conv1D`) as a child module named
+`adapter`, and applied by a forward hook: `out = base(x) + adapter(x, out)`. The base module itself is left
+untouched, so its parameter names (`...q_proj.weight`) stay exactly those of a plain checkpoint and a base
+checkpoint loads with the adapter tensors as the only extra keys. LoRA reads x, Series reads out, Parallel
+reads x: one hook covers all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adapters_ds.errors import InputError
+
+ADAPTER_ATTR = "adapter"
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method has. Subclasses add their hyperparameters and set `method`."""
+
+    method: ClassVar[str]
+
+    target_modules: tuple[str, ...] | None = None
+    """Module names to adapt: a name matches a module whose dotted path equals it or ends with `.name`
+    (Hugging Face PEFT's rule). None takes the model family's defaults (see `families.py`)."""
+    dtype: DTypeName = "auto"
+    """Adapter parameter dtype; "auto" follows the adapted base weight (bf16 base → bf16 adapter)."""
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise InputError(
+                    f"target_modules must be a non-empty list of module names, found {self.target_modules!r}"
+                )
+        _check_choice("dtype", self.dtype, ("auto", *_DTYPES))
+
+    @property
+    def targets_key(self) -> str:
+        """Key of this method's default targets in the per-family table."""
+        return self.method
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        if fields["target_modules"] is not None:
+            fields["target_modules"] = list(fields["target_modules"])
+        return {"method": self.method, **fields}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
+        """Build from a dict, refusing unknown keys (a typo must not silently fall back to a default)."""
+        values = {k: v for k, v in values.items() if k != "method"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown {cls.method} option(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise InputError(f"{name} must be one of {list(choices)}, found {value!r}")
+
+
+def check_range(name: str, value: float, low: float, high: float | None = None, *, low_inclusive: bool = True) -> None:
+    """Validate a numeric hyperparameter; `bool` is refused although Python counts it as an int."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= low if low_inclusive else value > low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + ("" if high is None else f" and < {high}")
+        raise InputError(f"{name} must be a number {bound}, found {value!r}")
+
+
+@dataclass(frozen=True)
+class LinearDims:
+    """Shape facts of an adaptable base layer, read without touching (possibly partitioned) weights."""
+
+    in_features: int
+    out_features: int
+    transposed: bool  # GPT-2's Conv1D stores its weight as (in, out)
+
+
+def linear_dims(name: str, module: nn.Module) -> LinearDims:
+    if isinstance(module, nn.Linear):
+        return LinearDims(module.in_features, module.out_features, transposed=False)
+    if isinstance(module, Conv1D):
+        return LinearDims(module.nx, module.nf, transposed=True)
+    raise InputError(f"module {name!r} is a {type(module).__name__}; expected nn.Linear or Conv1D")
+
+
+def resolve_dtype(name: DTypeName, base: nn.Module) -> torch.dtype:
+    return base.weight.dtype if name == "auto" else _DTYPES[name]
+
+
+class Adapter(nn.Module):
+    """Base class of adapter layers. `forward(x, out)` returns what is added to the base output."""
+
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged = False  # only mergeable adapters ever set this
+
+    def trainable_names(self) -> tuple[str, ...]:
+        """Names of this layer's trainable parameters, declared explicitly (checked by `freeze_base`)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, base: nn.Module) -> None:
+        raise InputError(f"{type(self).__name__} adapters are not mergeable (their update is not linear)")
+
+    def unmerge(self, base: nn.Module) -> None:
+        raise InputError(f"{type(self).__name__} adapters are not mergeable (their update is not linear)")
+
+
+def _apply_adapter(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of an adapted base layer: add the adapter's contribution to the base output."""
+    adapter = getattr(module, ADAPTER_ATTR, None)
+    if adapter is None or adapter.merged:
+        return None  # None keeps the output as it is
+    return output + adapter(args[0], output).to(output.dtype)
+
+
+def attach(base: nn.Module, adapter: Adapter) -> None:
+    if isinstance(getattr(base, ADAPTER_ATTR, None), Adapter):
+        raise InputError(f"{type(base).__name__} already has an adapter; remove it before adding another")
+    base.add_module(ADAPTER_ATTR, adapter)
+    adapter._hook = base.register_forward_hook(_apply_adapter)
+
+
+def detach(base: nn.Module) -> Adapter:
+    adapter = getattr(base, ADAPTER_ATTR)
+    adapter._hook.remove()
+    delattr(base, ADAPTER_ATTR)
+    return adapter

@@ -1,0 +1,58 @@
+"""Loading a base model (and its tokenizer) with the project's safety and error conventions.
+
+Weights are read from safetensors only and remote code stays off unless the caller allows it: a model
+repository must not be able to run code on a training cluster by being loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from adapters_ds.errors import InputError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _load_error(what: str, name: str, exc: Exception) -> InputError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(f"cannot load {what} {name!r}: {first_line}")
+
+
+def load_model_config(name: str, trust_remote_code: bool = False):
+    if not Path(name).exists() and (name.startswith((".", "/")) or name.count("/") > 1):
+        raise InputError(f"base model not found: {name!r} is neither a local folder nor a hub id")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error("base model", name, exc) from None
+
+
+def load_base_model(
+    name: str, dtype: str | torch.dtype = "bfloat16", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """A causal LM from a local folder or hub id; bad names and unsupported architectures are InputErrors."""
+    config = load_model_config(name, trust_remote_code)
+    torch_dtype = DTYPES.get(dtype, dtype)  # a name, a torch.dtype, or "auto" (the checkpoint's own dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name, config=config, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error("base model", name, exc) from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error("tokenizer of", name, exc) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models often ship without a pad token
+    return tokenizer
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    return (Path(path) / "tokenizer_config.json").is_file()

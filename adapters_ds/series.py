@@ -1,0 +1,42 @@
+"""Series (bottleneck) adapter: out = h + s · f(h), h the output of the wrapped sub-layer.
+
+Houlsby et al. 2019 (arXiv 1902.00751, section 2.1) insert one after the attention output and one after
+the MLP output ("houlsby"); Pfeiffer et al. 2021 (arXiv 2005.00247) keep only the one after the MLP
+("pfeiffer", LLM-Adapters' final "Series" setting). The presets pick the default target modules per family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from adapters_ds.bottleneck import Bottleneck, BottleneckConfig
+from adapters_ds.errors import InputError
+from adapters_ds.layer import LinearDims
+
+
+@dataclass
+class SeriesConfig(BottleneckConfig):
+    method: ClassVar[str] = "series"
+
+    preset: Literal["pfeiffer", "houlsby"] = "pfeiffer"
+    """Placement: "pfeiffer" after the MLP output; "houlsby" after the attention output and the MLP output."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.preset not in ("pfeiffer", "houlsby"):
+            raise InputError(f"series preset must be 'pfeiffer' or 'houlsby', found {self.preset!r}")
+
+    @property
+    def targets_key(self) -> str:
+        return f"series_{self.preset}"
+
+
+class SeriesAdapter(Bottleneck):
+    def __init__(self, config: SeriesConfig, dims: LinearDims, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(config, dims.out_features, dims.out_features, dtype, device)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(out)
