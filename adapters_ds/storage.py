@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapters_ds.distributed import is_main_process
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import atomic_dir, read_json, write_json
 from adapters_ds.inject import adapter_layers, adapter_parameters, inject_adapters, remove_adapters, resolve_targets
@@ -26,11 +27,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "adapters_ds"
 FORMAT_VERSION = 1
 _META_KEYS = ("format", "format_version", "adapted_modules", "base_model")
-
-
-def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def base_model_identity(model: nn.Module) -> dict:
@@ -54,7 +50,7 @@ def save_adapter(model: nn.Module, config: AdapterConfig, path: str | Path) -> N
     params = adapter_parameters(model)
     with gathered(params.values()):
         tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
-    if not _is_main_process():
+    if not is_main_process():
         return
     meta = {
         "format": FORMAT,

@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-VOCAB = 96
+VOCAB = 512  # tiny_tokenizer.VOCAB_SIZE: models and the test tokenizer agree
 H, INTER, HEADS, KV_HEADS, LAYERS = 32, 48, 4, 2, 2
 KV = H // HEADS * KV_HEADS  # key/value projection width under grouped-query attention
 

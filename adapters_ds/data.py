@@ -1,0 +1,409 @@
+"""Training data: load Alpaca-format records, tokenize them with the shared prompt, split, plan batches, collate.
+
+The flow a trainer follows::
+
+    ds = load_records(path)                                   # validated {"instruction", "input", "output", ...}
+    ds = tokenize_records(ds, tokenizer, cutoff_len, train_on_inputs)   # input_ids, labels, length
+    train, val = split_validation(ds, val_set_size, seed)
+    plan = BatchPlan(train["length"], micro_batch_size, world_size, rank, seed, group_by_length)
+    loader = DataLoader(train, batch_sampler=plan.micro_batches(epoch)[skip:], collate_fn=partial(collate, ...))
+
+Everything here is a pure function of its arguments (and the data), so every rank computes the same thing and a
+resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import datasets
+import torch
+
+from adapters_ds.errors import InputError
+from adapters_ds.prompts import TemplateName, build_prompt
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers' loss) skips
+REQUIRED_FIELDS = ("instruction", "output")
+LOCAL_SUFFIXES = (".json", ".jsonl")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_records(data_path: str, cache_dir: str | None = None) -> datasets.Dataset:
+    """Load and validate instruction records from a local .json/.jsonl file or a Hugging Face dataset name.
+
+    Local files are parsed with `json` first, only to report bad input precisely (file, line, record index, field);
+    the dataset itself is then built by `datasets.load_dataset("json")` so that it is disk-backed and every later
+    `map` is cached by fingerprint. A path that does not exist and looks like `owner/name` is loaded from the hub
+    (split "train"). A missing or null "input" becomes ""; extra fields (e.g. "answer") are kept.
+    """
+    path = Path(data_path)
+    if path.exists():
+        _validate_records(_read_json_records(path), str(path))
+        ds = _load_dataset(
+            str(path), lambda: datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        )
+    elif path.suffix in LOCAL_SUFFIXES or not _HUB_NAME.match(data_path):
+        raise InputError(
+            f"data: expected an existing .json/.jsonl file or a Hugging Face dataset name; found no file {data_path!r}"
+        )
+    else:
+        ds = _load_dataset(data_path, lambda: datasets.load_dataset(data_path, split="train", cache_dir=cache_dir))
+        if not set(REQUIRED_FIELDS) <= set(ds.column_names):
+            raise InputError(
+                f"{data_path}: expected columns 'instruction' and 'output' (and optionally 'input'); "
+                f"found columns {ds.column_names}"
+            )
+        present = [name for name in ("instruction", "input", "output") if name in ds.column_names]
+        _validate_records(ds.select_columns(present), data_path)
+    return ds.map(_default_input, batched=True, desc="filling missing inputs")
+
+
+def _load_dataset(source: str, load: Callable[[], datasets.Dataset]) -> datasets.Dataset:
+    """Run a `datasets` loader; its many failure types (missing dataset, no network, schema) are all bad input."""
+    try:
+        return load()
+    except Exception as exc:  # any loader failure is bad input; re-raised with the cause chained
+        raise InputError(
+            f"data: expected a loadable dataset (split 'train'); could not load {source!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _read_json_records(path: Path) -> list[Any]:
+    """Parse a JSON list, a single JSON object, or JSON Lines; report the exact place of a syntax error."""
+    if path.suffix not in LOCAL_SUFFIXES or not path.is_file():
+        raise InputError(f"data: expected a .json or .jsonl file; found {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: expected UTF-8 JSON; found undecodable bytes at position {exc.start}") from exc
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):  # a JSON list: the whole-document error position is the useful one
+            raise InputError(
+                f"{path}: expected a JSON list of records; found invalid JSON at line {exc.lineno} "
+                f"column {exc.colno}: {exc.msg}"
+            ) from exc
+        return _read_json_lines(path, text)
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict):
+        return [document]  # a one-line JSON Lines file
+    raise InputError(f"{path}: expected a JSON list of records or JSON Lines; found a JSON {_json_type(document)}")
+
+
+def _read_json_lines(path: Path, text: str) -> list[Any]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"{path}: expected one JSON record per line (JSON Lines); found invalid JSON at line "
+                f"{lineno} column {exc.colno}: {exc.msg}"
+            ) from exc
+    return records
+
+
+def _validate_records(records: Iterable[Any], source: str) -> None:
+    """Check every record: object, "instruction" and "output" strings, "input" a string when present and not null."""
+    count = 0
+    for index, record in enumerate(records):
+        count += 1
+        if not isinstance(record, Mapping):
+            raise InputError(f"{source}: record {index} (0-based): expected a JSON object; found {_json_type(record)}")
+        for name in REQUIRED_FIELDS:
+            if name not in record:
+                raise InputError(
+                    f"{source}: record {index} (0-based): expected field {name!r}; found fields {sorted(record)}"
+                )
+        for name in ("instruction", "input", "output"):
+            value = record.get(name)
+            if name == "input" and value is None:
+                continue
+            if not isinstance(value, str):
+                raise InputError(
+                    f"{source}: record {index} (0-based): expected field {name!r} to be a string; "
+                    f"found {_json_type(value)}"
+                )
+    if count == 0:
+        raise InputError(f"{source}: expected at least one record; found an empty dataset")
+
+
+def _json_type(value: Any) -> str:
+    names = {
+        type(None): "null",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "object",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def _default_input(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
+    """The "input" field is optional in the Alpaca format: absent or null means the no-input prompt."""
+    inputs = batch.get("input") or [None] * len(batch["instruction"])
+    return {"input": [value or "" for value in inputs]}
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizing
+
+
+def tokenize_records(
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    template: TemplateName = "alpaca",
+) -> datasets.Dataset:
+    """Turn records into `input_ids`, `labels` and `length` (Alpaca-LoRA's recipe, made consistent about specials).
+
+    Text: `prompt + output`, then EOS. Both the prompt and the full text are encoded with the tokenizer's special
+    tokens off, and BOS is prepended by us only if the tokenizer would add one and the text does not already start
+    with it (a chat template may render it), so there is never a double BOS and never a tokenizer-added EOS.
+    The prompt's token count is the mask length: with `train_on_inputs=False` the first `len(prompt_ids)` labels are
+    -100. (As in Alpaca-LoRA, this assumes the prompt's tokens are a prefix of the full text's; both templates end
+    the prompt with a newline or a special token, where tokenizers do not merge.)
+
+    Truncation (Alpaca-LoRA's rule): the full text is cut to `cutoff_len` tokens and EOS is appended only if it
+    still fits, i.e. only when the text had fewer than `cutoff_len` tokens. A truncated example therefore ends
+    without EOS, so the model is never taught to stop mid-answer. Records whose prompt alone has `cutoff_len`
+    tokens or more leave no target token and are dropped (logged); if all are, that is an `InputError`.
+
+    `ds.map` runs in one process (parallel tokenization is the fast tokenizer's job) and is cached by `datasets`
+    when `ds` is disk-backed.
+    """
+    if cutoff_len < 1:
+        raise InputError(f"cutoff_len: expected a positive number of tokens; found {cutoff_len}")
+    if tokenizer.eos_token_id is None:
+        raise InputError(
+            f"tokenizer: expected an EOS token to end each example; found none on {type(tokenizer).__name__}"
+        )
+    build_prompt("", "", template, tokenizer)  # fail before the map on a bad template or a missing chat template
+    if len(ds) == 0:
+        raise InputError("tokenize_records: expected at least one record; found an empty dataset")
+
+    tokenized = ds.map(
+        _tokenize_batch,
+        batched=True,
+        remove_columns=ds.column_names,
+        desc="tokenizing",
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "cutoff_len": cutoff_len,
+            "train_on_inputs": train_on_inputs,
+            "template": template,
+            "bos_id": tokenizer.bos_token_id if _tokenizer_adds_bos(tokenizer) else None,
+        },
+    )
+    dropped = len(ds) - len(tokenized)
+    if len(tokenized) == 0:
+        raise InputError(
+            f"every prompt is longer than cutoff_len={cutoff_len} allows: expected a prompt shorter than "
+            f"{cutoff_len} tokens so a target token fits; found all {dropped} prompts at {cutoff_len} "
+            "tokens or more (raise cutoff_len)"
+        )
+    if dropped:
+        logger.warning(
+            "dropped %d of %d records whose prompt alone has >= cutoff_len=%d tokens (no target left)",
+            dropped,
+            len(ds),
+            cutoff_len,
+        )
+    return tokenized
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer prepends BOS by itself (Llama does, GPT-2 and Qwen do not): ask it, don't guess."""
+    bos_id = tokenizer.bos_token_id
+    return bos_id is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos_id]
+
+
+def _encode(tokenizer: Any, texts: list[str], bos_id: int | None) -> list[list[int]]:
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if bos_id is None:
+        return encoded
+    return [ids if ids[:1] == [bos_id] else [bos_id, *ids] for ids in encoded]
+
+
+def _tokenize_batch(
+    batch: dict[str, list[Any]],
+    tokenizer: Any,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    template: TemplateName,
+    bos_id: int | None,
+) -> dict[str, list[Any]]:
+    """Batched `map` function; returns fewer rows than it got when records are dropped."""
+    prompts = [
+        build_prompt(ins, inp, template, tokenizer)
+        for ins, inp in zip(batch["instruction"], batch["input"], strict=True)
+    ]
+    fulls = [prompt + output for prompt, output in zip(prompts, batch["output"], strict=True)]
+    eos_id = tokenizer.eos_token_id
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": []}
+    for prompt_ids, full_ids in zip(
+        _encode(tokenizer, prompts, bos_id), _encode(tokenizer, fulls, bos_id), strict=True
+    ):
+        if len(prompt_ids) >= cutoff_len:
+            continue  # no room for a single target token
+        input_ids = full_ids[:cutoff_len]
+        if len(input_ids) < cutoff_len and input_ids[-1] != eos_id:
+            input_ids.append(eos_id)
+        n_masked = 0 if train_on_inputs else len(prompt_ids)
+        out["input_ids"].append(input_ids)
+        out["labels"].append([IGNORE_INDEX] * n_masked + input_ids[n_masked:])
+        out["length"].append(len(input_ids))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- splitting
+
+
+def split_validation(
+    ds: datasets.Dataset, val_set_size: int | float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Hold out a validation set: an int is a count, a float in (0, 1) a fraction (rounded up); 0 means none.
+
+    Deterministic for a given seed (`train_test_split`'s seeded permutation), so every rank holds out the same rows.
+    """
+    n = len(ds)
+    if isinstance(val_set_size, bool) or not isinstance(val_set_size, int | float) or val_set_size < 0:
+        raise InputError(f"val_set_size: expected a count >= 0 or a fraction in (0, 1); found {val_set_size!r}")
+    if val_set_size == 0:
+        return ds, None
+    if isinstance(val_set_size, float):
+        if val_set_size >= 1:
+            raise InputError(f"val_set_size: expected a fraction in (0, 1) or an integer count; found {val_set_size}")
+        n_val = math.ceil(val_set_size * n)
+    else:
+        n_val = val_set_size
+    if n_val >= n:
+        raise InputError(
+            f"val_set_size: expected fewer validation examples than the dataset's {n} (at least one left "
+            f"to train on); found {val_set_size} = {n_val} examples"
+        )
+    split = ds.train_test_split(test_size=n_val, shuffle=True, seed=seed)
+    return split["train"], split["test"]
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which dataset indices each rank reads in each micro-step of an epoch: a pure function of its fields.
+
+    The order, exactly (m = `micro_batch_size`, W = `world_size`, G = m·W the global micro-batch, N = len(lengths)):
+
+    1. `perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed + epoch))`: the same on every rank,
+       independent of m, W and rank (as torch's DistributedSampler seeds by seed + epoch).
+    2. Keep `perm[: (N // G) · G]`: the last incomplete global micro-step is dropped, not padded, so every rank
+       runs the same number of micro-steps and no example is seen twice in an epoch.
+    3. With `group_by_length`: cut that order into megabatches of 50·G consecutive indices and sort each by length,
+       longest first (stable, so ties keep the shuffled order), as Hugging Face's `LengthGroupedSampler` does:
+       batches of similar lengths waste less padding, and the shuffle keeps the megabatches random.
+    4. Global micro-step s is `order[s·G : (s+1)·G]`; rank r takes its slice `[s·G + r·m, s·G + (r+1)·m)`.
+
+    Hence one rank with micro-batch 2m sees, at every step, exactly the examples two ranks with micro-batch m see
+    together (rank 0's batch then rank 1's), since steps 1–3 depend on G, not on how it factors. To resume an
+    epoch after k micro-batches, take `micro_batches(epoch)[k:]`.
+    """
+
+    lengths: Sequence[int] = field(repr=False)
+    micro_batch_size: int
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+    group_by_length: bool = False
+
+    MEGABATCH_MULT: ClassVar[int] = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lengths", tuple(int(length) for length in self.lengths))
+        if self.micro_batch_size < 1 or self.world_size < 1:
+            raise InputError(
+                f"batch plan: expected micro_batch_size >= 1 and world_size >= 1; found "
+                f"{self.micro_batch_size} and {self.world_size}"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise InputError(f"batch plan: expected 0 <= rank < world_size={self.world_size}; found rank {self.rank}")
+        if self.micro_batches_per_epoch == 0:
+            raise InputError(
+                f"batch plan: expected at least micro_batch_size x world_size = "
+                f"{self.global_micro_batch_size} examples for one step; found {len(self.lengths)}"
+            )
+
+    @property
+    def global_micro_batch_size(self) -> int:
+        return self.micro_batch_size * self.world_size
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-steps per epoch; every rank has exactly this many micro-batches."""
+        return len(self.lengths) // self.global_micro_batch_size
+
+    def global_order(self, epoch: int) -> list[int]:
+        """All ranks' indices for `epoch` in step order (steps 1–3 of the class docstring)."""
+        if epoch < 0:
+            raise InputError(f"batch plan: expected epoch >= 0; found {epoch}")
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        kept = self.micro_batches_per_epoch * self.global_micro_batch_size
+        order = torch.randperm(len(self.lengths), generator=generator)[:kept].tolist()
+        if not self.group_by_length:
+            return order
+        megabatch = self.MEGABATCH_MULT * self.global_micro_batch_size
+        return [
+            index
+            for start in range(0, kept, megabatch)
+            for index in sorted(order[start : start + megabatch], key=lambda i: -self.lengths[i])
+        ]
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches for `epoch` (lists of dataset indices): usable as a DataLoader `batch_sampler`."""
+        order = self.global_order(epoch)
+        size, offset = self.micro_batch_size, self.rank * self.micro_batch_size
+        step = self.global_micro_batch_size
+        return [order[start + offset : start + offset + size] for start in range(0, len(order), step)]
+
+
+# ---------------------------------------------------------------------------------------------------- collating
+
+
+def collate(
+    features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: `input_ids` with `pad_token_id`, `labels` with -100, `attention_mask` 1 on tokens.
+
+    Right padding suits training (positions start at 0 for every row); `pad_to_multiple_of` rounds the width up
+    (tensor-core friendly shapes, fewer distinct shapes).
+    """
+    width = max(len(feature["input_ids"]) for feature in features)
+    if pad_to_multiple_of:
+        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)  # (batch, seq)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)  # (batch, seq)
+    attention_mask = torch.zeros((len(features), width), dtype=torch.long)  # (batch, seq)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,91 @@
+"""Distributed start-up that works under every launcher a cluster user reaches for.
+
+- `deepspeed` launcher and `torchrun`: RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT are set.
+- `srun`: nothing of the above is set; map SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, rendezvous at the
+  first host of the job's node list on a port derived from the job id.
+- `mpirun`: DeepSpeed discovers ranks through mpi4py.
+- a plain `python script.py`: one rank on a free local port.
+The backend comes from DeepSpeed's accelerator (NCCL on GPUs, gloo on CPU): never hard-coded.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]  # "node1" or a prefix of "node[1-4]" without scontrol
+
+
+def map_launcher_env(env: dict[str, str] | None = None) -> None:
+    """Fill the torch.distributed variables from SLURM (srun) or, for a lone process, with one-rank defaults."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        return  # deepspeed / torchrun set them; under mpirun DeepSpeed asks mpi4py
+    if "SLURM_STEP_NUM_TASKS" in env:  # inside an srun step (the batch script itself is no rank)
+        env["RANK"] = env["SLURM_PROCID"]
+        env["LOCAL_RANK"] = env["SLURM_LOCALID"]
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", env["SLURM_STEP_NUM_TASKS"])
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"])))
+        env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Start (or join) the process group; collectives time out instead of hanging on a dead rank."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    map_launcher_env()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(seconds=timeout_s)
+        )
+    info = DistInfo(
+        rank=torch.distributed.get_rank(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=torch.distributed.get_world_size(),
+    )
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(info.local_rank)
+    return info
+
+
+def is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,174 @@
+"""The training command end to end: real multi-process DeepSpeed runs (2 CPU ranks, gloo) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from launch import REPO, has_mpirun, losses, run
+from safetensors.torch import load_file
+from tiny_models import make_model
+from tiny_tokenizer import make_tokenizer
+
+from adapters_ds import load_adapter
+from adapters_ds.storage import WEIGHTS_NAME
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny LLaMA with its tokenizer, a learnable toy task, and fp32 variants of the shipped configs."""
+    root = tmp_path_factory.mktemp("train")
+    model = make_model("llama")
+    model.save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
+    rng = random.Random(0)
+    records = []
+    for _ in range(96):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        records.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} + {b} = {a + b}."})
+    (root / "data.json").write_text(json.dumps(records))
+    for name in ("zero3", "zero2"):
+        config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+        config["bf16"] = {"enabled": False}
+        (root / f"{name}_fp32.json").write_text(json.dumps(config))
+    no_zero = {**json.loads((root / "zero2_fp32.json").read_text()), "zero_optimization": {"stage": 0}}
+    (root / "nozero_fp32.json").write_text(json.dumps(no_zero))
+    return root
+
+
+def common(assets, out, *extra: str) -> list[str]:
+    return [
+        "--base_model", str(assets / "base"), "--data_path", str(assets / "data.json"), "--output_dir", str(out),
+        "--cutoff_len", "48", "--micro_batch_size", "4", "--batch_size", "8", "--logging_steps", "2",
+        "--lr_scheduler", "constant", "--learning_rate", "2e-2", "--lora_r", "4", "--lora_alpha", "8",
+        "--bottleneck_size", "8", "--seed", "7", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight(assets):
+    """2 ranks, ZeRO-3, bf16, LoRA with dropout, 6 steps, checkpoints at 3 and 6, a validation split."""
+    out = assets / "straight"
+    run(common(assets, out, "--ds_config", "ds_configs/zero3.json", "--max_steps", "6", "--save_steps", "3",
+               "--val_set_size", "8", "--eval_steps", "3", "--lora_dropout", "0.1"))  # fmt: skip
+    return out
+
+
+def test_zero3_lora_trains_with_replicated_adapters_and_partitioned_base(straight):
+    steps = losses(straight)
+    assert len(steps) == 6 and steps[-1] < steps[0]
+    reports = json.loads((straight / "zero3_partition.json").read_text())
+    assert len(reports) == 2
+    for rank in reports:
+        assert rank["adapter_local_numel"] == rank["adapter_numel"] > 0  # whole on every rank
+        assert rank["base_local_numel"] <= 0.55 * rank["base_numel"]  # about half: partitioned
+    args = json.loads((straight / "train_args.json").read_text())
+    zero = args["ds_config"]["zero_optimization"]
+    assert isinstance(zero["stage3_param_persistence_threshold"], int)
+    assert args["ds_config"]["gradient_accumulation_steps"] == 1 and args["world_size"] == 2
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir() if p.is_dir()) == ["step-3", "step-6"]
+
+
+def test_saved_adapter_equals_gathered_trainable_parameters(straight):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    master = get_fp32_state_dict_from_zero_checkpoint(
+        str(straight / "checkpoints"), tag="step-6", exclude_frozen_parameters=True
+    )
+    saved = load_file(straight / "adapter" / WEIGHTS_NAME)
+    assert set(saved) == set(master) and len(saved) == 20
+    for name, tensor in saved.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, master[name].to(torch.bfloat16)), name
+    fresh = make_model("llama", torch.bfloat16)
+    load_adapter(fresh, straight / "adapter")  # loadable without DeepSpeed
+
+
+def test_tensorboard_event_files_hold_the_tags(straight):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight / "tensorboard" / "train"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",
+                "train/memory_gb", "eval/loss"}  # fmt: skip
+    assert expected <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("eval/loss")] == [3, 6]
+
+
+def test_resume_continues_exactly(assets, straight):
+    out = assets / "resumed"
+    args = common(assets, out, "--ds_config", "ds_configs/zero3.json", "--save_steps", "3", "--val_set_size", "8",
+                  "--eval_steps", "3", "--lora_dropout", "0.1")  # fmt: skip
+    run([*args, "--max_steps", "3"])
+    run([*args, "--max_steps", "6", "--resume", "auto"])
+    assert losses(out) == pytest.approx(losses(straight), abs=1e-6)
+    resumed, reference = load_file(out / "adapter" / WEIGHTS_NAME), load_file(straight / "adapter" / WEIGHTS_NAME)
+    for name in reference:
+        torch.testing.assert_close(resumed[name].float(), reference[name].float(), atol=1e-6, rtol=0)
+
+
+def test_two_rank_zero3_equals_one_process_without_zero(assets):
+    """Same global batch (4) and data order: 2 ranks × 2 under ZeRO-3 versus 1 process × 4, fp32."""
+    extra = ("--max_steps", "4", "--lora_dropout", "0", "--batch_size", "4")
+    one, two = assets / "one-process", assets / "two-ranks"
+    run(common(assets, one, "--ds_config", str(assets / "nozero_fp32.json"), "--micro_batch_size", "4", *extra),
+        launcher="python", nproc=1)  # fmt: skip
+    run(common(assets, two, "--ds_config", str(assets / "zero3_fp32.json"), "--micro_batch_size", "2", *extra))
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    assert losses(one)[-1] < losses(one)[0]
+
+
+@pytest.mark.parametrize(
+    "adapter,config,launcher",
+    [("series", "ds_configs/zero3.json", "torchrun"), ("parallel", "ds_configs/zero2.json", "deepspeed")],
+)
+def test_bottleneck_adapters_train(assets, adapter, config, launcher):
+    out = assets / f"{adapter}-{launcher}"
+    run(common(assets, out, "--ds_config", config, "--adapter", adapter, "--max_steps", "8"),
+        launcher=launcher)  # fmt: skip
+    steps = losses(out)
+    assert sum(steps[-2:]) < sum(steps[:2])  # per-step losses are of different batches: compare pairs
+    config = load_adapter(make_model("llama", torch.bfloat16), out / "adapter")
+    assert config.method == adapter
+
+
+def test_zero3_offload_runs(assets):
+    out = assets / "offload"
+    run(common(assets, out, "--ds_config", "ds_configs/zero3_offload.json", "--max_steps", "2"))
+    assert (out / "adapter" / WEIGHTS_NAME).is_file() and len(losses(out)) == 2
+
+
+@pytest.mark.skipif(not has_mpirun(), reason="Open MPI (mpirun) and mpi4py are not installed")
+def test_mpirun_launch_matches_deepspeed_launcher(assets, straight):
+    out = assets / "mpirun"
+    run(common(assets, out, "--ds_config", "ds_configs/zero3.json", "--max_steps", "2", "--val_set_size", "8",
+               "--lora_dropout", "0.1"), launcher="mpirun")  # fmt: skip
+    assert losses(out) == pytest.approx(losses(straight)[:2], abs=1e-6)
+
+
+def test_bad_input_is_one_line_error(assets, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("precious")
+    conflicting = tmp_path / "conflict.json"
+    conflicting.write_text(json.dumps({**json.loads((assets / "nozero_fp32.json").read_text()),
+                                       "train_micro_batch_size_per_gpu": 8}))  # fmt: skip
+    cases = [
+        (common(assets, busy, "--ds_config", "ds_configs/zero2.json"), "is not empty"),
+        (common(assets, tmp_path / "o", "--ds_config", str(conflicting)),
+         "train_micro_batch_size_per_gpu=8 conflicts with --micro_batch_size 4"),
+        (common(assets, tmp_path / "o", "--ds_config", "ds_configs/zero2.json", "--adapter", "prefix"),
+         "argument --adapter: invalid choice"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = run(args, launcher="python", nproc=1, check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last
+    assert (busy / "keep.txt").read_text() == "precious" and not (tmp_path / "o").exists()
