@@ -17,6 +17,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -30,7 +31,13 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 from transformers import set_seed
 
-from adapters_ds.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from adapters_ds.checkpoint import (
+    checkpoint_root,
+    complete_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from adapters_ds.data import IGNORE_INDEX, BatchPlan, collate, load_records, split_validation, tokenize_records
 from adapters_ds.distributed import DistInfo, barrier, init_distributed
 from adapters_ds.ds_config import (
@@ -162,9 +169,26 @@ def load_model(base_model: str, ds_config: dict, args: TrainArgs):
     return model, hf_ds_config
 
 
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": the SLURM launch script requeues on it
+
+
+class StopSignal:
+    """Records SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption, scancel); the loop
+    checkpoints at the next step boundary and exits, and the requeued job resumes with `--resume auto`."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+
 class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         self.args = args
+        self.stop = StopSignal()
         self.info = init_distributed()
         set_seed(args.seed)
         raw = load_ds_config(args.ds_config)
@@ -271,7 +295,8 @@ class Trainer:
         # engine.backward divides by ga and DeepSpeed averages over ranks: undo both so the step's gradient
         # is that of (sum of token losses) / (target tokens in the global batch)
         scale = n_targets / (self.info.world_size * self.ga)
-        local = torch.zeros(2, device=self.device)  # summed loss, non-padding tokens
+        local = torch.zeros(3, device=self.device)  # summed loss, non-padding tokens, ranks asked to stop
+        local[2] = float(self.stop.received is not None)
         for indices in micro_batches:
             batch = self.batch(indices)
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -280,7 +305,8 @@ class Trainer:
             self.engine.step()
             local += torch.stack([summed.detach(), batch["attention_mask"].sum().float()])
         torch.distributed.all_reduce(local)
-        return {"loss": local[0].item() / n_targets, "tokens": local[1].item(), "samples": step_size}
+        return {"loss": local[0].item() / n_targets, "tokens": local[1].item(), "samples": step_size,
+                "stop": local[2].item() > 0}  # fmt: skip
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -321,6 +347,7 @@ class Trainer:
             lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
             result = self.train_step(step)
             done = step + 1
+            stop = result["stop"] and done < self.total_steps
             grad_norm = self.engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             for key in ("loss", "tokens", "samples"):
@@ -354,12 +381,16 @@ class Trainer:
                 val = self.validation_loss()
                 self.write_events(done, {"eval/loss": val})
                 self.log(f"step {done} | eval loss {val:.4f}")
-            if args.save_steps and done % args.save_steps == 0 and done < self.total_steps:
+            if args.save_steps and done % args.save_steps == 0 and done < self.total_steps or stop:
                 save_checkpoint(self.engine, self.out, done, self.adapter_config, info, args.save_total_limit)
+            if stop:  # every rank sees the same all-reduced flag, so all leave at this boundary
+                self.log(f"stop requested ({self.stop.received or 'by another rank'}): checkpoint at step {done}")
+                raise SystemExit(EXIT_PREEMPTED)
         bar.close()
         if log_file:
             log_file.close()
-        save_checkpoint(self.engine, self.out, self.total_steps, self.adapter_config, info, args.save_total_limit)
+        if self.total_steps not in {step for step, _ in complete_checkpoints(checkpoint_root(self.out))}:
+            save_checkpoint(self.engine, self.out, self.total_steps, self.adapter_config, info, args.save_total_limit)
         save_adapter(self.engine.module, self.adapter_config, self.out / "adapter")
         self.log(f"adapter saved to {self.out / 'adapter'}")
         return self.out / "adapter"
