@@ -17,6 +17,7 @@ from torch import nn
 
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import read_json
+from adapters_ds.hardware import native_bf16
 from adapters_ds.inject import adapter_parameters
 from adapters_ds.zero import full_numel, full_shape
 
@@ -64,6 +65,9 @@ def resolve_ds_config(
     _fill(config, "train_batch_size", batch_size, "", "--batch_size")
     _fill(config, "gradient_accumulation_steps", batch_size // per_step, "", "--batch_size / (micro × ranks) =")
     _fill(config, "gradient_clipping", max_grad_norm, "", "--max_grad_norm")
+    bf16 = config.get("bf16", {})
+    if bf16.get("enabled") == AUTO:  # bf16 where the hardware has it, fp32 where bf16 would be emulated
+        config["bf16"] = {**bf16, "enabled": native_bf16()}
     if "scheduler" in config:
         raise InputError("ds_config has a 'scheduler' section; the schedule comes from --lr_scheduler/--warmup_ratio")
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})

@@ -12,6 +12,7 @@ from tiny_models import make_model
 from adapters_ds import InputError, LoRAConfig, ParallelConfig, freeze_base, inject_adapters
 from adapters_ds.distributed import map_launcher_env
 from adapters_ds.ds_config import persistence_threshold, resolve_ds_config
+from adapters_ds.hardware import native_bf16
 from adapters_ds.train_args import adapter_config, parse_train_args
 from adapters_ds.trainer import lr_lambda
 
@@ -28,7 +29,7 @@ def test_shipped_configs_resolve(name):
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["train_batch_size"] == 32
     assert config["gradient_accumulation_steps"] == 4  # 32 / (4 × 2 ranks)
     assert config["optimizer"]["params"]["lr"] == 1e-4 and config["gradient_clipping"] == 1.0
-    assert config["bf16"] == {"enabled": True}
+    assert config["bf16"] == {"enabled": native_bf16()}  # "auto": bf16 where the hardware has it
     assert shipped(name)["train_batch_size"] == "auto"  # the input is not modified
 
 
