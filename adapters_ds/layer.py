@@ -47,6 +47,15 @@ class AdapterConfig:
                 )
         _check_choice("dtype", self.dtype, ("auto", *_DTYPES))
 
+    def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the trainable parameters; a method with parameters that want their
+        own learning rate (e.g. stochastic gates) overrides this."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def regularizer(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """An extra loss term of the method (added to every micro-batch's loss) and scalars to log, or None."""
+        return None
+
     @property
     def targets_key(self) -> str:
         """Key of this method's default targets in the per-family table."""

@@ -137,4 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainArgs:
-    return TrainArgs(**vars(build_parser().parse_args(argv)))
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    if namespace.data_path is None and namespace.base_model is None:
+        from adapters_ds.demo import demo_options
+
+        # argparse fills only attributes the namespace lacks: options given on the command line still win
+        namespace = parser.parse_args(argv, namespace=argparse.Namespace(**demo_options()))
+    return TrainArgs(**vars(namespace))

@@ -53,7 +53,7 @@ from adapters_ds.fileio import check_writable_dir, write_json
 from adapters_ds.inject import adapter_parameters, freeze_base, inject_adapters, parameter_report
 from adapters_ds.modeling import load_base_model, load_tokenizer
 from adapters_ds.storage import save_adapter
-from adapters_ds.train_args import TrainArgs, adapter_config
+from adapters_ds.train_args import TrainArgs, adapter_config, parse_train_args
 from adapters_ds.zero import full_numel
 
 
@@ -189,6 +189,7 @@ class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         self.args = args
         self.stop = StopSignal()
+        self.regularizer_metrics: dict[str, float] = {}  # latest scalars of the method's extra loss term
         self.info = init_distributed()
         set_seed(args.seed)
         raw = load_ds_config(args.ds_config)
@@ -242,7 +243,7 @@ class Trainer:
         schedule = partial(lr_lambda, warmup=warmup, total=self.total_steps, kind=args.lr_scheduler)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=self.adapter_config.param_groups(model, args.learning_rate),
             config=self.ds_config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         )
@@ -301,9 +302,14 @@ class Trainer:
             batch = self.batch(indices)
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             summed = loss_sum(logits, batch["labels"])
-            self.engine.backward(summed / scale)
+            loss = summed / scale
+            regularizer = self.adapter_config.regularizer(self.engine.module)
+            if regularizer is not None:  # identical on every rank and micro-batch: its gradient is unchanged
+                loss = loss + regularizer[0]  # by DeepSpeed's averaging over ranks and accumulation steps
+                self.regularizer_metrics = regularizer[1]
+            self.engine.backward(loss)
             self.engine.step()
-            local += torch.stack([summed.detach(), batch["attention_mask"].sum().float()])
+            local[:2] += torch.stack([summed.detach(), batch["attention_mask"].sum().float()])
         torch.distributed.all_reduce(local)
         return {"loss": local[0].item() / n_targets, "tokens": local[1].item(), "samples": step_size,
                 "stop": local[2].item() > 0}  # fmt: skip
@@ -369,6 +375,7 @@ class Trainer:
                     "train/tokens_per_s": window["tokens"] / elapsed,
                     "train/samples_per_s": window["samples"] / elapsed,
                     "train/memory_gb": peak_memory_gb(),
+                    **self.regularizer_metrics,
                 }
                 self.write_events(done, values)
                 self.log(
@@ -399,3 +406,13 @@ class Trainer:
 def train(args: TrainArgs) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return Trainer(args).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The training command; on the built-in data it goes on to show the gain on the held-out problems."""
+    from adapters_ds.demo import is_demo, report_gain
+
+    args = parse_train_args(argv)
+    adapter_dir = train(args)
+    if is_demo(args):
+        report_gain(args, adapter_dir)

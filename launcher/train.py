@@ -1,11 +1,13 @@
 """Fine-tune a causal LM with an adapter on DeepSpeed.
 
-deepspeed [--num_gpus N] launcher/train.py --ds_config ds_configs/zero3.json [--base_model M --data_path D ...]
+    deepspeed [--num_gpus N] launcher/train.py --ds_config ds_configs/zero3.json [--base_model M --data_path D ...]
+
+With no model and no data it trains the embedded SmolLM2-135M-Instruct on built-in arithmetic problems and
+prints the accuracy gain on their held-out split.
 """
 
 from adapters_ds.errors import run_main
-from adapters_ds.train_args import parse_train_args
-from adapters_ds.trainer import train
+from adapters_ds.trainer import main
 
 if __name__ == "__main__":
-    run_main(lambda: train(parse_train_args()))
+    run_main(main)
