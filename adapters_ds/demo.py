@@ -24,10 +24,11 @@ from adapters_ds.train_args import TrainArgs
 DEMO_OPTIONS = {
     "output_dir": "outputs/demo",
     "learning_rate": 1e-3,
-    "max_steps": 150,
+    "max_steps": 60,  # measured: 6 steps already gave +13 points on these CPUs
+    "train_on_inputs": False,  # learn the answers, not the (shared) prompt template
     "cutoff_len": 128,
     "logging_steps": 10,
-    "save_steps": 50,
+    "save_steps": 20,
     "warmup_ratio": 0.03,
     "resume": "auto",  # a rerun continues (or, when finished, just re-evaluates) instead of refusing the folder
 }

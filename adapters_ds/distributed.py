@@ -78,6 +78,10 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     )
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(info.local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # each CPU rank would otherwise start one thread per core: N ranks × N threads thrash the cores
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", info.world_size)))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
     return info
 
 
