@@ -56,7 +56,7 @@ def report_gain(args: TrainArgs, adapter_dir: Path) -> dict:
 
     info = init_distributed()
     base_model = args.base_model or str(prepare_default_model())
-    test = default_splits(seed=0)[1]
+    test = default_splits(seed=0)[1][: args.eval_limit]
     shard = test[info.rank :: info.world_size]
     device = accelerator_device()
     dtype = torch.bfloat16 if native_bf16() else torch.float32
