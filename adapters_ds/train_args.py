@@ -57,6 +57,7 @@ class TrainArgs:
     logging_steps: int = _opt(10, "log to the terminal and TensorBoard every N steps")
     eval_steps: int = _opt(200, "validation loss every N steps (needs --val_set_size)")
     save_steps: int = _opt(200, "checkpoint every N steps (0: only at the end)")
+    eval_limit: int = _opt(200, "with the built-in data: held-out problems scored before and after training")
     save_total_limit: int = _opt(3, "checkpoints kept (oldest pruned)")
     resume: str | None = _opt(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint path")
     overwrite_output_dir: bool = _opt(False, "start over in a non-empty output_dir (its contents are deleted)")
