@@ -120,6 +120,15 @@ def _args(tiny, data_dir, out, *extra):
     ]  # fmt: skip
 
 
+def _same_results(out, ref):
+    """Identical rows and summaries; only the timing section of summary.json may differ."""
+    for name in ("Arith.jsonl", "Choice.jsonl", "summary.md"):
+        assert (out / name).read_text() == (ref / name).read_text(), name
+    summary, expected = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
+    assert summary.pop("timing")["datasets"].keys() == expected.pop("timing")["datasets"].keys()
+    assert summary == expected
+
+
 def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -279,8 +288,9 @@ def test_resume_after_kill_generates_only_the_missing_rows(tiny, data_dir, refer
     ev.main(args)
     assert sorted(i for batch in generated[: len(generated) - 2] for i in batch) == missing  # Arith: 2 batches
     assert sorted(i for batch in generated[-2:] for i in batch) == list(range(len(CHOICE)))
-    for name in ("Arith.jsonl", "Choice.jsonl", "summary.json", "summary.md"):
-        assert (tmp_path / name).read_text() == (ref / name).read_text()
+    _same_results(tmp_path, ref)
+    timing = json.loads((tmp_path / "summary.json").read_text())["timing"]["datasets"]
+    assert timing["Arith"]["generated"] == len(missing) and timing["Choice"]["generated"] == len(CHOICE)
 
     generated = _spy(monkeypatch)  # nothing left to do
     ev.main(args)
@@ -308,9 +318,8 @@ def test_two_ranks_give_the_single_process_results(tiny, data_dir, reference_run
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = reference_run[0]
-    for name in ("Arith.jsonl", "Choice.jsonl", "summary.json", "summary.md"):
-        assert (tmp_path / name).read_text() == (ref / name).read_text()
+    _same_results(tmp_path, reference_run[0])
+    assert json.loads((tmp_path / "summary.json").read_text())["timing"]["ranks"] == 2
     assert proc.stdout.count("| **average** |") == 1  # the table is printed by rank 0 only
 
 
@@ -340,6 +349,15 @@ def test_series_adapter_stays_attached(tiny, data_dir, tmp_path):
     ev.main([*_args(tiny, data_dir, tmp_path / "out"), "--adapter_dir", str(tmp_path / "adapter")])
     settings = json.loads((tmp_path / "out/eval_settings.json").read_text())
     assert settings["adapter_method"] == "series" and settings["merged"] is False
+
+
+def test_chat_template_and_limit(tiny, data_dir, tmp_path):
+    ev.main([*_args(tiny, data_dir, tmp_path), "--template", "chat", "--limit", "2"])
+    rows = _read_jsonl(tmp_path / "Choice.jsonl")
+    assert [row["prompt"] for row in rows] == [
+        build_prompt(q, template="chat", tokenizer=tiny[2]) for q, _ in CHOICE[:2]
+    ]
+    assert json.loads((tmp_path / "summary.json").read_text())["average"]["n"] == 4
 
 
 # ------------------------------------------------------------------------------------------------- bad input
