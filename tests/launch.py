@@ -65,7 +65,7 @@ def command(launcher: str, nproc: int, script: str = TRAIN) -> list[str]:
     return [sys.executable, script]
 
 
-def run(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout: int = 600, check: bool = True):
+def run(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout: int = 1200, check: bool = True):
     result = subprocess.run(
         [*command(launcher, nproc), *args], env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO
     )

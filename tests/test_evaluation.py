@@ -316,7 +316,7 @@ def test_two_ranks_give_the_single_process_results(tiny, data_dir, reference_run
         str(REPO / "launcher" / "evaluate.py"),
         *_args(tiny, data_dir, tmp_path, "--train_data", str(data_dir / "train.json")),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _same_results(tmp_path, reference_run[0])
     assert json.loads((tmp_path / "summary.json").read_text())["timing"]["ranks"] == 2
