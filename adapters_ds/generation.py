@@ -1,10 +1,10 @@
 """Batched generation for evaluation: greedy (or beam) decoding with the KV cache, left padding and stop strings.
 
 Why it is fast where the reference harness (LLM-Adapters `evaluate.py`: one question at a time, 4 beams, KV cache
-off) is slow: a decoding step costs about as much for a batch of 32 rows as for one row at this model size (the
-weights are read once per step either way), the KV cache makes each step process one new token instead of the whole
-sequence, and stopping each row at EOS or at a stop string ("\\n### ", the start of a new Alpaca section) ends a
-batch as soon as every row has answered.
+off) is slow: the KV cache makes each step process one new token instead of the whole sequence again; a step for
+32 rows costs a few times a step for one row, not 32 times (the weights are read once per step either way); and
+each row stops at EOS or at a stop string ("\\n### ", the start of a new Alpaca section), the batch as soon as every
+row has.
 
 Batches are formed from length-sorted prompts, so left padding wastes little compute; the callers restore the
 original order. Left padding is exact: the attention mask hides the pad tokens and `transformers` derives position
@@ -44,9 +44,10 @@ def accelerator_device() -> torch.device:
 def resolve_dtype(name: DTypeChoice, device: torch.device) -> torch.dtype:
     """The weight dtype to evaluate in; "auto" is bf16 where the hardware computes bf16 natively, else fp32.
 
-    On a CPU without AVX512-BF16 or AMX (e.g. an AVX2-only EPYC), bf16 matrix products are emulated and about ten
-    times slower than fp32 (measured on the 2-core CI machine), so "auto" picks fp32 there. GPUs with bf16 support
-    (Ampere and later) and CPUs with AMX or AVX512-BF16 get bf16.
+    On a CPU without AVX512-BF16 or AMX (e.g. the AVX2-only EPYC of the 2-core CI machines), bf16 matrix products
+    are emulated: SmolLM2-135M ran 3x (one-token steps) to 10x (prompt prefill) slower in bf16 than in fp32 there,
+    so "auto" picks fp32 on such a CPU. GPUs with bf16 support (Ampere and later) and CPUs with AMX or AVX512-BF16
+    get bf16.
     """
     if name == "bfloat16":
         return torch.bfloat16
@@ -55,7 +56,8 @@ def resolve_dtype(name: DTypeChoice, device: torch.device) -> torch.dtype:
     if name != "auto":
         raise InputError(f"dtype: expected one of {', '.join(DTYPE_CHOICES)}; found {name!r}")
     if device.type == "cpu":
-        fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        fast = any(check() for check in checks if check is not None)  # private helpers: absent in some versions
     else:
         from deepspeed.accelerator import get_accelerator
 

@@ -1,18 +1,25 @@
 """Evaluation throughput: the reference harness's decoding mode against this harness, same model, same questions.
 
-    python bench/eval_throughput.py [--base_model PATH] [--n 32] [--max_new_tokens 64] [--batch_size 32]
-                                    [--reference_n 4] [--dtype auto|float32|bfloat16]
+    python bench/eval_throughput.py [--base_model PATH] [--n 64] [--max_new_tokens 64] [--batch_size 32]
+                                    [--ranks K] [--single_n 16] [--reference_n 2] [--dtype auto|float32|bfloat16]
 
-Modes, each over the same questions and the same max_new_tokens, measured in this one run:
-  a  the reference (LLM-Adapters `evaluate.py`): one question at a time, 4-beam search, KV cache off, stopping
-     at EOS only;
-  b  one question at a time, greedy, KV cache on, stop strings (the harness with --batch_size 1);
-  c  this harness: `evaluation.evaluate_records`, length-sorted batches of --batch_size, greedy, KV cache on,
-     per-row stop at EOS or a stop string.
-Mode a costs minutes per question on a 2-core CPU (each step reruns the whole sequence for 4 beams), so it runs
-on --reference_n of the N questions, picked evenly along their sorted prompt lengths so that its per-question
-time represents all N; its questions/s is compared with the others'. b and c run all N, and because batched greedy
-decoding is exact (tests/test_evaluation.py), they must give the same outputs: the JSON says whether they did.
+Modes, all on the same model, dtype, max_new_tokens and questions, measured in this one run:
+  a  the reference (LLM-Adapters `evaluate.py`): one question at a time, 4-beam search, KV cache off, stop at EOS
+     only; one process.
+  b  one question at a time, greedy, KV cache on, stop strings; one process.
+  One-process modes (a, b, c_1proc) use the faster of torch's default thread count and one thread, picked by a
+  short probe: on a shared 2-core machine the two threads of one process wait on each other at every small
+  operation (measured up to 6x slower under load), so the baselines are not handicapped by it.
+  c  this harness, greedy, KV cache on, per-row stop, length-sorted batches of --batch_size:
+     c_1proc   `evaluation.evaluate_records` in this process;
+     c_ranks   the command `launcher/evaluate.py` data-parallel under torchrun, --ranks processes (default: one per
+               CPU core on a CPU, 1 on a GPU) of one thread each, as the harness is meant to be run on a CPU.
+               Only generation is timed (the harness's own `timing` in summary.json), not process start-up.
+c runs all N questions. a and b generate one question at a time, so their questions/s does not depend on how
+many they run, only on which: they run --reference_n and --single_n of the N, picked evenly along the sorted
+prompt lengths so that the subsets have the N questions' length profile (mode a takes minutes per question on
+2 CPU cores). Greedy batched decoding is exact (tests/test_evaluation.py), so b and c must produce the same
+outputs for the same questions: the JSON says whether they did.
 
 Model: --base_model, else the embedded SmolLM2-135M-Instruct (`default_model.prepare_default_model()`).
 Questions: the first N of ../shared/data/math/gsm8k/test.json when present, else N generated test-split problems
@@ -25,6 +32,10 @@ import argparse
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,10 +53,11 @@ from adapters_ds.generation import (
 )
 from adapters_ds.prompts import build_prompt
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "math" / "gsm8k" / "test.json"
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared" / "data" / "math" / "gsm8k" / "test.json"
 
 
-def questions(n: int) -> tuple[list[dict], str]:
+def load_questions(n: int) -> tuple[list[dict], str]:
     if GSM8K.is_file():
         return json.loads(GSM8K.read_text())[:n], str(GSM8K)
     from adapters_ds.mathdata import generate_records
@@ -54,14 +66,14 @@ def questions(n: int) -> tuple[list[dict], str]:
 
 
 def evenly_spaced(lengths: list[int], k: int) -> list[int]:
-    """k indices whose lengths spread over the whole sorted range (the middle of k equal slices)."""
+    """k indices whose lengths spread over the whole sorted range (the middle of k equal slices), in index order."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[int((j + 0.5) * len(order) / k)] for j in range(k)]
+    return sorted(order[int((j + 0.5) * len(order) / k)] for j in range(k))
 
 
 @torch.inference_mode()
 def reference_mode(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[int]:
-    """Mode a; returns the number of new tokens of each answer."""
+    """Mode a: the number of new tokens of each answer."""
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -79,21 +91,45 @@ def reference_mode(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
     return counts
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def harness_ranks(base: str, records: list[dict], args: argparse.Namespace, ranks: int, dtype: str) -> dict:
+    """Mode c_ranks: the evaluation command under torchrun; its own generation timing and its outputs."""
+    with tempfile.TemporaryDirectory(prefix="eval_bench_") as tmp:
+        data = Path(tmp) / "data" / "bench"
+        data.mkdir(parents=True)
+        (data / "test.json").write_text(json.dumps(records))
+        out = Path(tmp) / "out"
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_port", str(_free_port()), str(REPO / "launcher" / "evaluate.py"),
+            "--base_model", base, "--datasets", "bench", "--data_dir", str(data.parent), "--output_dir", str(out),
+            "--batch_size", str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens), "--dtype", dtype,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"harness run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        timing = json.loads((out / "summary.json").read_text())["timing"]["datasets"]["bench"]
+        rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    return {"timing": timing, "outputs": [row["output"] for row in rows]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base_model", help="model folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--n", type=int, default=32, help="questions for modes b and c")
-    parser.add_argument("--reference_n", type=int, default=4, help="of those, questions for mode a")
+    parser.add_argument("--n", type=int, default=64, help="questions for mode c")
+    parser.add_argument("--single_n", type=int, default=16, help="of those, questions for mode b")
+    parser.add_argument("--reference_n", type=int, default=2, help="of those, questions for mode a (0: skip a)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=32, help="mode c's batch size")
+    parser.add_argument("--batch_size", type=int, default=32, help="mode c's batch size (per rank)")
+    parser.add_argument("--ranks", type=int, help="mode c_ranks processes (default: CPU cores on a CPU, 1 on a GPU)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    parser.add_argument("--modes", default="a,b,c", help="subset of a,b,c to run")
     args = parser.parse_args()
 
     from adapters_ds.modeling import load_base_model, load_tokenizer
@@ -105,76 +141,103 @@ def main() -> None:
         base = str(prepare_default_model())
     device = accelerator_device()
     dtype = resolve_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    ranks = args.ranks or ((os.cpu_count() or 1) if device.type == "cpu" else 1)
     model = load_base_model(base, dtype=dtype).to(device).eval()
     tokenizer = load_tokenizer(base)
-    records, source = questions(args.n)
+    records, source = load_questions(args.n)
     prompts = [build_prompt(r["instruction"], r.get("input") or "") for r in records]
     encoded = encode_prompts(tokenizer, prompts)
-    modes = set(args.modes.split(","))
-
-    # warm-up: first calls allocate and pick kernels
-    generate_ids(model, tokenizer, encoded[:2], 4)
+    lengths = [len(ids) for ids in encoded]
+    default_threads = torch.get_num_threads()
+    generate_ids(model, tokenizer, encoded[:2], 4)  # warm-up: first calls allocate and pick kernels
 
     result: dict = {
         "model": base,
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "dtype": str(dtype).removeprefix("torch."),
+        "cpu_cores": os.cpu_count(),
+        "dtype": dtype_name,
         "questions": len(records),
         "source": source,
-        "mean_prompt_tokens": round(sum(map(len, encoded)) / len(encoded), 1),
+        "mean_prompt_tokens": round(sum(lengths) / len(lengths), 1),
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
-        "load_avg_before": os.getloadavg()[0],
+        "load_avg_1min_before": os.getloadavg()[0],
     }
-    modes_out = {}
-    outputs_b = None
-    if "a" in modes:
-        subset = evenly_spaced([len(ids) for ids in encoded], min(args.reference_n, len(encoded)))
-        counts, seconds = timed(
-            lambda: reference_mode(model, tokenizer, [encoded[i] for i in subset], args.max_new_tokens)
-        )
-        modes_out["a_reference_beam4_nocache_batch1"] = {
-            "questions": len(subset),
+    modes: dict = {}
+
+    # c_ranks first: it runs in other processes while this one waits
+    c_ranks = harness_ranks(base, records, args, ranks, dtype_name)
+    modes["c_ranks"] = {
+        "ranks": ranks,
+        "threads_per_rank": 1,
+        "questions": c_ranks["timing"]["generated"],
+        "seconds": c_ranks["timing"]["seconds"],
+        "questions_per_s": c_ranks["timing"]["questions_per_s"],
+    }
+
+    # Which thread count suits one process here: a short probe, then b, c_1proc and a all use the faster one.
+    single = evenly_spaced(lengths, min(args.single_n, len(records)))
+    probe = {}
+    for threads in dict.fromkeys((default_threads, 1)):
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        generate_ids(model, tokenizer, [encoded[single[0]]], 16)
+        probe[threads] = time.perf_counter() - start
+    best_threads = min(probe, key=probe.get)
+    torch.set_num_threads(best_threads)
+    result["thread_probe_seconds"] = {f"threads{t}": round(sec, 2) for t, sec in probe.items()}
+
+    start = time.perf_counter()
+    ids = [generate_ids(model, tokenizer, [encoded[i]], args.max_new_tokens)[0] for i in single]
+    seconds = time.perf_counter() - start
+    outputs_b = [decode(tokenizer, x) for x in ids]
+    modes["b_batch1"] = {
+        "threads": best_threads,
+        "questions": len(single),
+        "seconds": round(seconds, 2),
+        "questions_per_s": len(single) / seconds,
+        "mean_new_tokens": sum(map(len, ids)) / len(ids),
+    }
+
+    start = time.perf_counter()
+    rows = evaluate_records(model, tokenizer, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    seconds = time.perf_counter() - start
+    modes["c_1proc"] = {
+        "threads": best_threads,
+        "questions": len(rows),
+        "seconds": round(seconds, 2),
+        "questions_per_s": len(rows) / seconds,
+        "accuracy_pct": sum(r["correct"] for r in rows) * 100.0 / len(rows),
+    }
+    result["b_c_outputs_identical"] = (
+        outputs_b == [rows[i]["output"] for i in single] == [c_ranks["outputs"][i] for i in single]
+    )
+
+    if args.reference_n > 0:
+        reference = evenly_spaced(lengths, min(args.reference_n, len(records)))
+        start = time.perf_counter()
+        counts = reference_mode(model, tokenizer, [encoded[i] for i in reference], args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        modes["a_reference"] = {
+            "threads": best_threads,
+            "questions": len(reference),
             "seconds": round(seconds, 2),
-            "questions_per_s": len(subset) / seconds,
+            "questions_per_s": len(reference) / seconds,
             "mean_new_tokens": sum(counts) / len(counts),
         }
-    if "b" in modes:
 
-        def run_b():
-            return [generate_ids(model, tokenizer, [ids], args.max_new_tokens)[0] for ids in encoded]
-
-        ids_b, seconds = timed(run_b)
-        outputs_b = [decode(tokenizer, ids) for ids in ids_b]
-        modes_out["b_greedy_cache_batch1"] = {
-            "questions": len(encoded),
-            "seconds": round(seconds, 2),
-            "questions_per_s": len(encoded) / seconds,
-            "mean_new_tokens": sum(map(len, ids_b)) / len(ids_b),
-        }
-    if "c" in modes:
-        rows, seconds = timed(
-            lambda: evaluate_records(
-                model, tokenizer, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
-            )
-        )
-        modes_out["c_harness_batched"] = {
-            "questions": len(rows),
-            "seconds": round(seconds, 2),
-            "questions_per_s": len(rows) / seconds,
-            "accuracy_pct": sum(r["correct"] for r in rows) * 100.0 / len(rows),
-        }
-        if outputs_b is not None:
-            result["b_and_c_outputs_identical"] = outputs_b == [row["output"] for row in rows]
-    result["modes"] = modes_out
-    result["load_avg_after"] = os.getloadavg()[0]
-    rate = {key[0]: value["questions_per_s"] for key, value in modes_out.items()}
-    if "c" in rate and "a" in rate:
-        result["c_over_a"] = round(rate["c"] / rate["a"], 1)
-    if "c" in rate and "b" in rate:
-        result["c_over_b"] = round(rate["c"] / rate["b"], 2)
+    result["modes"] = modes
+    result["load_avg_1min_after"] = os.getloadavg()[0]
+    b = modes["b_batch1"]["questions_per_s"]
+    c = max(modes["c_ranks"]["questions_per_s"], modes["c_1proc"]["questions_per_s"])
+    if "a_reference" in modes:
+        a = modes["a_reference"]["questions_per_s"]
+        result["c_over_a"] = round(c / a, 1)
+        result["c_1proc_over_a"] = round(modes["c_1proc"]["questions_per_s"] / a, 1)
+    result["c_over_b"] = round(c / b, 2)
+    result["c_1proc_over_b"] = round(modes["c_1proc"]["questions_per_s"] / b, 2)
     print(json.dumps(result, indent=2))
 
 
