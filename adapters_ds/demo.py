@@ -24,11 +24,11 @@ from adapters_ds.train_args import TrainArgs
 DEMO_OPTIONS = {
     "output_dir": "outputs/demo",
     "learning_rate": 1e-3,
-    "max_steps": 60,  # measured: 6 steps already gave +13 points on these CPUs
+    "max_steps": 30,  # measured on 2 CPU cores: 60 steps took 12:44 and gave +57.5 points; 6 steps +13
     "train_on_inputs": False,  # learn the answers, not the (shared) prompt template
     "cutoff_len": 128,
     "logging_steps": 10,
-    "save_steps": 20,
+    "save_steps": 10,
     "warmup_ratio": 0.03,
     "resume": "auto",  # a rerun continues (or, when finished, just re-evaluates) instead of refusing the folder
 }

@@ -3,6 +3,9 @@
 - `--peft`: a LoRA adapter in Hugging Face PEFT's format; `peft.PeftModel.from_pretrained(base, out)` gives
   the same outputs as our adapted model.
 - `--merge`: LoRA folded into the base weights, written as a plain Hugging Face model folder.
+- `--prune`: a stochastic-gates adapter folded into the base and the closed rows, columns and heads cut out:
+  a physically smaller model (see `adapters_ds/prune.py`; `--uniform_shapes` pads all layers to one shape so
+  that plain `AutoModelForCausalLM.from_pretrained` loads it).
 """
 
 from __future__ import annotations
@@ -90,6 +93,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--peft", action="store_true", help="write a Hugging Face PEFT LoRA adapter")
     mode.add_argument("--merge", action="store_true", help="write the base model with LoRA merged in")
+    mode.add_argument("--prune", action="store_true", help="write the smaller model a gates adapter prunes to")
+    parser.add_argument(
+        "--uniform_shapes",
+        action="store_true",
+        help="with --prune: give every layer the same (largest kept) shapes, loadable by plain transformers",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="with --prune: dtype of the written model (auto: the base checkpoint's; float32 keeps outputs exact)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     return parser.parse_args(argv)
 
@@ -101,7 +116,22 @@ def main(argv: list[str] | None = None) -> None:
         check_writable_dir(out)
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
             raise InputError(f"output_dir {str(out)!r} is not empty; pass --overwrite to replace it")
-        (export_peft if args.peft else export_merged)(args.base_model, args.adapter_dir, args.output_dir)
+        if (args.uniform_shapes or args.dtype != "auto") and not args.prune:
+            raise InputError("--uniform_shapes and --dtype only apply to --prune")
+        if args.prune:
+            from adapters_ds.prune import export_pruned
+
+            record = export_pruned(
+                args.base_model, args.adapter_dir, args.output_dir, uniform=args.uniform_shapes, dtype=args.dtype
+            )
+            counts = record["parameters"]
+            print(
+                f"removed {counts['removed']:,} of {counts['base']:,} parameters "
+                f"({100 * counts['removed_fraction']:.1f} %; {100 * counts['blocks_removed_fraction']:.1f} % of the "
+                f"blocks); loads with plain transformers: {record['loads_with_transformers']}"
+            )
+        else:
+            (export_peft if args.peft else export_merged)(args.base_model, args.adapter_dir, args.output_dir)
         print(f"wrote {out}")
 
     run_main(run)

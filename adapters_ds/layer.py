@@ -5,6 +5,11 @@ An adapter is attached to one frozen `nn.Linear` (or GPT-2's transposed `Conv1D`
 untouched, so its parameter names (`...q_proj.weight`) stay exactly those of a plain checkpoint and a base
 checkpoint loads with the adapter tensors as the only extra keys. LoRA reads x, Series reads out, Parallel
 reads x: one hook covers all three.
+
+Two opt-in extensions serve methods that are not an addition (stochastic gates, y = z_r ⊙ (W (z_c ⊙ x) + b)):
+an adapter with `transforms_input` also gets a forward pre-hook that replaces the base layer's input by
+`adapter(x, None)`, and one with `replaces_output` returns the layer's new output instead of an addition. Both
+go through the adapter's `__call__`, so ZeRO-3's module hooks fetch its parameters for either use.
 """
 
 from __future__ import annotations
@@ -117,6 +122,10 @@ class Adapter(nn.Module):
     """Base class of adapter layers. `forward(x, out)` returns what is added to the base output."""
 
     mergeable: ClassVar[bool] = False
+    transforms_input: ClassVar[bool] = False
+    """True: called as `adapter(x, None)` before the base layer too, returning the input the base layer sees."""
+    replaces_output: ClassVar[bool] = False
+    """True: `forward(x, out)` returns the layer's new output rather than an addition to it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,7 +135,7 @@ class Adapter(nn.Module):
         """Names of this layer's trainable parameters, declared explicitly (checked by `freeze_base`)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def merge(self, base: nn.Module) -> None:
@@ -141,18 +150,32 @@ def _apply_adapter(module: nn.Module, args: tuple, output: torch.Tensor) -> torc
     adapter = getattr(module, ADAPTER_ATTR, None)
     if adapter is None or adapter.merged:
         return None  # None keeps the output as it is
-    return output + adapter(args[0], output).to(output.dtype)
+    result = adapter(args[0], output).to(output.dtype)
+    return result if adapter.replaces_output else output + result
+
+
+def _transform_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a base layer whose adapter changes its input (`transforms_input`)."""
+    adapter = getattr(module, ADAPTER_ATTR, None)
+    if adapter is None or adapter.merged:
+        return None
+    return (adapter(args[0], None).to(args[0].dtype), *args[1:])
 
 
 def attach(base: nn.Module, adapter: Adapter) -> None:
     if isinstance(getattr(base, ADAPTER_ATTR, None), Adapter):
         raise InputError(f"{type(base).__name__} already has an adapter; remove it before adding another")
+    adapter.train(base.training)  # a new module is in training mode; one attached to an eval-mode model must not be
     base.add_module(ADAPTER_ATTR, adapter)
     adapter._hook = base.register_forward_hook(_apply_adapter)
+    if adapter.transforms_input:
+        adapter._pre_hook = base.register_forward_pre_hook(_transform_input)
 
 
 def detach(base: nn.Module) -> Adapter:
     adapter = getattr(base, ADAPTER_ATTR)
     adapter._hook.remove()
+    if adapter.transforms_input:
+        adapter._pre_hook.remove()
     delattr(base, ADAPTER_ATTR)
     return adapter

@@ -33,9 +33,15 @@ def load_model_config(name: str, trust_remote_code: bool = False):
 def load_base_model(
     name: str, dtype: str | torch.dtype = "bfloat16", trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    """A causal LM from a local folder or hub id; bad names and unsupported architectures are InputErrors."""
+    """A causal LM from a local folder or hub id; bad names and unsupported architectures are InputErrors.
+
+    A folder written by `export --prune` with per-layer shapes loads through `prune.load_pruned_model`."""
     config = load_model_config(name, trust_remote_code)
     torch_dtype = DTYPES.get(dtype, dtype)  # a name, a torch.dtype, or "auto" (the checkpoint's own dtype)
+    from adapters_ds.prune import load_pruned_model, needs_pruned_loader  # prune needs inject: import on use
+
+    if needs_pruned_loader(name):
+        return load_pruned_model(name, dtype=torch_dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(
             name, config=config, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code

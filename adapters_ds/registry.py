@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adapters_ds.errors import InputError
+from adapters_ds.gates import Gates, GatesConfig
 from adapters_ds.layer import Adapter, AdapterConfig
 from adapters_ds.lora import LoRA, LoRAConfig
 from adapters_ds.parallel import ParallelAdapter, ParallelConfig
@@ -20,6 +21,7 @@ METHODS: dict[str, Method] = {
     "lora": Method(LoRAConfig, LoRA),
     "series": Method(SeriesConfig, SeriesAdapter),
     "parallel": Method(ParallelConfig, ParallelAdapter),
+    "gates": Method(GatesConfig, Gates),
 }
 
 

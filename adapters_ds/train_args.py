@@ -28,7 +28,7 @@ class TrainArgs:
         None, "JSON/JSONL file of {instruction,input,output} records or a hub dataset (default: built-in problems)"
     )
     output_dir: str = _opt("outputs/run", "run folder: adapter/, checkpoints/, tensorboard/, train_args.json")
-    adapter: Literal["lora", "series", "parallel"] = _opt("lora", "adapter method")
+    adapter: Literal["lora", "series", "parallel", "gates"] = _opt("lora", "adapter method")
     target_modules: str | None = _opt(None, "comma-separated module names (default: the model family's table)")
     lora_r: int = _opt(32, "LoRA rank")
     lora_alpha: float = _opt(64.0, "LoRA alpha (the update is scaled by alpha / r)")
@@ -38,6 +38,10 @@ class TrainArgs:
     adapter_dropout: float = _opt(0.0, "dropout on the bottleneck input")
     scaling: str = _opt("1.0", "bottleneck output scale: a number or 'learned'")
     series_preset: Literal["pfeiffer", "houlsby"] = _opt("pfeiffer", "Series placement preset")
+    gate_target_sparsity: float = _opt(0.3, "stochastic gates: share of each layer's rows/columns to close")
+    gate_lambda: float = _opt(50.0, "stochastic gates: weight of the sparsity penalty in the loss")
+    gate_lr: float = _opt(1e-2, "stochastic gates: learning rate of the gates (LoRA inside them uses --learning_rate)")
+    gate_lora_r: int = _opt(0, "stochastic gates: rank of LoRA inside the gates (0: gates only)")
     num_epochs: int = _opt(3, "epochs over the training split (ignored when --max_steps > 0)")
     max_steps: int = _opt(-1, "optimizer steps to run; overrides --num_epochs when > 0")
     learning_rate: float = _opt(3e-4, "peak learning rate")
@@ -100,6 +104,12 @@ ADAPTER_OPTIONS: dict[str, dict[str, str]] = {
         "non_linearity": "non_linearity",
         "dropout": "adapter_dropout",
         "scaling": "scaling",
+    },
+    "gates": {
+        "target_sparsity": "gate_target_sparsity",
+        "sparsity_lambda": "gate_lambda",
+        "gate_lr": "gate_lr",
+        "lora_r": "gate_lora_r",
     },
 }
 

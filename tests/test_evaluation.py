@@ -3,6 +3,8 @@ output files, contamination counts and bad input. The real benchmark files are o
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -137,9 +139,6 @@ def _read_jsonl(path):
 def reference_run(tiny, data_dir, tmp_path_factory):
     """An uninterrupted single-process run with --train_data: the output folder, and what it printed."""
     out = tmp_path_factory.mktemp("reference")
-    import contextlib
-    import io
-
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         ev.main(_args(tiny, data_dir, out, "--train_data", str(data_dir / "train.json")))

@@ -1,0 +1,247 @@
+"""Stochastic gates (FineGates; Svirsky, Refael, Lindenbaum, arXiv 2412.12951, section 3): adapt a frozen linear
+layer and learn which of its rows and columns can be removed.
+
+    y = z_r ⊙ (W x' + s · B A x' + b),   x' = z_c ⊙ x        (the LoRA term only with lora_r > 0)
+
+z_r (out features) and z_c (in features) are gates in [0, 1], one per row and per column of W:
+
+    mu = tanh(theta)
+    training:   z = clamp(mu + eps + 0.5, 0, 1),  eps ~ N(0, 0.1²) drawn afresh at every forward
+    evaluation: z = clamp(mu + 0.5, 0, 1)          (deterministic)
+
+theta starts near 1 (N(1, 0.1²) truncated to [0.7, 1.3], so that mu + 0.5 > 1 for *every* gate: z = 1 exactly and
+the model starts exactly as the base; an untruncated normal leaves a few of a large model's 10^5 gates below 1).
+A unit is removed for good when z = 0, i.e. mu <= -0.5. The sparsity penalty pulls the probability that a gate
+is open, P(z > 0) = Φ((mu + 0.5) / 0.5), towards keep = 1 - target_sparsity in every gated layer:
+
+    loss = task loss + lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|)
+
+The gated input x' is what both W and the LoRA term read, and z_r multiplies their sum and the bias: a closed row
+or column stays removable with LoRA inside the gates (the reference code applies LoRA outside them). No bias is
+added where the base has none (the reference code adds a random one, which perturbs the frozen model).
+
+Attachment: the column gates change the base layer's *input*, which the additive forward hook cannot express, so
+the adapter sets `transforms_input` (a forward pre-hook calls `adapter(x, None)` → z_c ⊙ x) and
+`replaces_output` (the forward hook calls `adapter(x', out)` → z_r ⊙ (out + LoRA)); see `layer.py`.
+
+Training: the gates get their own optimizer group (`param_groups`, lr `gate_lr`, no weight decay); the trainer adds
+`regularizer(model)` to every micro-batch's loss and logs its scalars (gates/penalty, gates/open_expected/*,
+gates/closed_rows/*, gates/closed_cols/*, with * = all, attn, mlp). Under ZeRO-3 the gates are small enough to stay
+replicated, but DeepSpeed still releases them after use in its first (tracing) step, so each training-mode forward
+records the penalty's inputs while the gates are gathered and the regularizer takes them from there.
+
+`adapters_ds.prune` turns a trained gates adapter into a physically smaller plain `transformers` model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters_ds.errors import InputError
+from adapters_ds.layer import Adapter, AdapterConfig, LinearDims, check_range
+from adapters_ds.zero import full_numel
+
+NOISE_STD = 0.1  # sigma of the training noise eps
+REG_STD = 0.5  # sigma_reg of the open probability Φ((mu + 0.5) / sigma_reg)
+INIT_MEAN, INIT_STD = 1.0, 0.1
+INIT_LOW, INIT_HIGH = 0.7, 1.3  # 3 sigma: tanh(0.7) = 0.60 > 0.5, so every gate starts at exactly 1
+
+
+@dataclass
+class GatesConfig(AdapterConfig):
+    """Stochastic-gates hyperparameters; defaults are the paper's (lambda 50, target sparsity 0.3)."""
+
+    method: ClassVar[str] = "gates"
+
+    target_sparsity: float = 0.3
+    """Share of each gated layer's rows and columns the penalty asks to close (keep = 1 - target_sparsity)."""
+    sparsity_lambda: float = 50.0
+    """Weight lambda of the sparsity penalty in the loss."""
+    gate_lr: float = 1e-2
+    """Learning rate of the gate parameters (their own optimizer group; the paper uses 1e-3 to 1e-2). Other
+    trainable parameters (LoRA inside the gates) use the run's learning rate."""
+    lora_r: int = 0
+    """Rank of a LoRA update inside the gates; 0 trains the gates only."""
+    lora_alpha: float | None = None
+    """The LoRA term is scaled by lora_alpha / lora_r; None means 2 · lora_r (scale 2, LLM-Adapters' ratio)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("gates target_sparsity", self.target_sparsity, 0, 1)
+        check_range("gates sparsity_lambda", self.sparsity_lambda, 0)
+        check_range("gates gate_lr", self.gate_lr, 0, low_inclusive=False)
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
+            raise InputError(f"gates lora_r must be an integer >= 0, found {self.lora_r!r}")
+        if self.lora_alpha is not None:
+            check_range("gates lora_alpha", self.lora_alpha, 0, low_inclusive=False)
+
+    @property
+    def keep(self) -> float:
+        return 1.0 - self.target_sparsity
+
+    def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
+        """Gate parameters in their own group at `gate_lr` without weight decay (decay would pull theta to 0, a
+        half-open gate); every other trainable parameter in a group at the run's learning rate."""
+        gates = [p for _, adapter in gate_layers(model) for p in (adapter.theta_rows, adapter.theta_cols)]
+        if not gates:
+            raise InputError("the model has no stochastic gates (inject a GatesConfig first)")
+        gate_ids = {id(p) for p in gates}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+        groups: list[dict[str, Any]] = [{"params": gates, "lr": self.gate_lr, "weight_decay": 0.0}]
+        if others:
+            groups.append({"params": others, "lr": learning_rate})
+        return groups
+
+    def regularizer(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+        """lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|), and the scalars
+        to log: the penalty, the expected open fraction and the fraction of rows / columns closed (z = 0 in
+        evaluation mode), overall and per layer type (attn, mlp)."""
+        layers = gate_layers(model)
+        if not layers:
+            raise InputError("the model has no stochastic gates (inject a GatesConfig first)")
+        stats = [(name, adapter.statistics()) for name, adapter in layers]
+        terms = [
+            0.5 * ((rows.p.mean() - self.keep).abs() + (cols.p.mean() - self.keep).abs()) for _, (rows, cols) in stats
+        ]
+        penalty = self.sparsity_lambda * torch.stack(terms).mean()
+        metrics = summarize(stats)
+        metrics["gates/penalty"] = penalty.item()
+        return penalty, metrics
+
+
+def open_probability(mu: torch.Tensor) -> torch.Tensor:
+    """P(z > 0) = Φ((mu + 0.5) / sigma_reg), mu = tanh(theta) in fp32."""
+    return 0.5 * (1.0 + torch.erf((mu + 0.5) / (REG_STD * math.sqrt(2.0))))
+
+
+class GateStats(NamedTuple):
+    """One gate vector's open probabilities (differentiable) and which of its units are closed (z = 0 in
+    evaluation mode: mu <= -0.5)."""
+
+    p: torch.Tensor  # (n,) fp32
+    closed: torch.Tensor  # (n,) bool
+
+
+def _stats(mu: torch.Tensor) -> GateStats:
+    return GateStats(open_probability(mu), (mu + 0.5 <= 0).detach())
+
+
+def gate_values(theta: torch.Tensor, training: bool) -> torch.Tensor:
+    """z in fp32: noisy in training mode, deterministic in evaluation mode."""
+    mu = torch.tanh(theta.float())
+    if training:
+        mu = mu + torch.randn_like(mu) * NOISE_STD
+    return (mu + 0.5).clamp(0.0, 1.0)
+
+
+class Gates(Adapter):
+    transforms_input: ClassVar[bool] = True
+    replaces_output: ClassVar[bool] = True
+
+    def __init__(self, config: GatesConfig, dims: LinearDims, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.transposed = dims.transposed
+        self.theta_rows = nn.Parameter(torch.empty(dims.out_features, dtype=dtype, device=device))
+        self.theta_cols = nn.Parameter(torch.empty(dims.in_features, dtype=dtype, device=device))
+        for theta in (self.theta_rows, self.theta_cols):
+            nn.init.trunc_normal_(theta, INIT_MEAN, INIT_STD, INIT_LOW, INIT_HIGH)
+        self._pending: dict[str, GateStats] = {}  # from the latest training forward, until `statistics` takes it
+        self.lora_r = config.lora_r
+        if self.lora_r:
+            self.scaling = (config.lora_alpha if config.lora_alpha is not None else 2.0 * self.lora_r) / self.lora_r
+            self.lora_A = nn.Parameter(torch.empty(self.lora_r, dims.in_features, dtype=dtype, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(dims.out_features, self.lora_r, dtype=dtype, device=device))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def trainable_names(self) -> tuple[str, ...]:
+        return ("theta_rows", "theta_cols", "lora_A", "lora_B") if self.lora_r else ("theta_rows", "theta_cols")
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        if out is None:  # before the base layer: x' = z_c ⊙ x, (..., in)
+            return x * self._gate("cols").to(x.dtype)
+        if self.lora_r:  # x is already x' here: (..., in) → (..., r) → (..., out)
+            out = out + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling).to(
+                out.dtype
+            )
+        return out * self._gate("rows").to(out.dtype)
+
+    def _gate(self, side: str) -> torch.Tensor:
+        theta = getattr(self, f"theta_{side}")
+        if self.training and torch.is_grad_enabled():
+            # The penalty's inputs, taken here because this is where ZeRO-3 guarantees the gates are gathered
+            # (in the first step and after a trace change it releases even persistent parameters after use).
+            self._pending[side] = _stats(torch.tanh(theta.float()))
+        return gate_values(theta, self.training)
+
+    def statistics(self) -> tuple[GateStats, GateStats]:
+        """(rows, columns): those of the latest training forward (each handed out once), else computed now."""
+        if {"rows", "cols"} <= self._pending.keys():
+            rows, cols = self._pending.pop("rows"), self._pending.pop("cols")
+            return rows, cols
+        self._pending.clear()
+        for theta in (self.theta_rows, self.theta_cols):
+            if theta.numel() != full_numel(theta):
+                raise RuntimeError(
+                    "the gates are ZeRO-3 partitions here: compute the penalty right after a training-mode forward"
+                )
+        return _stats(torch.tanh(self.theta_rows.float())), _stats(torch.tanh(self.theta_cols.float()))
+
+    @torch.no_grad()
+    def eval_gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_r, z_c) of evaluation mode, fp32."""
+        return gate_values(self.theta_rows, False), gate_values(self.theta_cols, False)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor | None:
+        """s · B A in fp32, laid out (out, in) whatever the base layout; None without LoRA."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling if self.lora_r else None
+
+    def merge(self, base: nn.Module) -> None:
+        raise InputError(
+            "stochastic gates are not merged into the base; `export --prune` folds them into a smaller model"
+        )
+
+    unmerge = merge
+
+
+def layer_type(name: str) -> str:
+    """attn or mlp for a module inside a transformer block, other elsewhere (an LM head, if one targets it)."""
+    parts = name.split(".")
+    if any("attn" in p or "attention" in p for p in parts):
+        return "attn"
+    return "mlp" if any(p.isdigit() for p in parts) else "other"
+
+
+def gate_layers(model: nn.Module) -> list[tuple[str, Gates]]:
+    from adapters_ds.inject import adapter_layers  # inject imports the registry, which imports this module
+
+    return [(name, adapter) for name, _, adapter in adapter_layers(model) if isinstance(adapter, Gates)]
+
+
+@torch.no_grad()
+def summarize(stats: list[tuple[str, tuple[GateStats, GateStats]]]) -> dict[str, float]:
+    """Expected open fraction and closed row / column fractions, overall ("all") and per layer type."""
+    sums: dict[str, torch.Tensor] = {}  # kind → (sum of P, closed rows, closed columns), on the gates' device
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # kind → (rows, columns)
+    for name, (rows, cols) in stats:
+        values = torch.stack([rows.p.sum() + cols.p.sum(), rows.closed.sum().float(), cols.closed.sum().float()])
+        for kind in ("all", layer_type(name)):
+            sums[kind] = sums[kind] + values if kind in sums else values
+            counts[kind][0] += rows.p.numel()
+            counts[kind][1] += cols.p.numel()
+    kinds = list(sums)
+    totals = torch.stack([sums[k] for k in kinds]).tolist()  # one device → host copy
+    metrics = {}
+    for kind, (p_sum, closed_rows, closed_cols) in zip(kinds, totals, strict=True):
+        n_rows, n_cols = counts[kind]
+        metrics[f"gates/open_expected/{kind}"] = p_sum / (n_rows + n_cols)
+        metrics[f"gates/closed_rows/{kind}"] = closed_rows / n_rows
+        metrics[f"gates/closed_cols/{kind}"] = closed_cols / n_cols
+    return metrics
