@@ -407,3 +407,26 @@ def collate(
         labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+    """A micro-batch as one row, the examples back to back: no padding at all.
+
+    `position_ids` restart at 0 with every example, and there is no `attention_mask`: from that transformers builds
+    a block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`), so each token attends only to its
+    own example, as in the padded batch. The first label of every example is -100: it is never a target (a
+    sequence's first token has no prediction), and in the row it would be the label of the previous example's last
+    token. The loss therefore equals the padded batch's (tests/test_throughput_units.py).
+    """
+    input_ids = torch.cat([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])  # (tokens,)
+    labels = torch.cat([torch.as_tensor(f["labels"], dtype=torch.long) for f in features])  # (tokens,)
+    position_ids = torch.cat([torch.arange(len(f["input_ids"])) for f in features])  # (tokens,)
+    labels[position_ids == 0] = IGNORE_INDEX
+    return {"input_ids": input_ids[None], "position_ids": position_ids[None], "labels": labels[None]}
+
+
+def count_tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding tokens of a micro-batch from `collate`, or from `collate_packed` (which has no padding)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)

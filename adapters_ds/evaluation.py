@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import torch
 
 from adapters_ds.answers import is_multiple_choice, occurs_in_training, score
-from adapters_ds.errors import InputError, run_main
+from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.fileio import atomic_write_text, check_writable_dir, read_json, write_json
 from adapters_ds.generation import (
     DEFAULT_STOP_STRINGS,
@@ -587,13 +587,8 @@ def format_table(table: Sequence[Mapping[str, Any]], average: Mapping[str, Any])
     return "\n".join(lines) + "\n"
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line `error: ...`, exit 2, as every command of the project
-        raise InputError(message)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="launcher/evaluate.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from adapters_ds.errors import InputError, run_main
+from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.fileio import atomic_dir, check_writable_dir, write_json
 from adapters_ds.inject import adapter_layers, merge_adapters, remove_adapters
 from adapters_ds.lora import LoRAConfig
@@ -86,7 +86,7 @@ def export_merged(base_model: str, adapter_dir: str, output_dir: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", required=True, help="base model folder or hub id the adapter was trained on")
     parser.add_argument("--adapter_dir", required=True, help="adapter folder written by training (output_dir/adapter)")
     parser.add_argument("--output_dir", required=True)

@@ -26,7 +26,9 @@ def check_writable_dir(path: Path) -> None:
     parent = path if path.exists() else path.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise InputError(f"output path {str(path)!r} cannot be made: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"output path {str(path)!r} is not writable (no write permission on {str(parent)!r})")
 
 

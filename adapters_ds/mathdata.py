@@ -22,7 +22,6 @@ Commands::
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from adapters_ds.answers import normalize_question
-from adapters_ds.errors import InputError, run_main
+from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.fileio import write_json
 
 Kind = Literal["add", "subtract", "multiply", "divide", "two_step"]
@@ -583,7 +582,7 @@ def read_rows(path: str | Path) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m adapters_ds.mathdata", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m adapters_ds.mathdata", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write generated arithmetic word problems as a JSON list")
     synth.add_argument("--out", required=True, help="output .json file")

@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from adapters_ds.errors import InputError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def _load_error(what: str, name: str, exc: Exception) -> InputError:
@@ -27,16 +29,50 @@ def load_model_config(name: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise InputError(
+                f"base model {name!r} needs code shipped in its repository to load, and such code runs only with "
+                "--trust_remote_code (pass it if you trust that code)"
+            ) from None
         raise _load_error("base model", name, exc) from None
 
 
+def check_causal_lm(name: str, trust_remote_code: bool = False, config=None) -> None:
+    """Refuse a model whose architecture has no causal-LM class in transformers (an encoder, a vision model)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = config or load_model_config(name, trust_remote_code)
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise InputError(
+            f"base model {name!r} is a {config.model_type!r} model, which transformers has no causal language "
+            f"model class for (expected a decoder such as llama, mistral, qwen2, gpt2)"
+        )
+
+
+def check_weights_format(name: str, allow_pickle: bool = False) -> None:
+    """Refuse a local model folder whose weights are pickles only (loading a pickle can run code)."""
+    folder = Path(name)
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InputError(
+            f"base model {name!r} has pickle weights only ({', '.join(pickles[:3])}), and loading a pickle can run "
+            "code: convert them to safetensors (training loads them with --allow_pickle, if you trust the files)"
+        )
+
+
 def load_base_model(
-    name: str, dtype: str | torch.dtype = "bfloat16", trust_remote_code: bool = False
+    name: str, dtype: str | torch.dtype = "bfloat16", trust_remote_code: bool = False, allow_pickle: bool = False
 ) -> PreTrainedModel:
-    """A causal LM from a local folder or hub id; bad names and unsupported architectures are InputErrors.
+    """A causal LM from a local folder or hub id; bad names, unsupported architectures and unreadable weights are
+    InputErrors. Weights come from safetensors files only unless `allow_pickle`.
 
     A folder written by `export --prune` with per-layer shapes loads through `prune.load_pruned_model`."""
     config = load_model_config(name, trust_remote_code)
+    check_causal_lm(name, trust_remote_code, config)
+    check_weights_format(name, allow_pickle)
     torch_dtype = DTYPES.get(dtype, dtype)  # a name, a torch.dtype, or "auto" (the checkpoint's own dtype)
     from adapters_ds.prune import load_pruned_model, needs_pruned_loader  # prune needs inject: import on use
 
@@ -44,9 +80,13 @@ def load_base_model(
         return load_pruned_model(name, dtype=torch_dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            name, config=config, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            name,
+            config=config,
+            dtype=torch_dtype,
+            use_safetensors=None if allow_pickle else True,  # None: safetensors first, pickles as a fallback
+            trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: a corrupt weights file
         raise _load_error("base model", name, exc) from None
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from adapters_ds.errors import InputError
+from adapters_ds.errors import ArgumentParser, InputError
 from adapters_ds.layer import AdapterConfig
 from adapters_ds.registry import get_method
 
@@ -57,19 +57,29 @@ class TrainArgs:
     group_by_length: bool = _opt(False, "batch examples of similar length together (less padding)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     template: Literal["alpaca", "chat"] = _opt("alpaca", "prompt template: Alpaca, or the tokenizer's chat template")
+    eval_limit: int = _opt(200, "with the built-in data: held-out problems scored before and after training")
     seed: int = _opt(42, "seed of initialisation, data order and dropout")
     logging_steps: int = _opt(10, "log to the terminal and TensorBoard every N steps")
     eval_steps: int = _opt(200, "validation loss every N steps (needs --val_set_size)")
     save_steps: int = _opt(200, "checkpoint every N steps (0: only at the end)")
-    eval_limit: int = _opt(200, "with the built-in data: held-out problems scored before and after training")
     save_total_limit: int = _opt(3, "checkpoints kept (oldest pruned)")
     resume: str | None = _opt(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint path")
     overwrite_output_dir: bool = _opt(False, "start over in a non-empty output_dir (its contents are deleted)")
     trust_remote_code: bool = _opt(False, "allow code shipped with a model repository to run")
+    allow_pickle: bool = _opt(
+        False,
+        "allow pickle files, which can run code when loaded: a base model's .bin/.pt weights, and a --resume "
+        "checkpoint outside output_dir (DeepSpeed's engine files are pickles)",
+    )
+    max_nonfinite_steps: int = _opt(
+        5, "a step with a non-finite loss is skipped (no update); stop after this many in a row"
+    )
+    dist_timeout: float = _opt(600.0, "seconds a collective waits for the other ranks before the run fails")
     local_rank: int = _opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
 
     def __post_init__(self) -> None:
         positive = ("micro_batch_size", "batch_size", "cutoff_len", "logging_steps", "eval_steps", "num_epochs")
+        positive += ("max_nonfinite_steps", "dist_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name} must be >= 1, found {getattr(self, name)}")
@@ -119,13 +129,8 @@ def adapter_config(args: TrainArgs) -> AdapterConfig:
     return get_method(args.adapter).config(target_modules=args.target_modules, **values)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own exit code 2, in our one-line format
-        raise InputError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Fine-tune a causal LM with an adapter on DeepSpeed.")
+    parser = ArgumentParser(description="Fine-tune a causal LM with an adapter on DeepSpeed.")
     hints = get_type_hints(TrainArgs)
     for f in dataclasses.fields(TrainArgs):
         hint, flag, help_text = hints[f.name], f"--{f.name}", f.metadata["help"]

@@ -2,7 +2,7 @@
 
     python bench/prune_speed.py [--adapter_dir DIR] [--steps 150] [--gate_lr 0.05] [--gate_lora_r 8]
                                 [--target_sparsity 0.3] [--gate_lambda 50] [--lora_steps N] [--eval_n 200]
-                                [--batch 8] [--seq 256] [--reps 3] [--bf16_reps 2] [--gen_tokens 32]
+                                [--batch 8] [--seq 256] [--reps 3] [--bf16_reps 2] [--bf16_batch B] [--gen_tokens 32]
                                 [--out_dir outputs/bench_prune]
 
 1. Without --adapter_dir: trains a gates adapter on the embedded SmolLM2-135M-Instruct
@@ -14,8 +14,8 @@
    pruned model's outputs are the gated model's).
 3. Forward latency of the dense base and the pruned model on the same random batch (--batch × --seq), median of
    --reps runs after one warm-up each, the two models' runs alternating (a shared machine's load drifts), in fp32
-   and in bf16 (same run; on CPUs without AMX or AVX512-BF16, bf16 is
-   emulated and far slower than fp32: reported anyway, with fewer runs).
+   and in bf16 (same run; on CPUs without AMX or AVX512-BF16, bf16 is emulated and far slower than fp32: reported
+   anyway, with fewer runs and --bf16_batch 1 unless told otherwise).
 4. Generation throughput (greedy, KV cache, exactly --gen_tokens new tokens for --batch held-out prompts), fp32,
    median of --reps, the models alternating.
 5. Held-out accuracy (`evaluation.evaluate_records` on the first --eval_n test problems, max 64 new tokens) of the
@@ -52,11 +52,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target_sparsity", type=float, default=0.3)
     parser.add_argument("--gate_lambda", type=float, default=50.0)
     parser.add_argument("--lora_steps", type=int, default=0, help="also train LoRA this many steps (0: skip)")
+    parser.add_argument("--lora_dir", help="a LoRA adapter trained with the same budget (instead of --lora_steps)")
     parser.add_argument("--eval_n", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--bf16_reps", type=int, default=2)
+    parser.add_argument(
+        "--bf16_batch",
+        type=int,
+        help="batch of the bf16 latency (default: --batch where bf16 is native, else 1: emulated bf16 runs at "
+        "about 1 GFLOP/s on an AVX2 CPU, so a batch-8 forward of even a 135M model takes minutes)",
+    )
     parser.add_argument("--gen_tokens", type=int, default=32)
     parser.add_argument("--out_dir", default="outputs/bench_prune")
     return parser.parse_args()
@@ -143,6 +150,7 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from adapters_ds.default_model import prepare_default_model
+    from adapters_ds.hardware import native_bf16
     from adapters_ds.mathdata import default_splits
     from adapters_ds.modeling import load_base_model, load_tokenizer
     from adapters_ds.prompts import build_prompt
@@ -174,12 +182,18 @@ def main() -> None:
         "loads_with_transformers": record["loads_with_transformers"],
     }
 
-    latency = {"batch": args.batch, "seq": args.seq}
-    for name, dtype, reps in (("fp32", torch.float32, args.reps), ("bf16", torch.bfloat16, args.bf16_reps)):
+    bf16_batch = args.bf16_batch or (args.batch if native_bf16() else 1)
+    latency = {"seq": args.seq}
+    for name, dtype, reps, batch in (
+        ("fp32", torch.float32, args.reps, args.batch),
+        ("bf16", torch.bfloat16, args.bf16_reps, bf16_batch),
+    ):
         models = [load_base_model(path, dtype=dtype).eval() for path in (base, str(out / "pruned"))]
-        dense_s, pruned_s = forward_latency(models, args.batch, args.seq, reps)
+        dense_s, pruned_s = forward_latency(models, batch, args.seq, reps)
         del models
         latency[name] = {
+            "batch": batch,
+            "native": dtype == torch.float32 or native_bf16(),
             "dense_s": round(dense_s, 3),
             "pruned_s": round(pruned_s, 3),
             "speedup": round(dense_s / pruned_s, 3),
@@ -207,10 +221,12 @@ def main() -> None:
     acc["base"] = accuracy_of(base, None, records)
     acc["gated"] = accuracy_of(base, adapter_dir, records)
     acc["pruned"] = accuracy_of(str(out / "pruned"), None, records)
-    if args.lora_steps > 0:
-        lora_dir, seconds = train_adapter(base, out / "lora", args, "lora", args.lora_steps)
+    lora_dir = args.lora_dir
+    if lora_dir is None and args.lora_steps > 0:
+        lora_dir, _ = train_adapter(base, out / "lora", args, "lora", args.lora_steps)
+    if lora_dir is not None:
         acc["lora"] = accuracy_of(base, lora_dir, records)
-        acc["lora_steps"] = args.lora_steps
+        result["lora_train"] = training_summary(Path(lora_dir).parent, None)
     result["accuracy_percent"] = acc
 
     result["targets"] = {

@@ -76,6 +76,50 @@ def run(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout: i
     return result
 
 
+def start_ranks(args: list[str], log_dir: Path, nproc: int = 2, script: str = TRAIN) -> list[subprocess.Popen]:
+    """Each rank a plain process with the torch.distributed variables set, as srun's mapping sets them: no launcher
+    watches over them, so what a rank does when another one dies is its own doing. Output goes to
+    `log_dir/rank<N>.log`."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
+        variables.update(LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        with (Path(log_dir) / f"rank{rank}.log").open("w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, script, *args], env={**env(), **variables}, cwd=REPO, stdout=log, stderr=log
+                )
+            )
+    return procs
+
+
+def write_train_assets(root: Path) -> Path:
+    """A tiny LLaMA with its tokenizer (`base/`), a learnable toy task (`data.json`, 96 records) and fp32 variants
+    of the shipped configs (`zero3_fp32.json`, `zero2_fp32.json`, `nozero_fp32.json`) under `root`."""
+    import random
+
+    from tiny_models import make_model
+    from tiny_tokenizer import make_tokenizer
+
+    root = Path(root)
+    make_model("llama").save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
+    rng = random.Random(0)
+    records = []
+    for _ in range(96):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        records.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} + {b} = {a + b}."})
+    (root / "data.json").write_text(json.dumps(records))
+    for name in ("zero3", "zero2"):
+        config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+        config["bf16"] = {"enabled": False}
+        (root / f"{name}_fp32.json").write_text(json.dumps(config))
+    no_zero = {**json.loads((root / "zero2_fp32.json").read_text()), "zero_optimization": {"stage": 0}}
+    (root / "nozero_fp32.json").write_text(json.dumps(no_zero))
+    return root
+
+
 def losses(run_dir: Path) -> list[float]:
     lines = (Path(run_dir) / "train_log.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]

@@ -1,0 +1,469 @@
+"""Training throughput: Hugging Face PEFT + Trainer against adapters_ds, same model, data, LoRA and steps.
+
+    python bench/train_throughput.py [--base_model PATH] [--steps 6] [--warmup_steps 1] [--micro_batch_size 4]
+                                     [--batch_size 8] [--cutoff_len 256] [--learning_rate 3e-4]
+                                     [--modes a_bf16,a_fp32,b,b_bf16,c] [--bf16_steps 2] [--bf16_limit_s 120]
+    python bench/train_throughput.py --profile [--steps 4]     # where one rank of adapters_ds spends its time
+
+Modes, each in a process of its own (clean peak memory), one after the other in this one run:
+  a_bf16  HF PEFT LoRA + HF Trainer with `bf16=True`, the way the reference project (LLM-Adapters) trains: the model
+          loaded in fp32, the Trainer's autocast computes in bf16.
+  a_fp32  the same with `bf16=False`.
+  b       adapters_ds, `launcher/train.py` on one rank, ds_configs/zero3.json as shipped: bf16 "auto", which is
+          bf16 where the hardware has bf16 matrix units and fp32 where bf16 is emulated (`hardware.native_bf16`).
+  b_bf16  the same with bf16 forced on (weights and compute in bf16, as DeepSpeed's bf16 mode does).
+  c       adapters_ds, ZeRO-3 on 2 ranks under the `deepspeed` launcher (one thread per rank on a CPU), bf16 "auto".
+Same for all: the model (--base_model, else the embedded SmolLM2-135M-Instruct), LoRA r 32, alpha 64, dropout
+0.05 on q,k,v,up,down_proj, AdamW (lr, betas 0.9/0.999, eps 1e-8, no weight decay), linear decay, clipping 1.0,
+micro-batch, global batch, cutoff, seed, the tokenization (`adapters_ds.data.tokenize_records`, Alpaca prompt,
+targets on the whole text as in LLM-Adapters) and the data order: the Trainer reads the examples sequentially in
+the order `adapters_ds.data.BatchPlan` gives adapters_ds, so every step sees the same examples in every mode.
+The loss of step 1 is computed from identical weights (every adapter is the identity at step 0): the modes must
+agree on it to float precision, and on the last step's loss closely.
+
+Data: the first steps × batch_size GSM8K training questions from ../shared/data/gsm8k_raw/train.jsonl when present
+(`mathdata.gsm8k_to_records`), else the built-in generated problems.
+
+Figures per mode, over the steps after --warmup_steps (the first steps pick kernels and allocate): target tokens/s
+(tokens with a label: every non-padding token but each sequence's first), seconds per step, peak resident memory
+of the process (of rank 0 for c), the loss of step 1 and of the last step, and the model FLOP utilisation (MFU):
+model FLOPs per second over the FLOP/s of a large matmul measured at the start of this run (fp32 and bf16).
+Model FLOPs of a sequence of n tokens: (4·N + 6·N_lora)·n + 3·A(n), N the weights of the frozen base's matrix
+products (the blocks and the LM head: forward 2N, backward 2N for the input gradients only), N_lora the adapter
+weights (forward 2, backward 4), A(n) = 2·layers·hidden·n·(n+1) the causal attention forward (QKᵀ and AV over the
+n(n+1)/2 visible pairs), its backward twice that. Padding counts for nothing. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k_raw" / "train.jsonl"
+TARGET_MODULES = "q_proj,k_proj,v_proj,up_proj,down_proj"
+LORA = {"r": 32, "alpha": 64, "dropout": 0.05}
+MODES = ("a_bf16", "a_fp32", "b", "b_bf16", "c")
+
+
+# ---------------------------------------------------------------------------------------------------- shared set-up
+
+
+def write_records(n: int, path: Path) -> str:
+    """The first n GSM8K training questions (or generated problems) as Alpaca-format JSON; returns the source."""
+    from adapters_ds.mathdata import generate_records, gsm8k_to_records
+
+    if GSM8K.is_file():
+        rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
+        records, source = gsm8k_to_records(rows), str(GSM8K)
+    else:
+        records, source = generate_records(n, seed=0, split="train"), "adapters_ds.mathdata (generated, train split)"
+    if len(records) < n:
+        raise SystemExit(f"error: {source} has {len(records)} examples, fewer than the {n} the steps need")
+    path.write_text(json.dumps(records))
+    return source
+
+
+def tokenized(data: Path, base: str, cutoff_len: int):
+    """The examples exactly as both trainers see them."""
+    from adapters_ds.data import load_records, tokenize_records
+    from adapters_ds.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    return tokenize_records(load_records(str(data)), tokenizer, cutoff_len, train_on_inputs=True), tokenizer
+
+
+def data_order(lengths: list[int], micro_batch_size: int, seed: int) -> list[int]:
+    """adapters_ds's example order for epoch 0 (independent of the number of ranks, see BatchPlan)."""
+    from adapters_ds.data import BatchPlan
+
+    return BatchPlan(lengths=lengths, micro_batch_size=micro_batch_size, seed=seed).global_order(0)
+
+
+def model_flops(base: str, lengths: list[int]) -> float:
+    """Model FLOPs of training on sequences of these lengths (see the module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    n_matmul = sum(m.weight.numel() for m in linears.values())  # the LM head is a Linear even when tied
+    targets = set(TARGET_MODULES.split(","))
+    n_lora = sum(
+        LORA["r"] * (m.in_features + m.out_features) for name, m in linears.items() if name.split(".")[-1] in targets
+    )
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    attention = sum(2 * config.num_hidden_layers * width * n * (n + 1) for n in lengths)
+    return (4 * n_matmul + 6 * n_lora) * sum(lengths) + 3 * attention
+
+
+def matmul_flops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of a size² matmul in `dtype` with this process's threads: the hardware's practical peak."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm-up: kernel selection, packing buffers
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_limited(cmd: list[str], env: dict[str, str], limit_s: float | None) -> subprocess.CompletedProcess:
+    """Run cmd in a session of its own; past limit_s kill that session (the launcher and its ranks): the result then
+    has returncode None and the output so far."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return subprocess.CompletedProcess(cmd, None, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def child_env(threads: int | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "adapters_ds" / "torch_extensions"))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------- mode a
+
+
+def hf_trainer_child(spec: dict) -> dict:
+    """Mode a in this (child) process: HF PEFT LoRA + HF Trainer; per-step wall clock and loss from a callback."""
+    import peft
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainerCallback, TrainingArguments
+    from transformers import Trainer as HFTrainer
+
+    train, tokenizer = tokenized(Path(spec["data"]), spec["base"], spec["cutoff_len"])
+    order = data_order(train["length"], spec["micro_batch_size"], spec["seed"])
+    train = train.select(order).remove_columns(["length"])
+    model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=TARGET_MODULES.split(","),
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.losses: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    def report_autocast(module, inputs):  # what the Trainer really computes in, seen from inside its forward
+        if not reported:
+            reported.append(True)
+            enabled = torch.is_autocast_enabled("cpu")
+            dtype = str(torch.get_autocast_dtype("cpu")).removeprefix("torch.") if enabled else "off"
+            print(f"AUTOCAST cpu {dtype}, weights {next(module.parameters()).dtype}", file=sys.stderr, flush=True)
+
+    reported: list[bool] = []
+    model.register_forward_pre_hook(report_autocast)
+    clock = Clock()
+    with tempfile.TemporaryDirectory(prefix="hf_trainer_") as out:
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=spec["micro_batch_size"],
+            gradient_accumulation_steps=spec["batch_size"] // spec["micro_batch_size"],
+            max_steps=spec["steps"],
+            learning_rate=spec["learning_rate"],
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            bf16=spec["bf16"],
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=spec["seed"],
+            train_sampling_strategy="sequential",  # the order was set above: adapters_ds's order
+            dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
+        collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+        trainer = HFTrainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[clock])
+        trainer.train()
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return {"step_ends": clock.times, "losses": clock.losses, "peak_memory_gb": peak_gb}
+
+
+def run_hf(spec: dict, limit_s: float | None) -> dict:
+    proc = run_limited([sys.executable, __file__, "--_hf_child", json.dumps(spec)], child_env(), limit_s)
+    autocast = [line.split(" ", 1)[1] for line in proc.stderr.splitlines() if line.startswith("AUTOCAST ")]
+    if proc.returncode is None:
+        return {"finished": False, "autocast": autocast[:1]}
+    if proc.returncode != 0:
+        raise RuntimeError(f"HF Trainer run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "autocast": autocast[:1]}
+
+
+# ---------------------------------------------------------------------------------------------------- modes b, c
+
+
+def run_adapters_ds(spec: dict, ranks: int, bf16: str | bool, workdir: Path, limit_s: float | None) -> dict | None:
+    """launcher/train.py under the deepspeed launcher; per-step wall clock from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["bf16"] = {"enabled": bf16}
+    name = f"ranks{ranks}_bf16{bf16}"
+    config_path, out = workdir / f"{name}.json", workdir / name
+    config_path.write_text(json.dumps(config))
+    runner = Path(sys.executable).parent / "deepspeed"
+    cmd = [
+        str(runner), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"),
+        "--ds_config", str(config_path), "--base_model", spec["base"], "--data_path", spec["data"],
+        "--output_dir", str(out), "--max_steps", str(spec["steps"]),
+        "--micro_batch_size", str(spec["micro_batch_size"]), "--batch_size", str(spec["batch_size"]),
+        "--cutoff_len", str(spec["cutoff_len"]),
+        "--learning_rate", str(spec["learning_rate"]), "--lr_scheduler", "linear", "--seed", str(spec["seed"]),
+        "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]), "--lora_dropout", str(LORA["dropout"]),
+        "--target_modules", TARGET_MODULES, "--logging_steps", "1", "--save_steps", "0", "--train_on_inputs",
+    ]  # fmt: skip
+    proc = run_limited(cmd, child_env(threads=1 if ranks > 1 else None), limit_s)
+    if proc.returncode is None:
+        return {"finished": False}
+    if proc.returncode != 0:
+        raise RuntimeError(f"adapters_ds run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    # DeepSpeed's monitor writes into <output_path>/<job_name>/
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    loss_events = events.Scalars("train/loss")  # rank 0's monitor writes every step (--logging_steps 1)
+    losses, step_ends = [e.value for e in loss_events], [e.wall_time for e in loss_events]
+    peak_gb = max(e.value for e in events.Scalars("train/memory_gb"))
+    return {"step_ends": step_ends, "losses": losses, "peak_memory_gb": peak_gb}
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+
+
+def summarize(raw: dict, step_targets: list[int], step_flops: list[float], warmup: int, peak: dict) -> dict:
+    """Figures over the steps after the warm-up: step k ends at step_ends[k - 1]."""
+    ends = raw["step_ends"]
+    steps = len(ends) - warmup
+    seconds = ends[-1] - ends[warmup - 1]
+    tokens, flops = sum(step_targets[warmup:]), sum(step_flops[warmup:])
+    return {
+        "timed_steps": steps,
+        "target_tokens_per_s": round(tokens / seconds, 1),
+        "s_per_step": round(seconds / steps, 3),
+        "peak_memory_gb": round(raw["peak_memory_gb"], 2),
+        "loss_first_step": round(raw["losses"][0], 5),
+        "loss_last_step": round(raw["losses"][-1], 5),
+        "model_tflops_per_s": round(flops / seconds / 1e12, 4),
+        "mfu_vs_fp32_matmul": round(flops / seconds / peak["fp32"], 4),
+        "mfu_vs_bf16_matmul": round(flops / seconds / peak["bf16"], 4),
+    }
+
+
+def profile_one_rank(spec: dict, workdir: Path) -> None:
+    """The top of torch.profiler's table for adapters_ds's train_step on one rank, to stderr."""
+    from adapters_ds.train_args import parse_train_args
+    from adapters_ds.trainer import Trainer
+
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    (workdir / "zero3.json").write_text(json.dumps(config))
+    args = parse_train_args([
+        "--ds_config", str(workdir / "zero3.json"), "--base_model", spec["base"], "--data_path", spec["data"],
+        "--output_dir", str(workdir / "profile"), "--max_steps", str(spec["steps"]),
+        "--micro_batch_size", str(spec["micro_batch_size"]), "--batch_size", str(spec["batch_size"]),
+        "--cutoff_len", str(spec["cutoff_len"]), "--learning_rate", str(spec["learning_rate"]),
+        "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]), "--target_modules", TARGET_MODULES,
+    ])  # fmt: skip
+    os.environ.update(TOKENIZERS_PARALLELISM="false")
+    trainer = Trainer(args)
+    trainer.engine.train()
+    trainer.train_step(0)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for step in range(1, spec["steps"]):
+            trainer.train_step(step)
+        seconds = time.perf_counter() - start
+    print(f"{spec['steps'] - 1} steps in {seconds:.2f} s", file=sys.stderr)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60),
+          file=sys.stderr)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base_model", help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per mode")
+    parser.add_argument("--bf16_steps", type=int, default=2, help="steps of a_bf16 and b_bf16 (bf16 may be slow)")
+    parser.add_argument(
+        "--bf16_limit_s", type=float, default=120, help="time limit of a bf16 mode where bf16 is emulated (0: none)"
+    )
+    parser.add_argument("--warmup_steps", type=int, default=1, help="first steps left out of the timing")
+    parser.add_argument("--micro_batch_size", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=8, help="global examples per step (a multiple of 2 × micro)")
+    parser.add_argument("--cutoff_len", type=int, default=256)
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--profile", action="store_true", help="profile mode b's train_step instead (to stderr)")
+    parser.add_argument("--_hf_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._hf_child:
+        print(json.dumps(hf_trainer_child(json.loads(args._hf_child))))
+        return
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; expected a subset of {MODES}")
+    if args.batch_size % (2 * args.micro_batch_size) or min(args.steps, args.bf16_steps) <= args.warmup_steps:
+        parser.error("--batch_size must be a multiple of 2 × --micro_batch_size, and steps > --warmup_steps")
+    if args.warmup_steps < 1:
+        parser.error("--warmup_steps must be >= 1: the first step ends the start-up")
+
+    base = args.base_model
+    if base is None:
+        from adapters_ds.default_model import prepare_default_model
+
+        base = str(prepare_default_model())
+    with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
+        workdir = Path(tmp)
+        longest = max(args.steps, args.bf16_steps)
+        data = workdir / "data.json"
+        source = write_records(longest * args.batch_size, data)
+        spec = {
+            "base": base, "data": str(data), "micro_batch_size": args.micro_batch_size,
+            "batch_size": args.batch_size, "cutoff_len": args.cutoff_len, "learning_rate": args.learning_rate,
+            "seed": args.seed,
+        }  # fmt: skip
+        if args.profile:
+            profile_one_rank({**spec, "steps": args.steps}, workdir)
+            return
+
+        train, _ = tokenized(data, base, args.cutoff_len)
+        from adapters_ds.trainer import target_counts
+
+        targets, lengths = target_counts(train), train["length"]
+        order = data_order(lengths, args.micro_batch_size, args.seed)
+        per_step = [order[s : s + args.batch_size] for s in range(0, len(order), args.batch_size)]
+        step_targets = [sum(targets[i] for i in step) for step in per_step]
+        step_flops = [model_flops(base, [lengths[i] for i in step]) for step in per_step]
+        padded = sum(
+            max(lengths[i] for i in step[m : m + args.micro_batch_size]) * args.micro_batch_size
+            for step in per_step
+            for m in range(0, len(step), args.micro_batch_size)
+        )
+        result: dict = {
+            "model": base,
+            "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "data": source,
+            "examples": len(train),
+            "mean_tokens_per_example": round(sum(lengths) / len(lengths), 1),
+            "padding_share_at_micro_batch": round(1 - sum(lengths) / padded, 3),
+            "micro_batch_size": args.micro_batch_size,
+            "batch_size": args.batch_size,
+            "cutoff_len": args.cutoff_len,
+            "learning_rate": args.learning_rate,
+            "lora": {**LORA, "target_modules": TARGET_MODULES},
+            "load_avg_1min_before": os.getloadavg()[0],
+        }
+        # bf16 at 1024²: where bf16 is emulated one 2048² product alone takes over a minute
+        peak = {"fp32": matmul_flops(torch.float32), "bf16": matmul_flops(torch.bfloat16, size=1024, seconds=2.0)}
+        result["matmul_tflops"] = {k: round(v / 1e12, 4) for k, v in peak.items()}
+        from adapters_ds.hardware import native_bf16
+
+        result["native_bf16"] = native_bf16()
+        runs = {}
+        for mode in modes:
+            bf16 = mode in ("a_bf16", "b_bf16")
+            steps = args.bf16_steps if bf16 else args.steps
+            # emulated bf16 runs at about 1/50 of fp32 here: a step can take longer than the whole bench
+            limit = args.bf16_limit_s if bf16 and not result["native_bf16"] and args.bf16_limit_s > 0 else None
+            mode_spec = {**spec, "steps": steps}
+            if mode.startswith("a"):
+                raw = run_hf({**mode_spec, "bf16": bf16}, limit)
+            elif mode == "c":
+                raw = run_adapters_ds(mode_spec, 2, "auto", workdir, limit)
+            else:
+                raw = run_adapters_ds(mode_spec, 1, True if bf16 else "auto", workdir, limit)
+            if raw.get("finished") is False:  # the steps did not finish within the limit: an upper bound
+                runs[mode] = {
+                    **({"autocast": raw["autocast"]} if raw.get("autocast") else {}),
+                    "steps": steps,
+                    "finished": False,
+                    "limit_s": limit,
+                    "target_tokens_per_s_at_most": round(sum(step_targets[:steps]) / limit, 2),
+                    "note": f"{steps} steps did not finish within {limit:.0f} s (start-up included)",
+                }
+                continue
+            runs[mode] = summarize(raw, step_targets[:steps], step_flops[:steps], args.warmup_steps, peak)
+            runs[mode]["steps"] = steps
+            if raw.get("autocast"):
+                runs[mode]["autocast"] = raw["autocast"]
+            print(json.dumps({mode: runs[mode]}), file=sys.stderr, flush=True)  # kept if a later mode fails
+        result["modes"] = runs
+        result["load_avg_1min_after"] = os.getloadavg()[0]
+
+        def ratio(x: str, y: str) -> float | str | None:
+            if x not in runs or y not in runs or "target_tokens_per_s" not in runs[x]:
+                return None
+            if "target_tokens_per_s" not in runs[y]:  # y did not finish: x is at least this much faster
+                return f">= {runs[x]['target_tokens_per_s'] / runs[y]['target_tokens_per_s_at_most']:.1f}"
+            return round(runs[x]["target_tokens_per_s"] / runs[y]["target_tokens_per_s"], 2)
+
+        def loss_gap(x: str, y: str) -> float | None:
+            if all("loss_last_step" in runs.get(m, {}) for m in (x, y)) and runs[x]["steps"] == runs[y]["steps"]:
+                return round(abs(runs[x]["loss_last_step"] / runs[y]["loss_last_step"] - 1), 4)
+            return None
+
+        result["ratios"] = {
+            "b_over_a_bf16 (each tool's default 'bf16' on this machine)": ratio("b", "a_bf16"),
+            "b_over_a_fp32 (both fp32)": ratio("b", "a_fp32"),
+            "b_bf16_over_a_bf16 (both bf16)": ratio("b_bf16", "a_bf16"),
+            "c_over_b (2 ranks ZeRO-3 total over 1 rank)": ratio("c", "b"),
+        }
+        result["last_loss_relative_gap"] = {
+            "b_vs_a_fp32": loss_gap("b", "a_fp32"),
+            "b_bf16_vs_a_bf16": loss_gap("b_bf16", "a_bf16"),
+            "c_vs_b": loss_gap("c", "b"),
+        }
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""ZeRO-3 memory scaling: a randomly initialised LLaMA-shaped model (≥ 1B parameters) on 1 rank and on 2 ranks,
+with and without parameter offload; per-rank resident base-parameter bytes and peak memory.
+
+    python bench/zero3_memory.py [--hidden 2048 --intermediate 5632 --layers 22 --heads 32 --kv_heads 4
+                                  --vocab 32000] [--dtype bfloat16] [--seq_len 8] [--configs zero3,zero3_offload]
+                                 [--ranks 1,2]
+
+The default shape is TinyLlama-1.1B's (1.1B parameters, 2.2 GB in bf16). Nothing is written to disk: every rank
+builds the model with `from_config` under transformers' ZeRO-3 integration (`HfDeepSpeedConfig`, i.e.
+`deepspeed.zero.Init`), so each layer is partitioned as soon as it is created and no rank ever holds the whole
+model, as the training command loads a checkpoint. Then, as in training: LoRA (r 32, alpha 64 on q,k,v,up,down)
+injected, the base frozen, the persistence threshold set, `deepspeed.initialize` with the shipped
+ds_configs/<config>.json, and one training step on `--seq_len` random tokens (forward, backward, optimizer step),
+which gathers every layer once.
+
+Per rank: the base-parameter bytes resident on the rank's device (ZeRO-3 partitions plus persistent small tensors;
+`trainer.partition_report`) and where they live, and the process's resident memory (VmRSS / peak VmHWM from
+/proc) after start-up, after building the model, after `initialize` and after the step. On a CPU the offload
+target and the "device" are the same memory, so offload moves nothing there; on a GPU the resident bytes are on the
+GPU and the peak GPU memory (`max_memory_allocated`) is reported too. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def proc_memory_gb() -> dict[str, float]:
+    """Resident and peak resident memory of this process (Linux /proc), GiB."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = round(int(value.split()[0]) / 2**20, 3)  # kB
+    return {"rss_gb": fields["VmRSS"], "peak_rss_gb": fields["VmHWM"]}
+
+
+def rank_main(spec: dict) -> None:
+    """One rank: build, partition, initialize, one step; writes rank<r>.json into spec["out"]."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from adapters_ds import LoRAConfig, freeze_base, inject_adapters
+    from adapters_ds.distributed import init_distributed
+    from adapters_ds.ds_config import check_replication, load_ds_config, resolve_ds_config, set_persistence_threshold
+    from adapters_ds.inject import adapter_parameters
+    from adapters_ds.loss import causal_lm_loss_sum
+    from adapters_ds.trainer import partition_report
+
+    info = init_distributed()
+    memory = {"started": proc_memory_gb()}
+    ds_config = resolve_ds_config(
+        load_ds_config(REPO / "ds_configs" / f"{spec['config']}.json"),
+        world_size=info.world_size,
+        micro_batch_size=1,
+        batch_size=info.world_size,
+        learning_rate=1e-4,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+    )
+    dtype = getattr(torch, spec["dtype"])
+    ds_config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    config = LlamaConfig(
+        vocab_size=spec["vocab"],
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"],
+        max_position_embeddings=2048,
+        use_cache=False,
+    )
+    load_config = json.loads(json.dumps(ds_config))
+    load_config["zero_optimization"].pop("stage3_param_persistence_threshold", None)  # set after injection
+    start = time.perf_counter()
+    hf_ds_config = HfDeepSpeedConfig(load_config)  # from_config then builds under deepspeed.zero.Init
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    build_s = time.perf_counter() - start
+    memory["built"] = proc_memory_gb()
+    inject_adapters(model, LoRAConfig(r=32, alpha=64, dropout=0.0))
+    freeze_base(model)
+    set_persistence_threshold(ds_config, model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=list(adapter_parameters(model).values()), config=ds_config
+    )
+    del hf_ds_config
+    check_replication(engine.module)
+    memory["initialized"] = proc_memory_gb()
+    report = partition_report(engine.module)
+    base_params = [p for n, p in engine.module.named_parameters() if not p.requires_grad]
+    element = base_params[0].element_size()
+    devices = sorted({str(p.ds_tensor.device) for p in base_params if hasattr(p, "ds_tensor")})
+
+    accelerator = get_accelerator()
+    gen = torch.Generator().manual_seed(info.rank)
+    ids = torch.randint(3, spec["vocab"], (1, spec["seq_len"]), generator=gen).to(engine.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    start = time.perf_counter()
+    loss = causal_lm_loss_sum(engine, batch)
+    engine.backward(loss)
+    engine.step()
+    step_s = time.perf_counter() - start
+    memory["after_step"] = proc_memory_gb()
+    result = {
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "base_numel": report["base_numel"],
+        "base_resident_numel": report["base_local_numel"],
+        "base_resident_bytes": report["base_local_numel"] * element,
+        "base_partitions_on": devices,
+        "adapter_numel": report["adapter_numel"],
+        "build_s": round(build_s, 1),
+        "step_s": round(step_s, 1),
+        "loss": round(loss.item() / spec["seq_len"], 4),
+        "memory_gb": memory,
+        "threads": torch.get_num_threads(),
+    }
+    if accelerator.device_name() != "cpu":
+        result["peak_device_memory_gb"] = round(accelerator.max_memory_allocated() / 2**30, 3)
+    Path(spec["out"], f"rank{info.rank}.json").write_text(json.dumps(result))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(spec: dict, ranks: int, workdir: Path) -> list[dict]:
+    out = workdir / f"{spec['config']}_{ranks}"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "adapters_ds" / "torch_extensions"))
+    if torch.cuda.device_count() == 0:  # ranks share this machine's cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+    runner = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(runner), "--num_gpus", str(ranks), "--master_port", str(free_port()), __file__,
+           "--_rank", json.dumps({**spec, "out": str(out)})]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['config']} on {ranks} rank(s) failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv_heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--seq_len", type=int, default=8, help="tokens of the one training step (bf16 may be slow)")
+    parser.add_argument("--configs", default="zero3,zero3_offload", help="shipped ds_configs to compare")
+    parser.add_argument("--ranks", default="1,2", help="rank counts to compare")
+    parser.add_argument("--_rank", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    args = parser.parse_args()
+    spec = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "dtype")}
+    spec["seq_len"] = args.seq_len
+    if args._rank:
+        rank_main(json.loads(args._rank))
+        return
+
+    result: dict = {"model": {"shape": "LLaMA", **spec}, "load_avg_1min_before": os.getloadavg()[0], "runs": {}}
+    rank_counts = [int(r) for r in args.ranks.split(",")]
+    with tempfile.TemporaryDirectory(prefix="zero3_memory_") as tmp:
+        for config in args.configs.split(","):
+            for ranks in rank_counts:
+                ranks_out = run({**spec, "config": config}, ranks, Path(tmp))
+                result["runs"][f"{config}_{ranks}rank"] = ranks_out
+    first = next(iter(result["runs"].values()))[0]
+    result["model"]["params"] = first["base_numel"] + first["adapter_numel"]
+    ratios = {}
+    for config in args.configs.split(","):
+        one, many = result["runs"].get(f"{config}_1rank"), result["runs"].get(f"{config}_{max(rank_counts)}rank")
+        if one and many and many is not one:
+            worst = max(r["base_resident_bytes"] for r in many)
+            ratios[f"{config}: base bytes per rank, {max(rank_counts)} ranks / 1"] = round(
+                worst / one[0]["base_resident_bytes"], 3
+            )
+            peak = max(r["memory_gb"]["after_step"]["peak_rss_gb"] for r in many)
+            ratios[f"{config}: peak RSS per rank, {max(rank_counts)} ranks / 1"] = round(
+                peak / one[0]["memory_gb"]["after_step"]["peak_rss_gb"], 3
+            )
+    result["ratios"] = ratios
+    result["load_avg_1min_after"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

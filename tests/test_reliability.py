@@ -1,0 +1,553 @@
+"""Reliability: bad input, unsafe files, non-finite losses, a save killed half-way, a rank killed mid-step.
+
+- Bad input across train, evaluate and export, one table: each case exits 2 with a one-line `error: ...` as the
+  last line of stderr, no traceback, and the files that were there before are unchanged (nothing written, nothing
+  destroyed, even with --overwrite_output_dir). The commands run in this process, as their launchers run them.
+- Non-finite loss: a real one-process DeepSpeed engine (gloo) whose logits a forward hook turns to NaN, as a
+  diverged model's would. The step is skipped with the adapter weights bit-identical and the optimizer untouched,
+  and K such steps in a row stop the run with exit code 2, keeping the checkpoints.
+- A save killed after DeepSpeed wrote its files is skipped on resume with a warning; `latest` still names the
+  previous checkpoint.
+- (slow) A rank SIGKILLed mid-step: the other rank fails within 60 s by itself (no launcher to kill it), and
+  `--resume auto` ends on the adapter of an uninterrupted run.
+
+The evaluation harness's resume after a kill is tested in test_evaluation.py
+(test_resume_after_kill_generates_only_the_missing_rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from launch import REPO, losses, run, start_ranks, write_train_assets
+from safetensors.torch import load_file
+from tiny_models import make_model
+from transformers import T5Config
+
+from adapters_ds import (
+    LoRAConfig,
+    SeriesConfig,
+    adapter_parameters,
+    evaluation,
+    export,
+    inject_adapters,
+    save_adapter,
+    trainer,
+)
+from adapters_ds.checkpoint import MARKER, resolve_resume
+from adapters_ds.errors import InputError, run_main
+from adapters_ds.modeling import load_base_model
+from adapters_ds.storage import WEIGHTS_NAME
+from adapters_ds.train_args import parse_train_args
+from adapters_ds.zero import gathered
+
+UNWRITABLE = Path("/proc/1/adapters_ds_out")  # procfs refuses new entries, also to root (chmod does not stop root)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Training assets (see launch.write_train_assets), an evaluation data set and three saved adapters."""
+    root = write_train_assets(tmp_path_factory.mktemp("reliability"))
+    (root / "eval" / "Arith").mkdir(parents=True)
+    records = [{"instruction": "What is 2 plus 3?", "input": "", "answer": "5"}]
+    (root / "eval" / "Arith" / "test.json").write_text(json.dumps(records))
+    for name, family, config in (
+        ("lora", "llama", LoRAConfig(r=2, alpha=4)),
+        ("series", "llama", SeriesConfig(bottleneck_size=4)),
+        ("gpt2_lora", "gpt2", LoRAConfig(r=2, alpha=4)),
+    ):
+        model = make_model(family)
+        inject_adapters(model, config)
+        save_adapter(model, config, root / name)
+    return root
+
+
+@pytest.fixture
+def in_process():
+    """The trainer, run in this process, sets RANK/MASTER_PORT (a child process inheriting them would try to join
+    this process's group) and its SIGTERM/SIGUSR1 handlers: both are put back afterwards."""
+    environ = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+
+def snapshot(path: Path) -> dict[str, str] | None:
+    """Every file and folder under `path` with a hash of each file's contents; None when nothing is there."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        for p in sorted(path.rglob("*"))
+    }
+
+
+def write(path: Path, content: str | bytes | object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def busy(tmp: Path) -> Path:
+    """An output folder holding earlier work."""
+    write(tmp / "out" / "keep.txt", "precious")
+    write(tmp / "out" / "adapter" / WEIGHTS_NAME, b"earlier adapter")
+    return tmp / "out"
+
+
+def copy_base(a: Path, tmp: Path) -> Path:
+    return Path(shutil.copytree(a / "base", tmp / "base"))
+
+
+def train(a: Path, out: Path, *extra: str, data: Path | None = None, base: Path | None = None) -> list[str]:
+    return [
+        "--base_model", str(base or a / "base"), "--data_path", str(data or a / "data.json"),
+        "--output_dir", str(out), "--ds_config", str(a / "zero2_fp32.json"), "--cutoff_len", "48",
+        "--micro_batch_size", "4", "--batch_size", "8", "--max_steps", "1", "--lora_r", "4", "--lora_alpha", "8",
+        *extra,
+    ]  # fmt: skip
+
+
+def overwrite(a: Path, tmp: Path, *extra: str, **kw) -> list[str]:
+    """Bad input with --overwrite_output_dir over earlier work: that work must survive."""
+    return train(a, busy(tmp), "--overwrite_output_dir", *extra, **kw)
+
+
+def ds_config(a: Path, tmp: Path, change: Callable[[dict], None]) -> Path:
+    config = json.loads((a / "zero2_fp32.json").read_text())
+    change(config)
+    return write(tmp / "ds.json", config)
+
+
+def evaluate(a: Path, out: Path, *extra: str, data_dir: Path | None = None, base: Path | None = None) -> list[str]:
+    return [
+        "--base_model", str(base or a / "base"), "--datasets", "Arith", "--data_dir", str(data_dir or a / "eval"),
+        "--output_dir", str(out), "--max_new_tokens", "2", "--dtype", "float32", *extra,
+    ]  # fmt: skip
+
+
+def export_(a: Path, out: Path, adapter: Path, *extra: str, base: Path | None = None) -> list[str]:
+    return ["--base_model", str(base or a / "base"), "--adapter_dir", str(adapter), "--output_dir", str(out), *extra]
+
+
+def corrupt_adapter(a: Path, tmp: Path) -> Path:
+    folder = Path(shutil.copytree(a / "lora", tmp / "adapter"))
+    data = (folder / WEIGHTS_NAME).read_bytes()
+    (folder / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])  # what a copy cut short leaves
+    return folder
+
+
+def corrupt_base(a: Path, tmp: Path) -> Path:
+    base = copy_base(a, tmp)
+    (base / "model.safetensors").write_bytes(b"\x00" * 64)
+    return base
+
+
+def pickle_base(a: Path, tmp: Path) -> Path:
+    base = copy_base(a, tmp)
+    state = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    torch.save(state, base / "pytorch_model.bin")
+    return base
+
+
+def t5_base(a: Path, tmp: Path) -> Path:
+    """An encoder-decoder: transformers has no causal-LM class for it."""
+    base = tmp / "t5"
+    T5Config(vocab_size=512, d_model=32, d_ff=48, num_layers=1, num_heads=4, d_kv=8).save_pretrained(base)
+    for file in (a / "base").iterdir():
+        if "token" in file.name:
+            shutil.copy(file, base)
+    return base
+
+
+def remote_code_base(a: Path, tmp: Path) -> Path:
+    """A model whose config needs code from its folder; the code, if ever run, leaves a file behind."""
+    base = copy_base(a, tmp)
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="evil_lm", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    write(base / "config.json", config)
+    write(base / "configuration_evil.py", f"open({str(tmp / 'code_ran')!r}, 'w').close()\n")
+    return base
+
+
+def foreign_checkpoint(tmp: Path, where: Path, world_size: int = 1) -> Path:
+    write(where / "checkpoints" / "step-2" / MARKER, {"step": 2, "world_size": world_size})
+    return where / "checkpoints" / "step-2"
+
+
+def eval_data(a: Path, tmp: Path, records: object | None = None) -> Path:
+    root = Path(shutil.copytree(a / "eval", tmp / "eval"))
+    folder(root / "Empty")
+    if records is not None:
+        write(root / "Arith" / "test.json", records)
+    return root
+
+
+RECORD = {"instruction": "What is 1 plus 1?", "input": "", "output": "2"}
+
+# (command, build(assets, case folder) -> argv, fragment of the error line); the output path is always inside the
+# case folder or UNWRITABLE
+CASES = [
+    # ---- train
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", "this is not JSON\n")),
+                 "invalid JSON", id="train-data-not-json"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [{"instruction": "x", "input": ""}])),
+                 "expected field 'output'", id="train-record-missing-field"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [{**RECORD, "output": 7}])),
+                 "expected field 'output' to be a string; found number", id="train-field-wrong-type"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [])),
+                 "empty dataset", id="train-empty-dataset"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--cutoff_len", "4"),
+                 "every prompt is longer than cutoff_len=4", id="train-every-prompt-beyond-cutoff"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--target_modules", "q_proj,nope_proj"),
+                 "['nope_proj'] matched no module", id="train-target-modules-match-nothing"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--adapter", "prefix"),
+                 "invalid choice: 'prefix'", id="train-unknown-adapter"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--ds_config", str(ds_config(
+                     a, t, lambda c: c["zero_optimization"].update(bogus_key=1)))),
+                 "bogus_key", id="train-ds-config-unknown-key"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--ds_config", str(ds_config(
+                     a, t, lambda c: c.update(optimizer={"type": "AdamWW", "params": {}})))),
+                 "optimizer type 'AdamWW' is neither", id="train-ds-config-unknown-optimizer"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--ds_config", str(write(t / "ds.json", "{'stage': 3}"))),
+                 "is not valid JSON", id="train-ds-config-not-json"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--ds_config", str(ds_config(
+                     a, t, lambda c: c.update(train_micro_batch_size_per_gpu=8)))),
+                 "train_micro_batch_size_per_gpu=8 conflicts with --micro_batch_size 4",
+                 id="train-conflicting-batch-sizes"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--batch_size", "6"),
+                 "--batch_size 6 must be a multiple of --micro_batch_size 4", id="train-batch-size-not-a-multiple"),
+    pytest.param("train", lambda a, t: overwrite(a, t, base=t / "no_model"),
+                 "base model not found", id="train-missing-base-model"),
+    pytest.param("train", lambda a, t: overwrite(a, t, base=t5_base(a, t)),
+                 "is a 't5' model, which transformers has no causal language model class for",
+                 id="train-wrong-architecture"),
+    pytest.param("train", lambda a, t: overwrite(a, t, base=corrupt_base(a, t)),
+                 "cannot load base model", id="train-corrupt-base-weights"),
+    pytest.param("train", lambda a, t: overwrite(a, t, base=pickle_base(a, t)),
+                 "pickle weights only (pytorch_model.bin)", id="train-pickle-base-weights"),
+    pytest.param("train", lambda a, t: overwrite(a, t, base=remote_code_base(a, t)),
+                 "trust_remote_code", id="train-remote-code"),
+    pytest.param("train", lambda a, t: train(a, write(t / "out.txt", "a file")),
+                 "exists and is not a directory", id="train-output-is-a-file"),
+    pytest.param("train", lambda a, t: train(a, write(t / "out.txt", "a file") / "run"),
+                 "is a file, not a folder", id="train-output-under-a-file"),
+    pytest.param("train", lambda a, t: train(a, UNWRITABLE),
+                 "is not writable", id="train-output-unwritable"),
+    pytest.param("train", lambda a, t: train(a, busy(t)),
+                 "is not empty; pass --resume auto", id="train-output-not-empty"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--resume", str(t / "out")),
+                 "no complete checkpoint there", id="train-resume-without-checkpoint"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--resume", str(foreign_checkpoint(t, t / "elsewhere"))),
+                 "outside --output_dir", id="train-resume-pickles-from-elsewhere"),
+    pytest.param("train", lambda a, t: train(a, foreign_checkpoint(t, t / "out", world_size=2).parents[1], "--resume",
+                                             "auto"),
+                 "was written by 2 ranks; this run has 1", id="train-resume-other-world-size"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=t / "none.json"),
+                 "found no file", id="train-data-file-missing"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [RECORD] * 6)),
+                 "fewer than one step of --batch_size 8", id="train-fewer-examples-than-a-step"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--val_set_size", "500"),
+                 "val_set_size: expected fewer validation examples", id="train-validation-set-too-large"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--lora_r", "0"),
+                 "lora r must be a positive integer", id="train-bad-hyperparameter"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--max_nonfinite_steps", "0"),
+                 "--max_nonfinite_steps must be >= 1", id="train-max-nonfinite-steps-zero"),
+    # ---- evaluate
+    pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), "--datasets", "Empty", data_dir=eval_data(a, t)),
+                 "test.json", id="evaluate-dataset-without-test-json"),
+    pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), "--datasets", "Nope"),
+                 "dataset 'Nope': no folder", id="evaluate-unknown-dataset"),
+    pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), "--adapter_dir", str(a / "gpt2_lora")),
+                 "was trained on a 'gpt2' model", id="evaluate-adapter-from-another-base"),
+    pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), "--adapter_dir", str(corrupt_adapter(a, t))),
+                 "are corrupt or unreadable", id="evaluate-corrupt-adapter-weights"),
+    pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), "--adapter_dir", str(folder(t / "a"))),
+                 "adapter config not found", id="evaluate-adapter-folder-empty"),
+    pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), data_dir=eval_data(
+                     a, t, [{"instruction": "1 + 1", "answer": "two"}])),
+                 "record 0", id="evaluate-answer-of-the-wrong-kind"),
+    pytest.param("evaluate", lambda a, t: evaluate(a, write(t / "out.txt", "a file")),
+                 "exists and is not a directory", id="evaluate-output-is-a-file"),
+    pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), base=pickle_base(a, t)),
+                 "pickle weights only", id="evaluate-pickle-base-weights"),
+    pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), base=t / "no_model"),
+                 "base model not found", id="evaluate-missing-base-model"),
+    # ---- export
+    pytest.param("export", lambda a, t: export_(a, t / "out", corrupt_adapter(a, t), "--peft"),
+                 "are corrupt or unreadable", id="export-corrupt-adapter-weights"),
+    pytest.param("export", lambda a, t: export_(a, t / "out", a / "gpt2_lora", "--merge"),
+                 "was trained on a 'gpt2' model", id="export-adapter-from-another-base"),
+    pytest.param("export", lambda a, t: export_(a, t / "out", a / "series", "--peft"),
+                 "only LoRA adapters", id="export-peft-of-a-series-adapter"),
+    pytest.param("export", lambda a, t: export_(a, busy(t), a / "lora", "--peft"),
+                 "is not empty; pass --overwrite", id="export-output-not-empty"),
+    pytest.param("export", lambda a, t: export_(a, write(t / "out.txt", "a file") / "x", a / "lora", "--peft"),
+                 "is a file, not a folder", id="export-output-under-a-file"),
+    pytest.param("export", lambda a, t: export_(a, UNWRITABLE, a / "lora", "--merge"),
+                 "is not writable", id="export-output-unwritable"),
+    pytest.param("export", lambda a, t: export_(a, busy(t), a / "lora", "--peft", "--overwrite", base=t / "none"),
+                 "base model not found", id="export-missing-base-model"),
+]  # fmt: skip
+
+MAINS = {
+    "train": lambda argv: run_main(lambda: trainer.main(argv)),  # as launcher/train.py runs it
+    "evaluate": evaluation.main,
+    "export": export.main,
+}
+
+
+@pytest.mark.parametrize("command,build,fragment", CASES)
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    assets, tmp_path, in_process, capsys, command, build, fragment
+):
+    argv = build(assets, tmp_path)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        MAINS[command](argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err and lines[-1].startswith("error: "), err
+    assert fragment in lines[-1], lines[-1]
+    assert snapshot(tmp_path) == before  # nothing written, nothing destroyed
+    assert not UNWRITABLE.exists()
+    assert not (tmp_path / "code_ran").exists()  # a model folder's code never ran
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25 and {p.values[0] for p in CASES} == {"train", "evaluate", "export"}
+
+
+# ---------------------------------------------------------------------------------------------------- safe loading
+
+
+def test_pickle_weights_load_only_when_allowed(assets, tmp_path):
+    base = pickle_base(assets, tmp_path)
+    with pytest.raises(InputError, match="pickle weights only"):
+        load_base_model(str(base), dtype=torch.float32)
+    model = load_base_model(str(base), dtype=torch.float32, allow_pickle=True)
+    reference = load_base_model(str(assets / "base"), dtype=torch.float32)
+    ids = torch.arange(3, 15).unsqueeze(0)
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- non-finite loss, saves
+
+
+class NaNLogits:
+    """A forward hook on the LM head: the logits of the forward calls numbered in `calls` become NaN."""
+
+    def __init__(self, model: torch.nn.Module, calls: set[int] | None = None) -> None:
+        self.calls, self.count = set(calls or ()), 0
+        model.get_output_embeddings().register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        self.count += 1
+        return output * math.nan if self.count - 1 in self.calls else None
+
+
+def make_trainer(a: Path, out: Path, ds: str, *extra: str) -> trainer.Trainer:
+    argv = train(a, out, "--ds_config", ds, "--lora_dropout", "0", "--learning_rate", "2e-2", "--lr_scheduler",
+                 "constant", "--logging_steps", "1", *extra)  # fmt: skip
+    return trainer.Trainer(parse_train_args(argv))
+
+
+def adapter_state(t: trainer.Trainer) -> dict[str, torch.Tensor]:
+    # gathered: ZeRO-3 partitions even its persistent (replicated) parameters when it drops a step
+    params = adapter_parameters(t.engine.module)
+    with gathered(params.values()):
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
+# ZeRO-3 and ZeRO-2 drop the step on DeepSpeed's overflow path; without ZeRO the engine steps a plain optimizer
+NONFINITE_CONFIGS = ["zero3_fp32.json", "zero2_fp32.json", str(REPO / "ds_configs" / "zero2.json"), "nozero_fp32.json"]
+
+
+@pytest.mark.parametrize("ds", NONFINITE_CONFIGS, ids=["zero3-fp32", "zero2-fp32", "zero2-bf16-auto", "no-zero-fp32"])
+def test_a_nonfinite_step_is_skipped_and_leaves_weights_and_optimizer_untouched(assets, tmp_path, in_process, ds):
+    ds = ds if os.path.isabs(ds) else str(assets / ds)
+    poisoned = make_trainer(assets, tmp_path / "poisoned", ds, "--max_steps", "3")
+    NaNLogits(poisoned.engine.module, calls={2})  # 2 micro-batches a step: step 1's first, not the boundary one
+    assert not poisoned.train_step(0)["skipped"]
+    before = adapter_state(poisoned)
+    result = poisoned.train_step(1)
+    assert result["skipped"] and not math.isfinite(result["loss"])
+    after = adapter_state(poisoned)
+    assert all(torch.equal(before[name], after[name]) for name in before)  # bit-identical
+    assert not poisoned.train_step(2)["skipped"]
+    final = adapter_state(poisoned)
+    assert all(torch.isfinite(t).all() for t in final.values()) and any(
+        not torch.equal(before[name], final[name]) for name in before
+    )
+    # the same steps without the poisoned one: equal only if the skip left Adam's moments and step count alone
+    reference = make_trainer(assets, tmp_path / "reference", ds, "--max_steps", "3")
+    reference.train_step(0)
+    reference.train_step(2)
+    expected = adapter_state(reference)
+    assert all(torch.equal(expected[name], final[name]) for name in final)
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_then_resume_skips_a_killed_save(
+    assets, tmp_path, in_process, capsys, caplog
+):
+    out = tmp_path / "out"
+    extra = ("--max_steps", "8", "--save_steps", "2", "--save_total_limit", "0", "--max_nonfinite_steps", "2")
+    first = make_trainer(assets, out, str(assets / "zero3_fp32.json"), *extra)
+    NaNLogits(first.engine.module, calls={6, 11, 12})  # two forwards a step: in steps 4, 6 and 7
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main(first.run)
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    root = out / "checkpoints"
+    assert last == (
+        f"error: the loss was not finite in 2 steps in a row (steps 6 to 7); stopped without saving (the last "
+        f"complete checkpoint, {str(root / 'step-6')!r}, is kept): lower --learning_rate, check the data, or raise "
+        "--max_nonfinite_steps"
+    )
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if entry.get("skipped")] == [4, 6, 7]
+    assert all(math.isfinite(entry["loss"]) for entry in log if not entry.get("skipped"))
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-2", "step-4", "step-6"]
+    assert not (out / "adapter").exists()
+    # steps 6 and 7 were skipped: the weights now are those of checkpoint 6, saved after step 5
+    saved = load_file(root / "step-6" / "adapter" / WEIGHTS_NAME)
+    assert all(torch.equal(saved[name], value) for name, value in adapter_state(first).items())
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard" / "train"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/nonfinite_steps")] == [(4, 1), (6, 2), (7, 3)]
+
+    # a save of step 8 killed after DeepSpeed wrote its files leaves this (the real engine writes it)
+    first.engine.save_checkpoint(str(root), tag=".step-8.partial", save_latest=False, exclude_frozen_parameters=True)
+    assert (root / "latest").read_text() == "step-6"
+    with caplog.at_level(logging.WARNING, logger="adapters_ds.checkpoint"):
+        resumed = make_trainer(assets, out, str(assets / "zero3_fp32.json"), *extra, "--resume", "auto")
+    assert resumed.resume_from == root / "step-6"
+    assert any(".step-8.partial" in r.getMessage() and "step-6" in r.getMessage() for r in caplog.records)
+    resumed.run()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-2", "step-4", "step-6", "step-8"]
+    assert (root / "latest").read_text() == "step-8" and (out / "adapter" / WEIGHTS_NAME).is_file()
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(
+        range(1, 9)
+    )
+
+
+def test_partial_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    write(root / "step-2" / MARKER, {"step": 2, "world_size": 1})
+    write(root / "step-4" / "mp_rank_00_model_states.pt", b"cut short")  # saved in place, marker never written
+    write(root / ".step-6.partial" / "mp_rank_00_model_states.pt", b"cut short")
+    with caplog.at_level(logging.WARNING, logger="adapters_ds.checkpoint"):
+        assert resolve_resume("auto", tmp_path) == root / "step-2"
+        assert resolve_resume(str(tmp_path), "elsewhere") == root / "step-2"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("'step-4'" in w and "'.step-6.partial'" in w for w in warnings)
+    caplog.clear()
+    shutil.rmtree(root / "step-2")
+    with caplog.at_level(logging.WARNING, logger="adapters_ds.checkpoint"):
+        assert resolve_resume("auto", tmp_path) is None  # nothing complete yet: start from the beginning
+        with pytest.raises(InputError, match="no complete checkpoint there"):
+            resolve_resume(str(root), "elsewhere")
+    assert "resuming from the start" in caplog.records[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------- a rank killed
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_within_60_s_and_resume_matches_an_uninterrupted_run(assets, tmp_path):
+    def args(out: Path) -> list[str]:
+        return train(assets, out, "--ds_config", "ds_configs/zero3.json", "--max_steps", "16", "--save_steps", "4",
+                     "--lora_dropout", "0.1", "--learning_rate", "2e-2", "--logging_steps", "4")  # fmt: skip
+
+    reference = tmp_path / "reference"
+    run(args(reference))
+
+    out = tmp_path / "killed"
+    ranks = start_ranks(args(out), log_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 600
+        while len(read_lines(out / "train_log.jsonl")) < 6:  # past the checkpoint of step 4, mid-run
+            assert ranks[0].poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()
+            time.sleep(0.02)
+        os.kill(ranks[1].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = ranks[0].wait(timeout=120)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    rank0 = (tmp_path / "rank0.log").read_text()
+    assert code not in (0, None) and elapsed < 60, (code, elapsed, rank0[-3000:])
+    assert len(losses(reference)) == 16
+    done = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / MARKER).is_file()]
+    assert 4 in done and max(done) < 16, done
+
+    run([*args(out), "--resume", "auto"])
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-6)
+    resumed, expected = load_file(out / "adapter" / WEIGHTS_NAME), load_file(reference / "adapter" / WEIGHTS_NAME)
+    for name in expected:
+        torch.testing.assert_close(resumed[name].float(), expected[name].float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_run_after_the_collective_timeout(assets, tmp_path):
+    """A stopped rank (a frozen node) closes no connection: only the collective timeout ends the wait."""
+    out = tmp_path / "hung"
+    argv = train(assets, out, "--ds_config", "ds_configs/zero3.json", "--max_steps", "1000", "--dist_timeout", "10")
+    ranks = start_ranks(argv, log_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 600
+        while len(read_lines(out / "train_log.jsonl")) < 2:
+            assert ranks[0].poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()
+            time.sleep(0.02)
+        os.kill(ranks[1].pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        code = ranks[0].wait(timeout=120)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()  # also ends a stopped process
+                proc.wait()
+    rank0 = (tmp_path / "rank0.log").read_text()
+    assert code not in (0, None) and elapsed < 60 and "timed out" in rank0.lower(), (code, elapsed, rank0[-3000:])
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
