@@ -13,7 +13,7 @@ setup(
         # (CPU wheel or CUDA wheel); a range admits whatever is already there.
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=4.56",
+        "transformers>=5.23",  # boolean logits_to_keep and packed-sequence masks (adapters_ds/loss.py, packing.py)
         "datasets>=3.0",
         "safetensors>=0.4",
         "tensorboard>=2.15",

@@ -195,7 +195,8 @@ def hf_trainer_child(spec: dict) -> dict:
             print(f"AUTOCAST cpu {dtype}, weights {next(module.parameters()).dtype}", file=sys.stderr, flush=True)
 
     reported: list[bool] = []
-    model.register_forward_pre_hook(report_autocast)
+    # on a Linear inside the model: accelerate enters autocast inside the wrapped top-level forward, after its hooks
+    next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_pre_hook(report_autocast)
     clock = Clock()
     with tempfile.TemporaryDirectory(prefix="hf_trainer_") as out:
         args = TrainingArguments(

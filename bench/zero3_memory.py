@@ -72,6 +72,9 @@ def rank_main(spec: dict) -> None:
         weight_decay=0.0,
         max_grad_norm=1.0,
     )
+    if spec.get("max_live_parameters"):  # how many gathered parameters ZeRO-3 may keep between uses
+        zero = ds_config["zero_optimization"]
+        zero["stage3_max_live_parameters"] = zero["stage3_max_reuse_distance"] = spec["max_live_parameters"]
     dtype = getattr(torch, spec["dtype"])
     ds_config["bf16"] = {"enabled": dtype == torch.bfloat16}
     config = LlamaConfig(
@@ -169,11 +172,17 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=8, help="tokens of the one training step (bf16 may be slow)")
     parser.add_argument("--configs", default="zero3,zero3_offload", help="shipped ds_configs to compare")
     parser.add_argument("--ranks", default="1,2", help="rank counts to compare")
+    parser.add_argument(
+        "--max_live_parameters",
+        type=float,
+        help="override stage3_max_live_parameters and stage3_max_reuse_distance (the shipped configs: 1e9)",
+    )
     parser.add_argument("--_rank", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     args = parser.parse_args()
     spec = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "dtype")}
     spec["seq_len"] = args.seq_len
+    spec["max_live_parameters"] = int(args.max_live_parameters) if args.max_live_parameters else None
     if args._rank:
         rank_main(json.loads(args._rank))
         return

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
-from launch import REPO, has_mpirun, losses, run
+from launch import has_mpirun, losses, run, write_train_assets
 from safetensors.torch import load_file
 from tiny_models import make_model
-from tiny_tokenizer import make_tokenizer
 
 from adapters_ds import load_adapter
 from adapters_ds.hardware import native_bf16
@@ -22,23 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny LLaMA with its tokenizer, a learnable toy task, and fp32 variants of the shipped configs."""
-    root = tmp_path_factory.mktemp("train")
-    model = make_model("llama")
-    model.save_pretrained(root / "base")
-    make_tokenizer().save_pretrained(root / "base")
-    rng = random.Random(0)
-    records = []
-    for _ in range(96):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        records.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} + {b} = {a + b}."})
-    (root / "data.json").write_text(json.dumps(records))
-    for name in ("zero3", "zero2"):
-        config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
-        config["bf16"] = {"enabled": False}
-        (root / f"{name}_fp32.json").write_text(json.dumps(config))
-    no_zero = {**json.loads((root / "zero2_fp32.json").read_text()), "zero_optimization": {"stage": 0}}
-    (root / "nozero_fp32.json").write_text(json.dumps(no_zero))
-    return root
+    return write_train_assets(tmp_path_factory.mktemp("train"))
 
 
 def common(assets, out, *extra: str) -> list[str]:
