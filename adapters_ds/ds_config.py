@@ -122,6 +122,14 @@ def persistence_threshold(model: nn.Module) -> int:
     return largest
 
 
+def without_persistence_threshold(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `config` for uses before the adapters exist (validation, partitioned loading): without
+    `stage3_param_persistence_threshold`, whose "auto" only `set_persistence_threshold` can fill."""
+    config = copy.deepcopy(config)
+    config.get("zero_optimization", {}).pop("stage3_param_persistence_threshold", None)
+    return config
+
+
 def set_persistence_threshold(config: dict[str, Any], model: nn.Module) -> int | None:
     """Fill `stage3_param_persistence_threshold` for ZeRO-3 (an explicit value is checked after initialize)."""
     zero = config.get("zero_optimization", {})

@@ -17,7 +17,6 @@ the run with an error, leaving the checkpoints as they are.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -61,6 +60,7 @@ from adapters_ds.ds_config import (
     load_ds_config,
     resolve_ds_config,
     set_persistence_threshold,
+    without_persistence_threshold,
     zero_stage,
 )
 from adapters_ds.errors import InputError
@@ -90,10 +90,8 @@ def check_ds_config(config: dict) -> None:
     import pydantic
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig, DeepSpeedConfigError
 
-    probe = copy.deepcopy(config)
-    probe.get("zero_optimization", {}).pop("stage3_param_persistence_threshold", None)  # "auto": set later
     try:
-        name = DeepSpeedConfig(probe).optimizer_name
+        name = DeepSpeedConfig(without_persistence_threshold(config)).optimizer_name
     except pydantic.ValidationError as exc:
         found = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InputError(
@@ -219,9 +217,8 @@ def load_model(base_model: str, ds_config: dict, args: TrainArgs):
     if zero_stage(ds_config) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        load_config = json.loads(json.dumps(ds_config))
-        load_config["zero_optimization"].pop("stage3_param_persistence_threshold", None)  # set after injection
-        hf_ds_config = HfDeepSpeedConfig(load_config)  # must stay referenced until deepspeed.initialize
+        # must stay referenced until deepspeed.initialize
+        hf_ds_config = HfDeepSpeedConfig(without_persistence_threshold(ds_config))
     model = load_base_model(
         base_model,
         dtype=compute_dtype(ds_config),

@@ -487,6 +487,27 @@ def test_partial_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
 # ---------------------------------------------------------------------------------------------- a rank killed
 
 
+def signal_rank_1(argv: list[str], out, tmp_path, after_lines: int, sig: signal.Signals) -> tuple[int, float, str]:
+    """Start 2 ranks as plain processes, send `sig` to rank 1 once the run logged `after_lines` steps, and wait for
+    rank 0: (its exit code, seconds from the signal to its exit, its log)."""
+    ranks = start_ranks(argv, log_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 600
+        while len(read_lines(out / "train_log.jsonl")) < after_lines:
+            assert ranks[0].poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()
+            time.sleep(0.02)
+        os.kill(ranks[1].pid, sig)
+        sent_at = time.monotonic()
+        code = ranks[0].wait(timeout=120)
+        elapsed = time.monotonic() - sent_at
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()  # also ends a stopped process
+                proc.wait()
+    return code, elapsed, (tmp_path / "rank0.log").read_text()
+
+
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_run_within_60_s_and_resume_matches_an_uninterrupted_run(assets, tmp_path):
     def args(out: Path) -> list[str]:
@@ -497,22 +518,7 @@ def test_a_killed_rank_fails_the_run_within_60_s_and_resume_matches_an_uninterru
     run(args(reference))
 
     out = tmp_path / "killed"
-    ranks = start_ranks(args(out), log_dir=tmp_path)
-    try:
-        deadline = time.monotonic() + 600
-        while len(read_lines(out / "train_log.jsonl")) < 6:  # past the checkpoint of step 4, mid-run
-            assert ranks[0].poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()
-            time.sleep(0.02)
-        os.kill(ranks[1].pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        code = ranks[0].wait(timeout=120)
-        elapsed = time.monotonic() - killed_at
-    finally:
-        for proc in ranks:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    rank0 = (tmp_path / "rank0.log").read_text()
+    code, elapsed, rank0 = signal_rank_1(args(out), out, tmp_path, 6, signal.SIGKILL)  # past step 4's checkpoint
     assert code not in (0, None) and elapsed < 60, (code, elapsed, rank0[-3000:])
     assert len(losses(reference)) == 16
     done = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / MARKER).is_file()]
@@ -530,22 +536,7 @@ def test_a_hung_rank_fails_the_run_after_the_collective_timeout(assets, tmp_path
     """A stopped rank (a frozen node) closes no connection: only the collective timeout ends the wait."""
     out = tmp_path / "hung"
     argv = train(assets, out, "--ds_config", "ds_configs/zero3.json", "--max_steps", "1000", "--dist_timeout", "10")
-    ranks = start_ranks(argv, log_dir=tmp_path)
-    try:
-        deadline = time.monotonic() + 600
-        while len(read_lines(out / "train_log.jsonl")) < 2:
-            assert ranks[0].poll() is None and time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()
-            time.sleep(0.02)
-        os.kill(ranks[1].pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        code = ranks[0].wait(timeout=120)
-        elapsed = time.monotonic() - stopped_at
-    finally:
-        for proc in ranks:
-            if proc.poll() is None:
-                proc.kill()  # also ends a stopped process
-                proc.wait()
-    rank0 = (tmp_path / "rank0.log").read_text()
+    code, elapsed, rank0 = signal_rank_1(argv, out, tmp_path, 2, signal.SIGSTOP)
     assert code not in (0, None) and elapsed < 60 and "timed out" in rank0.lower(), (code, elapsed, rank0[-3000:])
 
 
