@@ -16,6 +16,11 @@ is open, P(z > 0) = Φ((mu + 0.5) / 0.5), towards keep = 1 - target_sparsity in 
 
     loss = task loss + lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|)
 
+Two choices beyond the paper, both off by default (measured on the embedded model in bench/prune_speed.py): scope
+"mlp" gates only the MLP intermediate units, the one dimension the export removes unit by unit (other targets
+keep their LoRA and no gates), and `penalty_steps` ends the penalty early so the rest of the run recovers accuracy
+with the closed gates staying closed.
+
 The gated input x' is what both W and the LoRA term read, and z_r multiplies their sum and the bias: a closed row
 or column stays removable with LoRA inside the gates (the reference code applies LoRA outside them). No bias is
 added where the base has none (the reference code adds a random one, which perturbs the frozen model).
@@ -38,7 +43,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +76,17 @@ class GatesConfig(AdapterConfig):
     """Rank of a LoRA update inside the gates; 0 trains the gates only."""
     lora_alpha: float | None = None
     """The LoRA term is scaled by lora_alpha / lora_r; None means 2 · lora_r (scale 2, LLM-Adapters' ratio)."""
+    penalty_steps: int = 0
+    """Optimizer steps that carry the sparsity penalty; 0: all of them. After them the task loss alone trains
+    the gates and the LoRA (a recovery phase, as in prune-then-fine-tune): a closed gate gets no gradient through
+    the clamp and stays closed, while the open ones that matter return towards 1. The penalty's pull on the
+    *mean* open probability otherwise leaves many gates hovering half-open, scaling their units down."""
+    scope: Literal["all", "mlp"] = "all"
+    """Which dimensions get gates. "all" (the paper): rows and columns of every target. "mlp": only the MLP
+    intermediate units (rows of the MLP's producers, columns of its consumer), the one dimension `export --prune`
+    removes unit by unit. The hidden-size sides are shared by every block, so closing them zeroes inputs without
+    removing a parameter, and a head goes only when all its dimensions close, which per-dimension gates almost
+    never do; "mlp" spends the whole sparsity budget where it buys speed. Other targets keep only their LoRA."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,15 +97,31 @@ class GatesConfig(AdapterConfig):
             raise InputError(f"gates lora_r must be an integer >= 0, found {self.lora_r!r}")
         if self.lora_alpha is not None:
             check_range("gates lora_alpha", self.lora_alpha, 0, low_inclusive=False)
+        if not isinstance(self.penalty_steps, int) or isinstance(self.penalty_steps, bool) or self.penalty_steps < 0:
+            raise InputError(f"gates penalty_steps must be an integer >= 0, found {self.penalty_steps!r}")
+        if self.scope not in ("all", "mlp"):
+            raise InputError(f"gates scope must be 'all' or 'mlp', found {self.scope!r}")
 
     @property
     def keep(self) -> float:
         return 1.0 - self.target_sparsity
 
+    def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
+        """Which sides of the layer at `name` are gated (scope "mlp": only the MLP's intermediate dimension)."""
+        if self.scope == "all":
+            return {}
+        from adapters_ds.prune import layout_of  # prune imports this module
+
+        layout = layout_of(model.config.model_type)
+        return {
+            "gate_rows": any(name.endswith("." + producer) for producer in layout.mlp_in),
+            "gate_cols": name.endswith("." + layout.mlp_out),
+        }
+
     def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
         """Gate parameters in their own group at `gate_lr` without weight decay (decay would pull theta to 0, a
         half-open gate); every other trainable parameter in a group at the run's learning rate."""
-        gates = [p for _, adapter in gate_layers(model) for p in (adapter.theta_rows, adapter.theta_cols)]
+        gates = [theta for _, adapter in gate_layers(model) for theta in adapter.thetas()]
         if not gates:
             raise InputError("the model has no stochastic gates (inject a GatesConfig first)")
         gate_ids = {id(p) for p in gates}
@@ -99,18 +131,20 @@ class GatesConfig(AdapterConfig):
             groups.append({"params": others, "lr": learning_rate})
         return groups
 
-    def regularizer(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+    def regularizer(self, model: nn.Module, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         """lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|), and the scalars
         to log: the penalty, the expected open fraction and the fraction of rows / columns closed (z = 0 in
         evaluation mode), overall and per layer type (attn, mlp)."""
         layers = gate_layers(model)
         if not layers:
             raise InputError("the model has no stochastic gates (inject a GatesConfig first)")
-        stats = [(name, adapter.statistics()) for name, adapter in layers]
-        terms = [
-            0.5 * ((rows.p.mean() - self.keep).abs() + (cols.p.mean() - self.keep).abs()) for _, (rows, cols) in stats
+        stats = [(name, adapter.statistics()) for name, adapter in layers if adapter.thetas()]
+        terms = [  # ½ (rows + columns) where both sides are gated, the one side's term where one is
+            torch.stack([(side.p.mean() - self.keep).abs() for side in sides if side is not None]).mean()
+            for _, sides in stats
         ]
-        penalty = self.sparsity_lambda * torch.stack(terms).mean()
+        active = not self.penalty_steps or step < self.penalty_steps
+        penalty = (self.sparsity_lambda if active else 0.0) * torch.stack(terms).mean()
         metrics = summarize(stats)
         metrics["gates/penalty"] = penalty.item()
         return penalty, metrics
@@ -145,13 +179,24 @@ class Gates(Adapter):
     transforms_input: ClassVar[bool] = True
     replaces_output: ClassVar[bool] = True
 
-    def __init__(self, config: GatesConfig, dims: LinearDims, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: GatesConfig,
+        dims: LinearDims,
+        dtype: torch.dtype,
+        device: torch.device,
+        gate_rows: bool = True,
+        gate_cols: bool = True,
+    ) -> None:
         super().__init__()
         self.transposed = dims.transposed
-        self.theta_rows = nn.Parameter(torch.empty(dims.out_features, dtype=dtype, device=device))
-        self.theta_cols = nn.Parameter(torch.empty(dims.in_features, dtype=dtype, device=device))
-        for theta in (self.theta_rows, self.theta_cols):
-            nn.init.trunc_normal_(theta, INIT_MEAN, INIT_STD, INIT_LOW, INIT_HIGH)
+        self.dims = dims
+        for side, size, gated in (("rows", dims.out_features, gate_rows), ("cols", dims.in_features, gate_cols)):
+            theta = None  # an ungated side is z = 1: no parameter, no multiply
+            if gated:
+                theta = nn.Parameter(torch.empty(size, dtype=dtype, device=device))
+                nn.init.trunc_normal_(theta, INIT_MEAN, INIT_STD, INIT_LOW, INIT_HIGH)
+            self.register_parameter(f"theta_{side}", theta)
         self._pending: dict[str, GateStats] = {}  # from the latest training forward, until `statistics` takes it
         self.lora_r = config.lora_r
         if self.lora_r:
@@ -160,17 +205,22 @@ class Gates(Adapter):
             self.lora_B = nn.Parameter(torch.zeros(dims.out_features, self.lora_r, dtype=dtype, device=device))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    def thetas(self) -> list[nn.Parameter]:
+        """The gate parameters this layer has (rows first)."""
+        return [theta for theta in (self.theta_rows, self.theta_cols) if theta is not None]
+
     def trainable_names(self) -> tuple[str, ...]:
-        return ("theta_rows", "theta_cols", "lora_A", "lora_B") if self.lora_r else ("theta_rows", "theta_cols")
+        names = tuple(f"theta_{side}" for side in ("rows", "cols") if getattr(self, f"theta_{side}") is not None)
+        return (*names, "lora_A", "lora_B") if self.lora_r else names
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:  # before the base layer: x' = z_c ⊙ x, (..., in)
-            return x * self._gate("cols").to(x.dtype)
+            return x if self.theta_cols is None else x * self._gate("cols").to(x.dtype)
         if self.lora_r:  # x is already x' here: (..., in) → (..., r) → (..., out)
             out = out + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling).to(
                 out.dtype
             )
-        return out * self._gate("rows").to(out.dtype)
+        return out if self.theta_rows is None else out * self._gate("rows").to(out.dtype)
 
     def _gate(self, side: str) -> torch.Tensor:
         theta = getattr(self, f"theta_{side}")
@@ -180,23 +230,31 @@ class Gates(Adapter):
             self._pending[side] = _stats(torch.tanh(theta.float()))
         return gate_values(theta, self.training)
 
-    def statistics(self) -> tuple[GateStats, GateStats]:
-        """(rows, columns): those of the latest training forward (each handed out once), else computed now."""
-        if {"rows", "cols"} <= self._pending.keys():
-            rows, cols = self._pending.pop("rows"), self._pending.pop("cols")
-            return rows, cols
+    def statistics(self) -> tuple[GateStats | None, GateStats | None]:
+        """(rows, columns), None for an ungated side: those of the latest training forward (each handed out
+        once), else computed now."""
+        sides = [side for side in ("rows", "cols") if getattr(self, f"theta_{side}") is not None]
+        if set(sides) <= self._pending.keys():
+            taken = {side: self._pending.pop(side) for side in sides}
+            return taken.get("rows"), taken.get("cols")
         self._pending.clear()
-        for theta in (self.theta_rows, self.theta_cols):
+        for theta in self.thetas():
             if theta.numel() != full_numel(theta):
                 raise RuntimeError(
                     "the gates are ZeRO-3 partitions here: compute the penalty right after a training-mode forward"
                 )
-        return _stats(torch.tanh(self.theta_rows.float())), _stats(torch.tanh(self.theta_cols.float()))
+        rows, cols = (None if t is None else _stats(torch.tanh(t.float())) for t in (self.theta_rows, self.theta_cols))
+        return rows, cols
 
     @torch.no_grad()
     def eval_gates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_r, z_c) of evaluation mode, fp32."""
-        return gate_values(self.theta_rows, False), gate_values(self.theta_cols, False)
+        """(z_r, z_c) of evaluation mode, fp32 (ones on an ungated side)."""
+        sizes = (self.dims.out_features, self.dims.in_features)
+        device = next((p.device for p in self.parameters()), None)
+        return tuple(  # type: ignore[return-value]
+            torch.ones(size, device=device) if theta is None else gate_values(theta, False)
+            for theta, size in zip((self.theta_rows, self.theta_cols), sizes, strict=True)
+        )
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor | None:
@@ -226,22 +284,29 @@ def gate_layers(model: nn.Module) -> list[tuple[str, Gates]]:
 
 
 @torch.no_grad()
-def summarize(stats: list[tuple[str, tuple[GateStats, GateStats]]]) -> dict[str, float]:
+def summarize(stats: list[tuple[str, tuple[GateStats | None, GateStats | None]]]) -> dict[str, float]:
     """Expected open fraction and closed row / column fractions, overall ("all") and per layer type."""
     sums: dict[str, torch.Tensor] = {}  # kind → (sum of P, closed rows, closed columns), on the gates' device
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # kind → (rows, columns)
     for name, (rows, cols) in stats:
-        values = torch.stack([rows.p.sum() + cols.p.sum(), rows.closed.sum().float(), cols.closed.sum().float()])
+        parts = [side for side in (rows, cols) if side is not None]
+        values = torch.stack([
+            sum(side.p.sum() for side in parts),
+            rows.closed.sum().float() if rows is not None else parts[0].p.new_zeros(()),
+            cols.closed.sum().float() if cols is not None else parts[0].p.new_zeros(()),
+        ])  # fmt: skip
         for kind in ("all", layer_type(name)):
             sums[kind] = sums[kind] + values if kind in sums else values
-            counts[kind][0] += rows.p.numel()
-            counts[kind][1] += cols.p.numel()
+            counts[kind][0] += rows.p.numel() if rows is not None else 0
+            counts[kind][1] += cols.p.numel() if cols is not None else 0
     kinds = list(sums)
     totals = torch.stack([sums[k] for k in kinds]).tolist()  # one device → host copy
     metrics = {}
     for kind, (p_sum, closed_rows, closed_cols) in zip(kinds, totals, strict=True):
         n_rows, n_cols = counts[kind]
         metrics[f"gates/open_expected/{kind}"] = p_sum / (n_rows + n_cols)
-        metrics[f"gates/closed_rows/{kind}"] = closed_rows / n_rows
-        metrics[f"gates/closed_cols/{kind}"] = closed_cols / n_cols
+        if n_rows:  # scope "mlp": the consumer has only columns, the producers only rows
+            metrics[f"gates/closed_rows/{kind}"] = closed_rows / n_rows
+        if n_cols:
+            metrics[f"gates/closed_cols/{kind}"] = closed_cols / n_cols
     return metrics

@@ -56,7 +56,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
     for name in selected:
         base = modules[name]
         dtype = resolve_dtype(config.dtype, base)
-        attach(base, layer_cls(config, linear_dims(name, base), dtype, base.weight.device))
+        options = config.layer_options(model, name)
+        attach(base, layer_cls(config, linear_dims(name, base), dtype, base.weight.device, **options))
     return list(selected)
 
 

@@ -57,8 +57,14 @@ class AdapterConfig:
         own learning rate (e.g. stochastic gates) overrides this."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
-    def regularizer(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]] | None:
-        """An extra loss term of the method (added to every micro-batch's loss) and scalars to log, or None."""
+    def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
+        """Keyword arguments for the adapter layer at module path `name`, beyond the config (e.g. which sides of
+        a layer stochastic gates cover); none by default."""
+        return {}
+
+    def regularizer(self, model: nn.Module, step: int = 0) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """An extra loss term of the method at optimizer step `step` (0-based; added to every micro-batch's loss)
+        and scalars to log, or None."""
         return None
 
     @property

@@ -42,6 +42,10 @@ class TrainArgs:
     gate_lambda: float = _opt(50.0, "stochastic gates: weight of the sparsity penalty in the loss")
     gate_lr: float = _opt(1e-2, "stochastic gates: learning rate of the gates (LoRA inside them uses --learning_rate)")
     gate_lora_r: int = _opt(0, "stochastic gates: rank of LoRA inside the gates (0: gates only)")
+    gate_penalty_steps: int = _opt(0, "stochastic gates: steps with the sparsity penalty, then task loss only (0: all)")
+    gate_scope: Literal["all", "mlp"] = _opt(
+        "all", "stochastic gates: rows and columns of every target (all), or only the MLP units export removes (mlp)"
+    )
     num_epochs: int = _opt(3, "epochs over the training split (ignored when --max_steps > 0)")
     max_steps: int = _opt(-1, "optimizer steps to run; overrides --num_epochs when > 0")
     learning_rate: float = _opt(3e-4, "peak learning rate")
@@ -120,6 +124,8 @@ ADAPTER_OPTIONS: dict[str, dict[str, str]] = {
         "sparsity_lambda": "gate_lambda",
         "gate_lr": "gate_lr",
         "lora_r": "gate_lora_r",
+        "scope": "gate_scope",
+        "penalty_steps": "gate_penalty_steps",
     },
 }
 

@@ -377,7 +377,7 @@ class Trainer:
             batch = self.batch(indices)
             summed = causal_lm_loss_sum(self.engine, batch)
             loss = summed / scale
-            regularizer = self.adapter_config.regularizer(self.engine.module)
+            regularizer = self.adapter_config.regularizer(self.engine.module, step)
             if regularizer is not None:  # identical on every rank and micro-batch: its gradient is unchanged
                 loss = loss + regularizer[0]  # by DeepSpeed's averaging over ranks and accumulation steps
                 self.regularizer_metrics = regularizer[1]

@@ -51,7 +51,7 @@ def partially_open(model, seed: int = 5, lora_scale: float = 0.1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for adapter in gates_of(model).values():
-            for theta in (adapter.theta_rows, adapter.theta_cols):
+            for theta in adapter.thetas():
                 theta.copy_(torch.empty(theta.shape).uniform_(-0.4, 0.6, generator=gen))
             if adapter.lora_r:
                 adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=gen) * lora_scale)
@@ -198,6 +198,21 @@ def test_penalty_value_metrics_and_gradient():
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
 
+def test_penalty_stops_after_penalty_steps_but_the_metrics_go_on():
+    model, config = gated("llama", R, penalty_steps=3, sparsity_lambda=9.0)
+    partially_open(model)
+    during, metrics_during = config.regularizer(model, step=2)
+    after, metrics_after = config.regularizer(model, step=3)
+    assert during.item() > 0 and after.item() == 0 and metrics_after["gates/penalty"] == 0
+    assert {k: v for k, v in metrics_during.items() if k != "gates/penalty"} == {
+        k: v for k, v in metrics_after.items() if k != "gates/penalty"
+    }
+    after.backward()
+    assert all(p.grad is None or not p.grad.any() for p in adapter_parameters(model).values())
+    forever = GatesConfig(sparsity_lambda=9.0)  # penalty_steps 0: every step
+    assert forever.regularizer(model, step=10**6)[0].item() == pytest.approx(during.item(), rel=1e-6)
+
+
 def test_penalty_inputs_come_from_the_training_forward_once():
     """Under ZeRO-3 the gates are gathered only inside forwards, so a training forward records what the penalty
     needs; the regularizer takes it (once) and gives the same value as computing it from theta directly."""
@@ -251,6 +266,8 @@ def test_training_with_high_lambda_closes_gates_and_leaves_the_base_alone():
         ({"method": "gates", "lora_r": -1}, "lora_r must be an integer >= 0"),
         ({"method": "gates", "lora_alpha": 0}, "lora_alpha must be a number > 0"),
         ({"method": "gates", "lambda": 5}, r"unknown gates option\(s\) \['lambda'\]"),
+        ({"method": "gates", "scope": "heads"}, "scope must be 'all' or 'mlp'"),
+        ({"method": "gates", "penalty_steps": -1}, "penalty_steps must be an integer >= 0"),
     ],
 )
 def test_config_validation(values, message):
@@ -261,9 +278,11 @@ def test_config_validation(values, message):
 def test_command_line_options_reach_the_config():
     args = parse_train_args(["--ds_config", "x.json", "--base_model", "m", "--adapter", "gates",
                              "--gate_target_sparsity", "0.5", "--gate_lambda", "80", "--gate_lr", "0.02",
-                             "--gate_lora_r", "4"])  # fmt: skip
+                             "--gate_lora_r", "4", "--gate_scope", "mlp", "--gate_penalty_steps", "30"])  # fmt: skip
     config = adapter_config(args)
-    assert config == GatesConfig(target_sparsity=0.5, sparsity_lambda=80.0, gate_lr=0.02, lora_r=4)
+    assert config == GatesConfig(
+        target_sparsity=0.5, sparsity_lambda=80.0, gate_lr=0.02, lora_r=4, scope="mlp", penalty_steps=30
+    )
     assert config_from_dict(config.to_dict()) == config
 
 
@@ -518,13 +537,81 @@ def test_export_refuses_other_adapters_and_uniform_bloom(tmp_path):
         prune_model(bloom, uniform=True)
 
 
+# ------------------------------------------------------------------------------------------------ scope "mlp"
+
+
+def _mlp_names(family: str) -> tuple[tuple[str, ...], str]:
+    producers, consumer = MLP.get(family, MLP["llama"])
+    return producers, consumer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_scope_gates_exactly_the_intermediate_units(family):
+    model, _ = gated(family, R, scope="mlp")
+    producers, consumer = _mlp_names(family)
+    m = 4 * H if family == "bloom" else INTER
+    for name, adapter in gates_of(model).items():
+        is_producer = any(name.endswith("." + p) for p in producers)
+        assert (adapter.theta_rows is not None) == is_producer, name
+        assert (adapter.theta_cols is not None) == name.endswith("." + consumer), name
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = LAYERS * sum((d_in + d_out) * R for d_in, d_out in _block_shapes(family))
+    assert trainable == LAYERS * m * (len(producers) + 1) + lora
+    assert logits(model.eval()).equal(logits(make_model(family).eval()))  # still the base at init
+
+
+def test_mlp_scope_penalty_metrics_and_adapter_file(tmp_path):
+    from adapters_ds.storage import load_adapter
+
+    model, config = gated("llama", R, scope="mlp", target_sparsity=0.4, sparsity_lambda=7.0)
+    partially_open(model)
+    with torch.no_grad():
+        gates_of(model)["model.layers.0.mlp.down_proj"].theta_cols[:3] = CLOSED
+    penalty, metrics = config.regularizer(model)
+    terms = [
+        (stats.p.mean() - 0.6).abs().item()
+        for adapter in gates_of(model).values()
+        for stats in adapter.statistics()
+        if stats is not None
+    ]
+    assert len(terms) == LAYERS * 3  # gate_proj rows, up_proj rows, down_proj columns: one term each
+    assert penalty.item() == pytest.approx(7.0 * sum(terms) / len(terms), rel=1e-5)
+    assert metrics["gates/closed_cols/mlp"] == pytest.approx(3 / (LAYERS * INTER))
+    assert set(metrics) == {"gates/penalty", "gates/open_expected/all", "gates/open_expected/mlp"} | {
+        f"gates/closed_{side}/{kind}" for side in ("rows", "cols") for kind in ("all", "mlp")
+    }
+    save_adapter(model, config, tmp_path)
+    names = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert not any("self_attn" in n and "theta" in n for n in names) and any("self_attn" in n for n in names)
+    fresh = make_model("llama")
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh.eval()), logits(model.eval()), atol=0, rtol=0)
+
+
+def test_mlp_scope_export_removes_the_closed_units_and_keeps_the_logits():
+    model, _ = gated("llama", R, scope="mlp")
+    partially_open(model)
+    with torch.no_grad():
+        gates_of(model)["model.layers.0.mlp.gate_proj"].theta_rows[:2] = CLOSED
+        gates_of(model)["model.layers.0.mlp.up_proj"].theta_rows[2:5] = CLOSED
+        gates_of(model)["model.layers.1.mlp.down_proj"].theta_cols[1:5] = CLOSED  # overlaps nothing above
+    model.eval()
+    expected = logits(model)
+    record = prune_model(model)
+    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
+    assert [s["intermediate"] for s in record["layers"]] == [INTER - 5, INTER - 4]
+    assert [(s["heads"], s["kv_heads"]) for s in record["layers"]] == [(HEADS, KV // HD)] * LAYERS
+    assert record["parameters"]["removed"] == 3 * H * (5 + 4)
+
+
 # ------------------------------------------------------------------------------------------------ real training
 
 
 @pytest.mark.slow
 def test_zero3_two_rank_training_closes_gates_and_logs_them(tmp_path):
-    """2 ranks, ZeRO-3, a high lambda and gate lr: gates close, their scalars reach TensorBoard, the gates stay
-    replicated, and the adapter exports to a smaller model with the gated model's logits."""
+    """2 ranks, ZeRO-3, a high lambda and gate lr: gates close, their scalars reach TensorBoard (the penalty 0 in
+    the last step, after --gate_penalty_steps), the gates stay replicated, and the adapter exports to a smaller
+    model with the gated model's logits."""
     from launch import run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -542,7 +629,8 @@ def test_zero3_two_rank_training_closes_gates_and_logs_them(tmp_path):
     run(["--ds_config", str(REPO / "ds_configs" / "zero3.json"), "--base_model", str(base),
          "--data_path", str(tmp_path / "data.json"), "--output_dir", str(out), "--adapter", "gates",
          "--gate_target_sparsity", "0.7", "--gate_lambda", "200", "--gate_lr", "0.3", "--gate_lora_r", "2",
-         "--max_steps", "8", "--logging_steps", "4", "--micro_batch_size", "2", "--batch_size", "4",
+         "--gate_penalty_steps", "7", "--max_steps", "8", "--logging_steps", "4", "--micro_batch_size", "2",
+         "--batch_size", "4",
          "--cutoff_len", "64", "--lr_scheduler", "constant", "--save_steps", "0"])  # fmt: skip
     events = EventAccumulator(str(out / "tensorboard" / "train"))
     events.Reload()
@@ -552,7 +640,7 @@ def test_zero3_two_rank_training_closes_gates_and_logs_them(tmp_path):
     }
     assert expected | {"gates/penalty", "train/loss"} <= tags
     penalty = [e.value for e in events.Scalars("gates/penalty")]
-    assert penalty[-1] < penalty[0]
+    assert penalty[0] > 0 and penalty[-1] == 0  # logged at steps 4 and 8: the 8th is past the penalty's 7
     assert events.Scalars("gates/closed_rows/all")[-1].value > 0.2
     reports = json.loads((out / "zero3_partition.json").read_text())
     assert all(r["adapter_local_numel"] == r["adapter_numel"] for r in reports)  # gates replicated
