@@ -205,12 +205,16 @@ class Gates(Adapter):
             self.lora_B = nn.Parameter(torch.zeros(dims.out_features, self.lora_r, dtype=dtype, device=device))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    def gated_sides(self) -> list[str]:
+        """ "rows" and / or "cols": the sides of this layer that have gates."""
+        return [side for side in ("rows", "cols") if getattr(self, f"theta_{side}") is not None]
+
     def thetas(self) -> list[nn.Parameter]:
         """The gate parameters this layer has (rows first)."""
-        return [theta for theta in (self.theta_rows, self.theta_cols) if theta is not None]
+        return [getattr(self, f"theta_{side}") for side in self.gated_sides()]
 
     def trainable_names(self) -> tuple[str, ...]:
-        names = tuple(f"theta_{side}" for side in ("rows", "cols") if getattr(self, f"theta_{side}") is not None)
+        names = tuple(f"theta_{side}" for side in self.gated_sides())
         return (*names, "lora_A", "lora_B") if self.lora_r else names
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -233,7 +237,7 @@ class Gates(Adapter):
     def statistics(self) -> tuple[GateStats | None, GateStats | None]:
         """(rows, columns), None for an ungated side: those of the latest training forward (each handed out
         once), else computed now."""
-        sides = [side for side in ("rows", "cols") if getattr(self, f"theta_{side}") is not None]
+        sides = self.gated_sides()
         if set(sides) <= self._pending.keys():
             taken = {side: self._pending.pop(side) for side in sides}
             return taken.get("rows"), taken.get("cols")
@@ -289,12 +293,9 @@ def summarize(stats: list[tuple[str, tuple[GateStats | None, GateStats | None]]]
     sums: dict[str, torch.Tensor] = {}  # kind → (sum of P, closed rows, closed columns), on the gates' device
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # kind → (rows, columns)
     for name, (rows, cols) in stats:
-        parts = [side for side in (rows, cols) if side is not None]
-        values = torch.stack([
-            sum(side.p.sum() for side in parts),
-            rows.closed.sum().float() if rows is not None else parts[0].p.new_zeros(()),
-            cols.closed.sum().float() if cols is not None else parts[0].p.new_zeros(()),
-        ])  # fmt: skip
+        p_sum = sum(side.p.sum() for side in (rows, cols) if side is not None)
+        closed = [p_sum.new_zeros(()) if side is None else side.closed.sum().float() for side in (rows, cols)]
+        values = torch.stack([p_sum, *closed])
         for kind in ("all", layer_type(name)):
             sums[kind] = sums[kind] + values if kind in sums else values
             counts[kind][0] += rows.p.numel() if rows is not None else 0

@@ -1,6 +1,7 @@
 """Stochastic-gates pruning: how much of the base goes, how much faster the pruned model runs, at what accuracy.
 
     python bench/prune_speed.py [--adapter_dir DIR] [--steps 150] [--gate_lr 0.05] [--gate_lora_r 8] [--gate_scope mlp]
+                                [--gate_penalty_steps N]
                                 [--target_sparsity 0.3] [--gate_lambda 50] [--lora_steps N] [--eval_n 200]
                                 [--batch 8] [--seq 256] [--reps 3] [--bf16_reps 2] [--bf16_batch B] [--gen_tokens 32]
                                 [--out_dir outputs/bench_prune]
@@ -52,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--gate_scope", choices=("all", "mlp"), default="mlp", help="mlp: gate only the units export removes"
     )
+    parser.add_argument("--gate_penalty_steps", type=int, default=0, help="penalty steps, then recovery (0: all)")
     parser.add_argument("--target_sparsity", type=float, default=0.3)
     parser.add_argument("--gate_lambda", type=float, default=50.0)
     parser.add_argument("--lora_steps", type=int, default=0, help="also train LoRA this many steps (0: skip)")
@@ -83,7 +85,7 @@ def train_adapter(base: str, out: Path, args: argparse.Namespace, method: str, s
         "--logging_steps", "10", "--save_steps", "0", "--overwrite_output_dir",
         "--gate_lr", str(args.gate_lr), "--gate_lora_r", str(args.gate_lora_r),
         "--gate_target_sparsity", str(args.target_sparsity), "--gate_lambda", str(args.gate_lambda),
-        "--gate_scope", args.gate_scope,
+        "--gate_scope", args.gate_scope, "--gate_penalty_steps", str(args.gate_penalty_steps),
     ]  # fmt: skip
     start = time.perf_counter()
     adapter_dir = train(parse_train_args(argv))
@@ -96,8 +98,9 @@ def training_summary(run_dir: Path, seconds: float | None) -> dict | None:
         return None
     train_args = json.loads((run_dir / "train_args.json").read_text())["args"]
     keys = ("adapter", "max_steps", "batch_size", "learning_rate", "gate_lr", "gate_lora_r", "gate_target_sparsity",
-            "gate_lambda", "gate_scope", "cutoff_len")  # fmt: skip
-    summary = {key: train_args[key] for key in keys if key in train_args}
+            "gate_lambda", "gate_scope", "gate_penalty_steps", "cutoff_len")  # fmt: skip
+    gates = train_args["adapter"] == "gates"  # a LoRA run's gate_* options are unused defaults
+    summary = {k: train_args[k] for k in keys if k in train_args and (gates or not k.startswith("gate_"))}
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     summary["loss_first_last"] = [round(log[0]["loss"], 4), round(log[-1]["loss"], 4)]
     if seconds is not None:
