@@ -15,6 +15,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -78,11 +79,33 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     )
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(info.local_rank)
-    elif "OMP_NUM_THREADS" not in os.environ:
+        return info
+    _unlink_shm_allreduce_buffer(info)
+    if "OMP_NUM_THREADS" not in os.environ:
         # each CPU rank would otherwise start one thread per core: N ranks × N threads thrash the cores
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", info.world_size)))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
     return info
+
+
+def shm_allreduce_buffer(rank: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU communication op creates for `rank` when all ranks share one host
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp: name from the user id, MASTER_ADDR, MASTER_PORT and the rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
+    """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer once every rank has mapped it.
+
+    Where all ranks share one host (LOCAL_SIZE, set by the `deepspeed` launcher, equals the world size), DeepSpeed
+    creates a 69 MB buffer per rank in /dev/shm and never unlinks it: every such run, ended cleanly or killed,
+    leaves its buffers in RAM until reboot (this project's test runs once left 16 GB there). Once every rank has
+    returned from start-up, each has mapped all its peers' buffers (DeepSpeed waits for them there); the mappings
+    stay valid after the names go, and the memory is freed when the last rank exits.
+    """
+    barrier()
+    shm_allreduce_buffer(info.rank).unlink(missing_ok=True)
 
 
 def is_main_process() -> bool:

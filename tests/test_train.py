@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from launch import has_mpirun, losses, run, write_train_assets
+from launch import REPO, command, env, has_mpirun, losses, run, write_train_assets
 from safetensors.torch import load_file
 from tiny_models import make_model
 
@@ -126,6 +131,28 @@ def test_zero3_offload_runs(assets):
     out = assets / "offload"
     run(common(assets, out, "--ds_config", "ds_configs/zero3_offload.json", "--max_steps", "2"))
     assert (out / "adapter" / WEIGHTS_NAME).is_file() and len(losses(out)) == 2
+
+
+def test_no_shared_memory_buffer_outlives_start_up(assets):
+    """DeepSpeed's CPU all-reduce op creates a 69 MB /dev/shm buffer per rank and never removes it; init_distributed
+    removes the names once every rank has mapped them, so a run killed mid-way (or any run) leaves nothing behind."""
+    out = assets / "shm"
+    cmd = [*command("deepspeed", 2), *common(assets, out, "--ds_config", "ds_configs/zero3.json", "--max_steps", "50")]
+    port = cmd[cmd.index("--master_port") + 1]
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "train_log.jsonl").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        # both ranks are past start-up and training: their buffers would be here now if they were still named
+        left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert left == []
+    assert (out / "train_log.jsonl").read_text().strip()
 
 
 @pytest.mark.skipif(not has_mpirun(), reason="Open MPI (mpirun) and mpi4py are not installed")
