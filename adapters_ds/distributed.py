@@ -88,13 +88,6 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return info
 
 
-def shm_allreduce_buffer(rank: int) -> Path:
-    """The shared-memory file DeepSpeed's CPU communication op creates for `rank` when all ranks share one host
-    (deepspeed/ops/csrc/cpu/comm/shm.cpp: name from the user id, MASTER_ADDR, MASTER_PORT and the rank)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
 def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
     """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer once every rank has mapped it.
 
@@ -105,7 +98,9 @@ def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
     stay valid after the names go, and the memory is freed when the last rank exits.
     """
     barrier()
-    shm_allreduce_buffer(info.rank).unlink(missing_ok=True)
+    # the name DeepSpeed gives it (deepspeed/ops/csrc/cpu/comm/shm.cpp)
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{info.rank}").unlink(missing_ok=True)
 
 
 def is_main_process() -> bool:
