@@ -142,8 +142,9 @@ def test_no_shared_memory_buffer_outlives_start_up(assets):
     proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 600
-        while not (out / "train_log.jsonl").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        deadline, log = time.monotonic() + 600, out / "train_log.jsonl"
+        # the log exists from start-up on; its first line comes after the first logged steps
+        while not (log.is_file() and log.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         # both ranks are past start-up and training: their buffers would be here now if they were still named
         left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
@@ -152,7 +153,7 @@ def test_no_shared_memory_buffer_outlives_start_up(assets):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
     assert left == []
-    assert (out / "train_log.jsonl").read_text().strip()
+    assert log.read_text().strip()
 
 
 @pytest.mark.skipif(not has_mpirun(), reason="Open MPI (mpirun) and mpi4py are not installed")
