@@ -139,8 +139,9 @@ def test_no_shared_memory_buffer_outlives_start_up(assets):
     out = assets / "shm"
     cmd = [*command("deepspeed", 2), *common(assets, out, "--ds_config", "ds_configs/zero3.json", "--max_steps", "50")]
     port = cmd[cmd.index("--master_port") + 1]
-    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    with (assets / "shm.log").open("w") as output:  # a file, not a pipe: nobody reads a pipe while the run goes on
+        proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
     try:
         deadline, log = time.monotonic() + 600, out / "train_log.jsonl"
         # the log exists from start-up on; its first line comes after the first logged steps
@@ -148,10 +149,10 @@ def test_no_shared_memory_buffer_outlives_start_up(assets):
             time.sleep(0.5)
         # both ranks are past start-up and training: their buffers would be here now if they were still named
         left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert proc.poll() is None, (assets / "shm.log").read_text()[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.wait()
     assert left == []
     assert log.read_text().strip()
 
