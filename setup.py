@@ -26,7 +26,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "adapters-ds-export=adapters_ds.export:main",
+            "adapters-ds-train=adapters_ds.cli.train:main",
+            "adapters-ds-evaluate=adapters_ds.cli.evaluate:main",
+            "adapters-ds-export=adapters_ds.cli.export:main",
         ]
     },
 )

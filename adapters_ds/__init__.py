@@ -3,17 +3,16 @@
 Library API (the launchers are thin wrappers around it):
 
     model = load_base_model(path)
-    config = LoRAConfig(r=32, alpha=64)            # or SeriesConfig / ParallelConfig
+    config = LoRAConfig(r=32, alpha=64)            # or SeriesConfig / ParallelConfig / GatesConfig / ...
     inject_adapters(model, config); freeze_base(model)
     print(parameter_report(model))
     ... train ...
     save_adapter(model, config, "out/adapter")      # later: load_adapter(fresh_base, "out/adapter")
 """
 
-from adapters_ds.errors import InputError
-from adapters_ds.inject import (
-    adapter_layers,
-    adapter_parameters,
+from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, adapter_parameters
+from adapters_ds.adapters.gates import GatesConfig
+from adapters_ds.adapters.inject import (
     count_parameters,
     freeze_base,
     inject_adapters,
@@ -22,13 +21,13 @@ from adapters_ds.inject import (
     remove_adapters,
     unmerge_adapters,
 )
-from adapters_ds.layer import Adapter, AdapterConfig
-from adapters_ds.lora import LoRAConfig
+from adapters_ds.adapters.lora import LoRAConfig
+from adapters_ds.adapters.parallel import ParallelConfig
+from adapters_ds.adapters.registry import METHODS, config_from_dict, get_method, register
+from adapters_ds.adapters.series import SeriesConfig
+from adapters_ds.adapters.storage import load_adapter, read_adapter_config, save_adapter
+from adapters_ds.errors import InputError
 from adapters_ds.modeling import load_base_model, load_tokenizer
-from adapters_ds.parallel import ParallelConfig
-from adapters_ds.registry import METHODS, config_from_dict, get_method
-from adapters_ds.series import SeriesConfig
-from adapters_ds.storage import load_adapter, read_adapter_config, save_adapter
 
 __version__ = "0.1.0"
 
@@ -36,6 +35,7 @@ __all__ = [
     "METHODS",
     "Adapter",
     "AdapterConfig",
+    "GatesConfig",
     "InputError",
     "LoRAConfig",
     "ParallelConfig",
@@ -53,6 +53,7 @@ __all__ = [
     "merge_adapters",
     "parameter_report",
     "read_adapter_config",
+    "register",
     "remove_adapters",
     "save_adapter",
     "unmerge_adapters",

@@ -6,6 +6,10 @@
 - `mpirun`: DeepSpeed discovers ranks through mpi4py.
 - a plain `python script.py`: one rank on a free local port.
 The backend comes from DeepSpeed's accelerator (NCCL on GPUs, gloo on CPU): never hard-coded.
+
+`Ranks` is the project's one rank helper: this process's rank among the others and the collectives the project
+uses (broadcast, gather, sum, barrier, "rank 0 does it, every rank learns the outcome"); with a single process
+each of them is a no-op, so code written for several ranks runs unchanged in one.
 """
 
 from __future__ import annotations
@@ -13,11 +17,19 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
+import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
+
+from adapters_ds.errors import InputError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,9 +76,6 @@ def map_launcher_env(env: dict[str, str] | None = None) -> None:
 
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Start (or join) the process group; collectives time out instead of hanging on a dead rank."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     map_launcher_env()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
@@ -111,3 +120,77 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def launched_world_size(env: dict[str, str] | None = None) -> int:
+    """World size announced by a launcher (torchrun / deepspeed, mpirun, an srun step); 1 for a plain process."""
+    env = os.environ if env is None else env
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    if "SLURM_STEP_NUM_TASKS" in env:
+        return int(env.get("SLURM_NTASKS", env["SLURM_STEP_NUM_TASKS"]))
+    return 1
+
+
+class Ranks:
+    """This process's place among the ranks, with the collectives the project uses.
+
+    With `start=True` a process group is started (`init_distributed`) only when a launcher runs several ranks
+    and none exists yet: a plain `python script.py` (and a test calling a command in-process) runs without one.
+    With `start=False` it only describes the process group that exists, if any. Without a process group of more
+    than one rank, `rank` is 0, `world_size` 1 and every collective returns its own input. Collectives must be
+    called by every rank, in the same order.
+    """
+
+    def __init__(self, start: bool = True) -> None:
+        dist = torch.distributed
+        if start and dist.is_available() and not dist.is_initialized() and launched_world_size() > 1:
+            init_distributed()
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.world_size = dist.get_world_size() if self.active else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj` (any picklable object) on every rank."""
+        if not self.active:
+            return obj
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's `obj` (any picklable object), in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the ranks, in place (on the device the process group communicates on); returned."""
+        if self.active:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        """Wait until every rank has reached this call."""
+        if self.active:
+            torch.distributed.barrier()
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on rank 0 only; its result, or its InputError, on every rank (so no rank waits forever)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except InputError as exc:
+                error = str(exc)
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            raise InputError(error)
+        return result

@@ -1,70 +1,203 @@
-"""Default target modules per model family (`config.model_type`) and adapter placement.
+"""Model families: where each `transformers` architecture keeps its attention and MLP modules.
 
-Names follow LLM-Adapters' math settings: LoRA on the attention q/k/v and the MLP up/down projections,
-Series after the MLP output (+ the attention output for Houlsby), Parallel on the MLP's two projections.
-Stochastic gates go on every attention and MLP linear of each block (never the embeddings or the LM head).
-A name matches every module whose dotted path ends with it (`mlp.c_proj` tells GPT-2's MLP projection
-apart from `attn.c_proj`). `--target_modules` overrides the table.
+One table (`LAYOUTS`, keyed by `config.model_type`) serves every part that must know a family's module names:
+adapter methods pick their default targets by *role* (`ROLES`: q, k, v, o, mlp_gate, mlp_up, mlp_down), so a new
+family is one entry here and a new method names roles, not modules; the pruning export and the pruned-model loader
+read the prunable dimensions from the same entries. Module paths are relative to one block.
+
+Also here: the shape facts of an adaptable linear layer (`linear_dims`), read from module attributes so that they
+work on ZeRO-3 partitions, whose weights have no shape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
 from adapters_ds.errors import InputError
 
-_LLAMA = {
-    "lora": ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
-    "series_pfeiffer": ("down_proj",),
-    "series_houlsby": ("o_proj", "down_proj"),
-    "parallel": ("up_proj", "down_proj"),
-    "gates": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-_NEOX = {  # GPT-NeoX and BLOOM share the Megatron names
-    "lora": ("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
-    "series_pfeiffer": ("dense_4h_to_h",),
-    "series_houlsby": ("attention.dense", "dense_4h_to_h"),
-    "parallel": ("dense_h_to_4h", "dense_4h_to_h"),
-    "gates": ("query_key_value", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
-}
+Role = Literal["q", "k", "v", "o", "mlp_gate", "mlp_up", "mlp_down"]
+ROLES: tuple[Role, ...] = ("q", "k", "v", "o", "mlp_gate", "mlp_up", "mlp_down")
+ATTENTION_ROLES: tuple[Role, ...] = ("q", "k", "v", "o")
+MLP_ROLES: tuple[Role, ...] = ("mlp_gate", "mlp_up", "mlp_down")
 
-DEFAULT_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
+
+def _set_attrs(**names: str) -> Callable[[nn.Module, int, int, int], None]:
+    """A patch that sets attention-module attributes from (heads, kv_heads, head_dim) after a resize."""
+
+    def patch(attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+        values = {"heads": heads, "groups": heads // kv_heads, "width": heads * head_dim}
+        for attr, what in names.items():
+            setattr(attention, attr, values[what])
+
+    return patch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps the prunable dimensions of a block (module paths relative to the block)."""
+
+    blocks: str  # the ModuleList of blocks, relative to the model
+    attention: str
+    o: str  # attention output projection: its columns are the heads
+    mlp_in: tuple[str, ...]  # MLP producers, the gate projection first: their rows are the intermediate units
+    mlp_out: str  # MLP consumer: its columns are the intermediate units
+    q: str | None = None  # separate projections ...
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None  # ... or one fused projection
+    qkv_order: Literal["per_head", "qkv"] = "per_head"  # [q k v] per head (NeoX, BLOOM) or [Q | K | V] (GPT-2)
+    gqa: bool = False  # num_key_value_heads < num_attention_heads possible
+    patch: Callable[[nn.Module, int, int, int], None] | None = None  # None: heads are never removed
+    config_intermediate: str | None = None  # config field of the MLP width (None: not configurable)
+    config_heads: bool = False  # num_attention_heads / num_key_value_heads / head_dim in the config
+    why_heads_kept: str = ""
+
+
+_LLAMA = Layout(
+    blocks="model.layers",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+    gqa=True,
+    patch=_set_attrs(num_key_value_groups="groups"),
+    config_intermediate="intermediate_size",
+    config_heads=True,
+)
+
+LAYOUTS: dict[str, Layout] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "gpt_neox": _NEOX,
-    "bloom": {
-        **_NEOX,
-        "series_houlsby": ("self_attention.dense", "dense_4h_to_h"),
-        "gates": ("query_key_value", "self_attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
-    },
-    "gptj": {
-        "lora": ("q_proj", "k_proj", "v_proj", "fc_in", "fc_out"),
-        "series_pfeiffer": ("fc_out",),
-        "series_houlsby": ("attn.out_proj", "fc_out"),
-        "parallel": ("fc_in", "fc_out"),
-        "gates": ("q_proj", "k_proj", "v_proj", "attn.out_proj", "fc_in", "fc_out"),
-    },
-    "opt": {
-        "lora": ("q_proj", "k_proj", "v_proj", "fc1", "fc2"),
-        "series_pfeiffer": ("fc2",),
-        "series_houlsby": ("self_attn.out_proj", "fc2"),
-        "parallel": ("fc1", "fc2"),
-        "gates": ("q_proj", "k_proj", "v_proj", "self_attn.out_proj", "fc1", "fc2"),
-    },
-    "gpt2": {  # Conv1D layers
-        "lora": ("c_attn", "mlp.c_fc", "mlp.c_proj"),
-        "series_pfeiffer": ("mlp.c_proj",),
-        "series_houlsby": ("attn.c_proj", "mlp.c_proj"),
-        "parallel": ("mlp.c_fc", "mlp.c_proj"),
-        "gates": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    },
+    "gpt_neox": Layout(
+        blocks="gpt_neox.layers",
+        attention="attention",
+        qkv="attention.query_key_value",
+        qkv_order="per_head",
+        o="attention.dense",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        patch=_set_attrs(),  # its forward infers the head count from the projection width
+        config_intermediate="intermediate_size",
+    ),
+    "bloom": Layout(
+        blocks="transformer.h",
+        attention="self_attention",
+        qkv="self_attention.query_key_value",
+        o="self_attention.dense",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        why_heads_kept="ALiBi slopes depend on each head's index and the head count",
+    ),
+    "gptj": Layout(
+        blocks="transformer.h",
+        attention="attn",
+        q="attn.q_proj",
+        k="attn.k_proj",
+        v="attn.v_proj",
+        o="attn.out_proj",
+        mlp_in=("mlp.fc_in",),
+        mlp_out="mlp.fc_out",
+        patch=_set_attrs(num_attention_heads="heads"),
+        config_intermediate="n_inner",
+    ),
+    "opt": Layout(
+        blocks="model.decoder.layers",
+        attention="self_attn",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.out_proj",
+        mlp_in=("fc1",),
+        mlp_out="fc2",
+        patch=_set_attrs(num_heads="heads"),
+        config_intermediate="ffn_dim",
+    ),
+    "gpt2": Layout(
+        blocks="transformer.h",
+        attention="attn",
+        qkv="attn.c_attn",
+        qkv_order="qkv",
+        o="attn.c_proj",
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        patch=_set_attrs(num_heads="heads", split_size="width"),
+        config_intermediate="n_inner",
+    ),
 }
 
 
-def default_targets(model_type: str, key: str) -> tuple[str, ...]:
-    family = DEFAULT_TARGETS.get(model_type)
-    if family is None:
+def layout_of(model_type: str) -> Layout:
+    if model_type not in LAYOUTS:
         raise InputError(
-            f"no default target modules for model type {model_type!r} (known: {sorted(DEFAULT_TARGETS)}); "
-            "give --target_modules explicitly"
+            f"no module layout for model type {model_type!r} (known: {sorted(LAYOUTS)}); give --target_modules "
+            "explicitly (pruning needs a known layout)"
         )
-    return family[key]
+    return LAYOUTS[model_type]
+
+
+def role_paths(layout: Layout, role: Role) -> tuple[str, ...]:
+    """The block-relative module paths that play `role` (fused q/k/v projections play all three)."""
+    if role in ("q", "k", "v"):
+        separate = getattr(layout, role)
+        return (separate,) if separate is not None else (layout.qkv,)
+    if role == "o":
+        return (layout.o,)
+    if role == "mlp_gate":
+        return layout.mlp_in[:-1]
+    if role == "mlp_up":
+        return layout.mlp_in[-1:]
+    return (layout.mlp_out,)
+
+
+def default_targets(model_type: str, roles: Iterable[Role], method: str) -> tuple[str, ...]:
+    """Target module names for `roles` in this family, in role order without repeats.
+
+    Each name is the shortest suffix of the module path that no other module of the block shares (`q_proj`, but
+    `mlp.c_proj` for GPT-2, whose attention output is `attn.c_proj`): what the target matching rule needs.
+    """
+    if model_type not in LAYOUTS:
+        raise InputError(
+            f"adapter method {method!r} has no default target modules for model type {model_type!r} (known: "
+            f"{sorted(LAYOUTS)}); give --target_modules explicitly"
+        )
+    layout = LAYOUTS[model_type]
+    every = [p for r in ROLES for p in role_paths(layout, r)]
+    names = [_short_name(p, every) for r in roles for p in role_paths(layout, r)]
+    if not names:
+        raise InputError(f"adapter method {method!r} has no default target modules for model type {model_type!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def _short_name(path: str, every: list[str]) -> str:
+    parts = path.split(".")
+    for k in range(1, len(parts) + 1):
+        name = ".".join(parts[-k:])
+        if not any(other != path and (other == name or other.endswith("." + name)) for other in every):
+            return name
+    return path
+
+
+@dataclass(frozen=True)
+class LinearDims:
+    """Shape facts of an adaptable base layer, read without touching (possibly partitioned) weights."""
+
+    in_features: int
+    out_features: int
+    transposed: bool  # GPT-2's Conv1D stores its weight as (in, out)
+
+
+def linear_dims(name: str, module: nn.Module) -> LinearDims:
+    if isinstance(module, nn.Linear):
+        return LinearDims(module.in_features, module.out_features, transposed=False)
+    if isinstance(module, Conv1D):
+        return LinearDims(module.nx, module.nf, transposed=True)
+    raise InputError(f"module {name!r} is a {type(module).__name__}; expected nn.Linear or Conv1D")

@@ -32,6 +32,17 @@ def check_writable_dir(path: Path) -> None:
         raise InputError(f"output path {str(path)!r} is not writable (no write permission on {str(parent)!r})")
 
 
+def check_output_dir(path: str | Path, allowed: bool, hint: str = "pass --overwrite to replace it") -> bool:
+    """The one "output folder must be empty" rule: refuse a non-empty `path` unless `allowed` (the command's
+    --overwrite or --resume), naming what to pass in `hint`. Returns whether the folder is non-empty."""
+    path = Path(path)
+    check_writable_dir(path)
+    non_empty = path.is_dir() and any(path.iterdir())
+    if non_empty and not allowed:
+        raise InputError(f"output_dir {str(path)!r} is not empty; {hint}")
+    return non_empty
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success it replaces `path` as a whole."""

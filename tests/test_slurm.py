@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from tiny_models import make_model
 from tiny_tokenizer import make_tokenizer
 
-from adapters_ds.storage import WEIGHTS_NAME
+from adapters_ds.adapters.storage import WEIGHTS_NAME
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])

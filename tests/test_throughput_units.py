@@ -1,5 +1,5 @@
 """The throughput paths of training give the loss and gradients of the plain path: logits only at target positions
-(`adapters_ds.loss`) and packed micro-batches (`adapters_ds.data.collate_packed`)."""
+(`adapters_ds.training.loss`) and packed micro-batches (`adapters_ds.training.data.collate_packed`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 from tiny_models import FAMILIES, VOCAB, make_model
 
 from adapters_ds import LoRAConfig, freeze_base, inject_adapters
-from adapters_ds.data import IGNORE_INDEX, collate, collate_packed, count_tokens
-from adapters_ds.inject import adapter_parameters
-from adapters_ds.loss import causal_lm_loss_sum, loss_sum, target_positions
-from adapters_ds.packing import PACKED_SDPA, enable_packing, supports_packing
+from adapters_ds.training.data import IGNORE_INDEX, collate, collate_packed, count_tokens
+from adapters_ds.adapters.base import adapter_parameters
+from adapters_ds.training.loss import causal_lm_loss_sum, loss_sum, target_positions
+from adapters_ds.training.packing import PACKED_SDPA, enable_packing, supports_packing
 
 
 def features(lengths: list[int], masked_prompt: int = 0, seed: int = 0) -> list[dict[str, list[int]]]:

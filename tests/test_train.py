@@ -17,7 +17,7 @@ from tiny_models import make_model
 
 from adapters_ds import load_adapter
 from adapters_ds.hardware import native_bf16
-from adapters_ds.storage import WEIGHTS_NAME
+from adapters_ds.adapters.storage import WEIGHTS_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,212 @@
+"""What every adapter method shares: the config base class and the adapter layer base class.
+
+An adapter is attached to one frozen `nn.Linear` (or GPT-2's transposed `Conv1D`) as a child module named
+`adapter`, and applied by a forward hook: `out = base(x) + adapter(x, out)`. The base module itself is left
+untouched, so its parameter names (`...q_proj.weight`) stay exactly those of a plain checkpoint and a base
+checkpoint loads with the adapter tensors as the only extra keys. LoRA reads x, Series reads out, Parallel
+reads x: one hook covers all three.
+
+A method is one module: a config subclass (its fields are the method's hyperparameters and, through `option`, its
+command-line options), a layer subclass, and one `registry.register(Config, Layer)` call.
+
+Two opt-in extensions serve methods that are not an addition (stochastic gates, y = z_r ⊙ (W (z_c ⊙ x) + b)):
+an adapter with `transforms_input` also gets a forward pre-hook that replaces the base layer's input by
+`adapter(x, None)`, and one with `replaces_output` returns the layer's new output instead of an addition. Both
+go through the adapter's `__call__`, so ZeRO-3's module hooks fetch its parameters for either use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from adapters_ds.errors import InputError
+from adapters_ds.families import Role, default_targets
+from adapters_ds.hardware import DTYPES
+
+ADAPTER_ATTR = "adapter"
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field that is also a command-line option of the training command: `--<flag>` (default
+    `--<method>_<field>`). The flag names are a contract (SLURM templates, docs and users depend on them); methods
+    that share a hyperparameter (Series and Parallel: `--bottleneck_size`) share the flag."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method has. Subclasses add their hyperparameters and set `method`."""
+
+    method: ClassVar[str]
+    target_roles: ClassVar[tuple[Role, ...]] = ()
+    """Roles of the modules adapted by default (`families.ROLES`: q, k, v, o, mlp_gate, mlp_up, mlp_down)."""
+
+    target_modules: tuple[str, ...] | None = None
+    """Module names to adapt: a name matches a module whose dotted path equals it or ends with `.name`
+    (Hugging Face PEFT's rule). None takes the model family's modules of `target_roles`."""
+    dtype: DTypeName = "auto"
+    """Adapter parameter dtype; "auto" follows the adapted base weight (bf16 base → bf16 adapter)."""
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise InputError(
+                    f"target_modules must be a non-empty list of module names, found {self.target_modules!r}"
+                )
+        _check_choice("dtype", self.dtype, ("auto", *DTYPES))
+
+    def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the trainable parameters; a method with parameters that want their
+        own learning rate (e.g. stochastic gates) overrides this."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
+        """Keyword arguments for the adapter layer at module path `name`, beyond the config (e.g. which sides of
+        a layer stochastic gates cover); none by default."""
+        return {}
+
+    def regularizer(self, model: nn.Module, step: int = 0) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """An extra loss term of the method at optimizer step `step` (0-based; added to every micro-batch's loss)
+        and scalars to log, or None."""
+        return None
+
+    def default_targets(self, model_type: str) -> tuple[str, ...]:
+        """Module names adapted when `target_modules` is None; an InputError for a family without them."""
+        return default_targets(model_type, self.roles(), self.method)
+
+    def roles(self) -> tuple[Role, ...]:
+        """The roles adapted by default; a method whose placement depends on its options overrides this."""
+        return self.target_roles
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        """The fields that are command-line options (declared with `option`)."""
+        return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+    @classmethod
+    def flag(cls, f: dataclasses.Field) -> str:
+        return f.metadata.get("flag") or f"{cls.method}_{f.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        if fields["target_modules"] is not None:
+            fields["target_modules"] = list(fields["target_modules"])
+        return {"method": self.method, **fields}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
+        """Build from a dict, refusing unknown keys (a typo must not silently fall back to a default)."""
+        values = {k: v for k, v in values.items() if k != "method"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown {cls.method} option(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise InputError(f"{name} must be one of {list(choices)}, found {value!r}")
+
+
+def check_range(name: str, value: float, low: float, high: float | None = None, *, low_inclusive: bool = True) -> None:
+    """Validate a numeric hyperparameter; `bool` is refused although Python counts it as an int."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= low if low_inclusive else value > low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + ("" if high is None else f" and < {high}")
+        raise InputError(f"{name} must be a number {bound}, found {value!r}")
+
+
+def resolve_dtype(name: DTypeName, base: nn.Module) -> torch.dtype:
+    return base.weight.dtype if name == "auto" else DTYPES[name]
+
+
+class Adapter(nn.Module):
+    """Base class of adapter layers. `forward(x, out)` returns what is added to the base output."""
+
+    mergeable: ClassVar[bool] = False
+    transforms_input: ClassVar[bool] = False
+    """True: called as `adapter(x, None)` before the base layer too, returning the input the base layer sees."""
+    replaces_output: ClassVar[bool] = False
+    """True: `forward(x, out)` returns the layer's new output rather than an addition to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged = False  # only mergeable adapters ever set this
+
+    def trainable_names(self) -> tuple[str, ...]:
+        """Names of this layer's trainable parameters, declared explicitly (checked by `freeze_base`)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, base: nn.Module) -> None:
+        raise InputError(f"{type(self).__name__} adapters are not mergeable (their update is not linear)")
+
+    def unmerge(self, base: nn.Module) -> None:
+        raise InputError(f"{type(self).__name__} adapters are not mergeable (their update is not linear)")
+
+
+def _apply_adapter(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of an adapted base layer: add the adapter's contribution to the base output."""
+    adapter = getattr(module, ADAPTER_ATTR, None)
+    if adapter is None or adapter.merged:
+        return None  # None keeps the output as it is
+    result = adapter(args[0], output).to(output.dtype)
+    return result if adapter.replaces_output else output + result
+
+
+def _transform_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a base layer whose adapter changes its input (`transforms_input`)."""
+    adapter = getattr(module, ADAPTER_ATTR, None)
+    if adapter is None or adapter.merged:
+        return None
+    return (adapter(args[0], None).to(args[0].dtype), *args[1:])
+
+
+def attach(base: nn.Module, adapter: Adapter) -> None:
+    if isinstance(getattr(base, ADAPTER_ATTR, None), Adapter):
+        raise InputError(f"{type(base).__name__} already has an adapter; remove it before adding another")
+    adapter.train(base.training)  # a new module is in training mode; one attached to an eval-mode model must not be
+    base.add_module(ADAPTER_ATTR, adapter)
+    adapter._hook = base.register_forward_hook(_apply_adapter)
+    if adapter.transforms_input:
+        adapter._pre_hook = base.register_forward_pre_hook(_transform_input)
+
+
+def detach(base: nn.Module) -> Adapter:
+    adapter = getattr(base, ADAPTER_ATTR)
+    adapter._hook.remove()
+    if adapter.transforms_input:
+        adapter._pre_hook.remove()
+    delattr(base, ADAPTER_ATTR)
+    return adapter
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Adapter]]:
+    """(path of the adapted module, the module, its adapter) for every adapter in the model."""
+    for name, module in model.named_modules():
+        adapter = getattr(module, ADAPTER_ATTR, None)
+        if isinstance(adapter, Adapter):
+            yield name, module, adapter
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every adapter parameter by its full name in `model.state_dict()`: what an adapter file holds."""
+    params = {}
+    for name, _, adapter in adapter_layers(model):
+        prefix = f"{name}.{ADAPTER_ATTR}." if name else f"{ADAPTER_ATTR}."
+        params.update({prefix + n: getattr(adapter, n) for n in adapter.trainable_names()})
+    return params

@@ -1,0 +1,49 @@
+"""Series (bottleneck) adapter: out = h + s · f(h), h the output of the wrapped sub-layer.
+
+Houlsby et al. 2019 (arXiv 1902.00751, section 2.1) insert one after the attention output and one after
+the MLP output ("houlsby"); Pfeiffer et al. 2021 (arXiv 2005.00247) keep only the one after the MLP
+("pfeiffer", LLM-Adapters' final "Series" setting). The presets pick the default target modules per family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from adapters_ds.adapters.base import option
+from adapters_ds.adapters.bottleneck import Bottleneck, BottleneckConfig
+from adapters_ds.adapters.registry import register
+from adapters_ds.errors import InputError
+from adapters_ds.families import LinearDims, Role
+
+
+@dataclass
+class SeriesConfig(BottleneckConfig):
+    method: ClassVar[str] = "series"
+
+    preset: Literal["pfeiffer", "houlsby"] = option(
+        "pfeiffer",
+        "Series placement: pfeiffer (after the MLP output) or houlsby (+ after attention)",
+        flag="series_preset",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.preset not in ("pfeiffer", "houlsby"):
+            raise InputError(f"series preset must be 'pfeiffer' or 'houlsby', found {self.preset!r}")
+
+    def roles(self) -> tuple[Role, ...]:
+        return ("o", "mlp_down") if self.preset == "houlsby" else ("mlp_down",)
+
+
+class SeriesAdapter(Bottleneck):
+    def __init__(self, config: SeriesConfig, dims: LinearDims, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(config, dims.out_features, dims.out_features, dtype, device)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(out)
+
+
+register(SeriesConfig, SeriesAdapter)

@@ -1,0 +1,67 @@
+"""Evaluate a base model (plus a trained adapter) on math benchmarks in the LLM-Adapters format.
+
+    python launcher/evaluate.py --base_model PATH [--adapter_dir DIR] --datasets AddSub,MultiArith,gsm8k,AQuA \\
+        --data_dir DIR --output_dir DIR [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
+        [--train_data FILE] [--overwrite] [--no_merge] [--template alpaca|chat] [--dtype auto|bfloat16|float32|float16]
+
+Also `adapters-ds-evaluate ...`, and under `deepspeed --num_gpus N`, torchrun, srun or mpirun, where the ranks share
+the generation and the results are those of one process (`adapters_ds.evaluation.harness`).
+
+Data: `<data_dir>/<name>/test.json` per data set (`adapters_ds.evaluation.datasets`). Outputs in `--output_dir`
+(`adapters_ds.evaluation.results`): `<name>.jsonl` (one row per example, written as batches finish: a killed run
+resumes where it stopped when rerun), `eval_settings.json` (a rerun with other settings into the same folder is
+refused), `summary.json` and `summary.md` (accuracy per data set and their mean; with `--train_data`, how many test
+questions occur in the training file). The table is also printed. Bad input: one `error: ...` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from adapters_ds.errors import ArgumentParser, InputError, run_main
+from adapters_ds.evaluation.harness import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, evaluate
+from adapters_ds.hardware import DTYPE_NAMES
+from adapters_ds.prompts import TEMPLATES
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command's options, checked; `dataset_names` holds the names of `--datasets`."""
+    parser = ArgumentParser(
+        prog="launcher/evaluate.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--base_model", required=True, help="base model folder or hub id")
+    parser.add_argument("--adapter_dir", help="adapter folder written by training (<output_dir>/adapter)")
+    parser.add_argument("--datasets", required=True, help="comma-separated names of folders in --data_dir")
+    parser.add_argument("--data_dir", required=True, help="folder of <name>/test.json files (LLM-Adapters format)")
+    parser.add_argument("--output_dir", required=True, help="where <name>.jsonl and the summaries go")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per generate call")
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--num_beams", type=int, default=1, help="1: greedy; more: beam search")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples of each data set")
+    parser.add_argument("--train_data", help="training file (JSON/JSONL) to count contaminated test questions")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in output_dir")
+    parser.add_argument("--no_merge", action="store_true", help="keep LoRA unmerged (slower; same outputs)")
+    parser.add_argument("--template", choices=TEMPLATES, default="alpaca", help="prompt template, as in training")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bf16 where the hardware has it, else fp32"
+    )
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "max_new_tokens", "num_beams", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name}: expected a positive integer; found {value}")
+    names = [name.strip() for name in args.datasets.split(",") if name.strip()]
+    if not names:
+        raise InputError(f"--datasets: expected comma-separated data set names; found {args.datasets!r}")
+    if len(set(names)) != len(names):
+        raise InputError(f"--datasets: expected each name once; found {names}")
+    args.dataset_names = names
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The evaluation command: exit code 0, or 2 with one `error: ...` line on bad input."""
+    run_main(lambda: evaluate(parse_args(argv)))

@@ -1,0 +1,73 @@
+"""The export command: a trained adapter for use outside adapters_ds.
+
+    python launcher/export.py --base_model B --adapter_dir A --output_dir O --peft|--merge|--prune [--uniform_shapes]
+
+- `--peft`: a LoRA adapter in Hugging Face PEFT's format; `peft.PeftModel.from_pretrained(base, out)` gives
+  the same outputs as our adapted model.
+- `--merge`: LoRA folded into the base weights, written as a plain Hugging Face model folder.
+- `--prune`: a stochastic-gates adapter folded into the base and the closed rows, columns and heads cut out:
+  a physically smaller model (`--uniform_shapes` pads all layers to one shape so that plain
+  `AutoModelForCausalLM.from_pretrained` loads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from adapters_ds.errors import ArgumentParser, InputError, run_main
+from adapters_ds.export.merged import export_merged
+from adapters_ds.export.peft import export_peft
+from adapters_ds.export.pruned import export_pruned
+from adapters_ds.fileio import check_output_dir
+from adapters_ds.hardware import DTYPES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(
+        prog="launcher/export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base_model", required=True, help="base model folder or hub id the adapter was trained on")
+    parser.add_argument("--adapter_dir", required=True, help="adapter folder written by training (output_dir/adapter)")
+    parser.add_argument("--output_dir", required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--peft", action="store_true", help="write a Hugging Face PEFT LoRA adapter")
+    mode.add_argument("--merge", action="store_true", help="write the base model with LoRA merged in")
+    mode.add_argument("--prune", action="store_true", help="write the smaller model a gates adapter prunes to")
+    parser.add_argument(
+        "--uniform_shapes",
+        action="store_true",
+        help="with --prune: give every layer the same (largest kept) shapes, loadable by plain transformers",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="with --prune: dtype of the written model (auto: the base checkpoint's; float32 keeps outputs exact)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def run() -> None:
+        args = parse_args(argv)
+        out = Path(args.output_dir)
+        check_output_dir(out, allowed=args.overwrite)
+        if (args.uniform_shapes or args.dtype != "auto") and not args.prune:
+            raise InputError("--uniform_shapes and --dtype only apply to --prune")
+        if args.prune:
+            record = export_pruned(
+                args.base_model, args.adapter_dir, args.output_dir, uniform=args.uniform_shapes, dtype=args.dtype
+            )
+            counts = record["parameters"]
+            print(
+                f"removed {counts['removed']:,} of {counts['base']:,} parameters "
+                f"({100 * counts['removed_fraction']:.1f} %; {100 * counts['blocks_removed_fraction']:.1f} % of the "
+                f"blocks); loads with plain transformers: {record['loads_with_transformers']}"
+            )
+        else:
+            (export_peft if args.peft else export_merged)(args.base_model, args.adapter_dir, args.output_dir)
+        print(f"wrote {out}")
+
+    run_main(run)

@@ -1,0 +1,36 @@
+"""The training command.
+
+    deepspeed [--num_gpus N] launcher/train.py --ds_config ds_configs/zero3.json [--base_model M --data_path D ...]
+
+Without --data_path it trains on the built-in arithmetic problems and then shows the accuracy gain on their held-out
+split; with neither --base_model nor --data_path it is the demo: the embedded SmolLM2-135M-Instruct, with the
+demo's defaults for the options the command line does not set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from adapters_ds.cli.output import quiet_third_party
+from adapters_ds.demo.default_model import prepare_default_model
+from adapters_ds.demo.gain import demo_options, report_gain, training_records
+from adapters_ds.errors import run_main
+from adapters_ds.training.args import parse_train_args
+from adapters_ds.training.trainer import train
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    quiet_third_party()
+    argv = None if argv is None else list(argv)
+    args = parse_train_args(argv)
+    if args.base_model is None and args.data_path is None:
+        args = parse_train_args(argv, defaults=demo_options())  # options on the command line still win
+    base_model = args.base_model or str(prepare_default_model())  # file-locked: one rank converts, others wait
+    builtin = args.data_path is None
+    adapter_dir = train(args, base_model, training_records() if builtin else None)
+    if builtin:
+        report_gain(args, base_model, adapter_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_main(lambda: run(argv))

@@ -1,0 +1,65 @@
+"""`export --peft`: a LoRA adapter in Hugging Face PEFT's format; `peft.PeftModel.from_pretrained(base, out)`
+gives the same outputs as our adapted model."""
+
+from __future__ import annotations
+
+from safetensors.torch import save_file
+from torch import nn
+
+from adapters_ds.adapters.base import adapter_layers
+from adapters_ds.adapters.lora import LoRAConfig
+from adapters_ds.adapters.storage import WEIGHTS_NAME, load_adapter, read_adapter_tensors
+from adapters_ds.errors import InputError
+from adapters_ds.fileio import atomic_dir, write_json
+from adapters_ds.modeling import load_base_model
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+def peft_config(config: LoRAConfig, base_name: str, fan_in_fan_out: bool) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        # our matching rule (exact name or dotted suffix) is PEFT's, so the same modules are adapted
+        "target_modules": list(config.target_modules),
+        "fan_in_fan_out": fan_in_fan_out,  # GPT-2's Conv1D stores (in, out) weights
+        "bias": "none",
+        "modules_to_save": None,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+
+
+def peft_state_dict(model: nn.Module) -> dict:
+    """Our LoRA tensors under PEFT's key names (`base_model.model.<module>.lora_A.weight`)."""
+    tensors = {}
+    for name, _, adapter in adapter_layers(model):
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = adapter.lora_A.detach().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = adapter.lora_B.detach().cpu().contiguous()
+    return tensors
+
+
+def load_lora(base_model: str, adapter_dir: str, dtype: str) -> tuple[nn.Module, LoRAConfig]:
+    read_adapter_tensors(adapter_dir)  # a corrupt file fails before the (slow) base model load
+    model = load_base_model(base_model, dtype=dtype)
+    config = load_adapter(model, adapter_dir)
+    if not isinstance(config, LoRAConfig):
+        raise InputError(
+            f"only LoRA adapters can be exported this way; {adapter_dir!r} holds a {config.method} adapter"
+        )
+    return model, config
+
+
+def export_peft(base_model: str, adapter_dir: str, output_dir: str) -> None:
+    model, config = load_lora(base_model, adapter_dir, dtype="auto")
+    fan_in_fan_out = any(adapter.transposed for _, _, adapter in adapter_layers(model))
+    with atomic_dir(output_dir) as tmp:
+        save_file(peft_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json(tmp / PEFT_CONFIG_NAME, peft_config(config, base_model, fan_in_fan_out))

@@ -1,0 +1,8 @@
+"""Math training data from public sets: GSM8K and MAWPS converted into the LLM-Adapters training format
+(`adapters_ds.mathdata.convert`).
+
+    python -m adapters_ds.mathdata convert [--gsm8k FILE] [--mawps FILE] --out FILE
+    python -m adapters_ds.mathdata synth --out FILE [--n N --seed S --split train|test]   (the built-in problems)
+
+The command lives in `adapters_ds.cli.mathdata`.
+"""

@@ -1,0 +1,176 @@
+"""Resolving a DeepSpeed JSON config against the command line and the model.
+
+The command line owns the batch sizes, learning rate, weight decay and clipping: `"auto"` fields take its
+values and an explicit value that disagrees is an error naming both (a silent winner would train with a
+batch size nobody asked for). The persistence threshold is computed from the model so that ZeRO-3 keeps
+every adapter tensor replicated and partitions every frozen weight matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import pydantic
+import torch
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig, DeepSpeedConfigError
+from torch import nn
+
+from adapters_ds.adapters.base import adapter_parameters
+from adapters_ds.errors import InputError
+from adapters_ds.fileio import read_json
+from adapters_ds.hardware import native_bf16
+from adapters_ds.zero import full_numel, full_shape
+
+AUTO = "auto"
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    config = read_json(path, "DeepSpeed config")
+    if not isinstance(config, dict):
+        raise InputError(f"DeepSpeed config {str(path)!r} must be a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _fill(section: dict, key: str, value: Any, where: str, flag: str) -> None:
+    current = section.get(key, AUTO)
+    if current == AUTO:
+        section[key] = value
+    elif current != value:
+        raise InputError(f'ds_config {where}{key}={current!r} conflicts with {flag} {value!r}; set it to "auto"')
+
+
+def resolve_ds_config(
+    raw: dict[str, Any],
+    *,
+    world_size: int,
+    micro_batch_size: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    max_grad_norm: float,
+) -> dict[str, Any]:
+    """A copy of `raw` with every command-line-owned field filled in and checked."""
+    config = copy.deepcopy(raw)
+    if micro_batch_size < 1 or batch_size < 1:
+        raise InputError(
+            f"batch sizes must be positive, found --micro_batch_size {micro_batch_size} --batch_size {batch_size}"
+        )
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise InputError(
+            f"--batch_size {batch_size} must be a multiple of "
+            f"--micro_batch_size {micro_batch_size} × {world_size} rank(s)"
+        )
+    _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "", "--micro_batch_size")
+    _fill(config, "train_batch_size", batch_size, "", "--batch_size")
+    _fill(config, "gradient_accumulation_steps", batch_size // per_step, "", "--batch_size / (micro × ranks) =")
+    _fill(config, "gradient_clipping", max_grad_norm, "", "--max_grad_norm")
+    bf16 = config.get("bf16", {})
+    if bf16.get("enabled") == AUTO:  # bf16 where the hardware has it, fp32 where bf16 would be emulated
+        config["bf16"] = {**bf16, "enabled": native_bf16()}
+    if "scheduler" in config:
+        raise InputError("ds_config has a 'scheduler' section; the schedule comes from --lr_scheduler/--warmup_ratio")
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    _fill(params, "lr", learning_rate, "optimizer.params.", "--learning_rate")
+    _fill(params, "weight_decay", weight_decay, "optimizer.params.", "--weight_decay")
+    leftover = sorted(_auto_paths(config))
+    if any(not p.endswith("stage3_param_persistence_threshold") for p in leftover):
+        raise InputError(f"ds_config has 'auto' values adapters_ds does not fill: {leftover}")
+    return config
+
+
+def check_ds_config(config: dict) -> None:
+    """Let DeepSpeed validate the resolved config now: an unknown key would otherwise surface as a traceback from
+    inside model loading or `deepspeed.initialize`, after the output folder was made."""
+    try:
+        name = DeepSpeedConfig(without_persistence_threshold(config)).optimizer_name
+    except pydantic.ValidationError as exc:
+        found = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InputError(
+            f"ds_config is not valid for DeepSpeed {deepspeed.__version__} ({exc.title}): {found}"
+        ) from None
+    except (DeepSpeedConfigError, AssertionError, ValueError) as exc:
+        raise InputError(f"ds_config is not valid for DeepSpeed {deepspeed.__version__}: {exc}") from None
+    if name is not None and name not in DEEPSPEED_OPTIMIZERS and getattr(torch.optim, name, None) is None:
+        raise InputError(  # DeepSpeed itself would only fail in deepspeed.initialize
+            f"ds_config optimizer type {name!r} is neither a DeepSpeed optimizer {DEEPSPEED_OPTIMIZERS} "
+            "nor a torch.optim class"
+        )
+
+
+def _auto_paths(value: Any, prefix: str = "") -> list[str]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _auto_paths(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if value == AUTO else []
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def compute_dtype(config: dict[str, Any]) -> torch.dtype:
+    if config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
+
+
+def _frozen_matrices(model: nn.Module, adapter_ids: set[int]) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in adapter_ids and len(full_shape(p)) >= 2]
+
+
+def persistence_threshold(model: nn.Module) -> int:
+    """Numel of the largest adapter tensor, checked to be below the smallest frozen weight matrix.
+
+    ZeRO-3 keeps a parameter whole on every rank when numel <= threshold: this value keeps all adapters (and
+    small frozen vectors such as norms) replicated and partitions every frozen matrix.
+    """
+    adapters = adapter_parameters(model)
+    largest_name, largest = max(((n, full_numel(p)) for n, p in adapters.items()), key=lambda t: t[1])
+    adapter_ids = {id(p) for p in adapters.values()}
+    frozen = [(n, full_numel(p)) for n, p in _frozen_matrices(model, adapter_ids)]
+    smallest_name, smallest = min(frozen, key=lambda t: t[1])
+    if largest >= smallest:
+        raise InputError(
+            f"no ZeRO-3 persistence threshold keeps adapters replicated and the base partitioned: the largest adapter "
+            f"tensor {largest_name!r} has {largest:,} elements, the smallest frozen matrix {smallest_name!r} "
+            f"{smallest:,}; use a smaller adapter (rank / bottleneck size) or ZeRO-2"
+        )
+    return largest
+
+
+def without_persistence_threshold(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `config` for uses before the adapters exist (validation, partitioned loading): without
+    `stage3_param_persistence_threshold`, whose "auto" only `set_persistence_threshold` can fill."""
+    config = copy.deepcopy(config)
+    config.get("zero_optimization", {}).pop("stage3_param_persistence_threshold", None)
+    return config
+
+
+def set_persistence_threshold(config: dict[str, Any], model: nn.Module) -> int | None:
+    """Fill `stage3_param_persistence_threshold` for ZeRO-3 (an explicit value is checked after initialize)."""
+    zero = config.get("zero_optimization", {})
+    if zero_stage(config) != 3:
+        return None
+    if zero.get("stage3_param_persistence_threshold", AUTO) == AUTO:
+        zero["stage3_param_persistence_threshold"] = persistence_threshold(model)
+    return zero["stage3_param_persistence_threshold"]
+
+
+def check_replication(model: nn.Module) -> None:
+    """After `deepspeed.initialize` under ZeRO-3: adapters persistent, frozen matrices partitioned."""
+    adapters = adapter_parameters(model)
+    not_persistent = [n for n, p in adapters.items() if not getattr(p, "ds_persist", False)]
+    if not_persistent:
+        raise RuntimeError(f"ZeRO-3 partitioned adapter tensors (they must stay replicated): {not_persistent[:3]}")
+    persistent_matrices = [n for n, p in _frozen_matrices(model, {id(p) for p in adapters.values()}) if p.ds_persist]
+    if persistent_matrices:
+        raise InputError(
+            f"the ZeRO-3 persistence threshold keeps frozen matrices replicated: {persistent_matrices[:3]}; "
+            'set stage3_param_persistence_threshold to "auto"'
+        )

@@ -1,0 +1,93 @@
+"""Building the DeepSpeed engine of a training run, in the one order that works under ZeRO-3:
+
+    partitioned load → packing → inject → freeze → (gradient checkpointing) → persistence threshold →
+    `deepspeed.initialize` → replication checks
+
+The base model is created under `HfDeepSpeedConfig` (transformers' `deepspeed.zero.Init`), so each layer is
+partitioned as it loads and no rank ever holds the whole model. Adapters are created after loading, as ordinary
+tensors, and become ZeRO parameters in `deepspeed.initialize`; the persistence threshold chosen in between keeps
+them whole on every rank (`ds_config.set_persistence_threshold`). The trainer and the benchmarks build their
+engines through `build_engine`, so the sequence is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
+
+from adapters_ds.adapters.base import AdapterConfig, adapter_parameters
+from adapters_ds.adapters.inject import freeze_base, inject_adapters
+from adapters_ds.training.ds_config import (
+    check_replication,
+    compute_dtype,
+    set_persistence_threshold,
+    without_persistence_threshold,
+    zero_stage,
+)
+from adapters_ds.training.packing import enable_packing
+from adapters_ds.zero import full_numel
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclass
+class Built:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    packed: bool  # the model keeps the examples of a packed row apart (see packing.py)
+
+
+def build_engine(
+    load: Callable[[torch.dtype], PreTrainedModel],
+    ds_config: dict[str, Any],
+    adapter_config: AdapterConfig,
+    *,
+    learning_rate: float,
+    lr_scheduler: SchedulerFactory | None = None,
+    gradient_checkpointing: bool = False,
+) -> Built:
+    """`load(dtype)` creates the base model (from a checkpoint or a config); it runs under ZeRO-3's partitioned
+    construction when the config asks for stage 3. `ds_config` is a resolved config; its persistence threshold is
+    filled in here (the only change made to it)."""
+    hf_ds_config = None
+    if zero_stage(ds_config) == 3:
+        # must stay referenced until deepspeed.initialize; the threshold's "auto" can only be filled later
+        hf_ds_config = HfDeepSpeedConfig(without_persistence_threshold(ds_config))
+    model = load(compute_dtype(ds_config))
+    model.config.use_cache = False
+    packed = enable_packing(model)  # micro-batches as one packed row: no compute spent on padding
+    inject_adapters(model, adapter_config)
+    freeze_base(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # a frozen embedding would give checkpointed blocks no grad input
+    set_persistence_threshold(ds_config, model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=adapter_config.param_groups(model, learning_rate),
+        config=ds_config,
+        lr_scheduler=lr_scheduler,
+    )
+    del hf_ds_config  # loading is done; the engine holds the ZeRO-3 state from here on
+    if zero_stage(ds_config) == 3:
+        check_replication(engine.module)
+    return Built(engine, packed)
+
+
+def partition_report(model: nn.Module) -> dict[str, int]:
+    """Elements of base and adapter parameters this rank holds, and their full sizes."""
+    adapter_ids = {id(p) for p in adapter_parameters(model).values()}
+    report = dict.fromkeys(("base_local_numel", "base_numel", "adapter_local_numel", "adapter_numel"), 0)
+    for p in model.parameters():
+        kind = "adapter" if id(p) in adapter_ids else "base"
+        # a persistent parameter is gathered once at its first use and then stays whole on every rank
+        resident = full_numel(p) if getattr(p, "ds_persist", True) else p.ds_tensor.numel()
+        report[f"{kind}_local_numel"] += resident
+        report[f"{kind}_numel"] += full_numel(p)
+    return report

@@ -1,0 +1,438 @@
+"""The training run on DeepSpeed's engine, top to bottom.
+
+`Trainer(args, base_model)` runs its phases in order: preflight checks (distributed start, ds_config resolved and
+validated, adapter config, output folder, resume source: all bad input fails here, before anything is written) →
+data (tokenizer, tokenized splits, batch plan) → engine (`engine.build_engine`: partitioned load → adapters →
+persistence threshold → `deepspeed.initialize`) → output (run folder, `train_args.json`, ZeRO-3 report).
+`fit()` runs the loop (forward, backward, step, log, validate, checkpoint) and saves the adapter.
+
+The loss of a step is the mean over every target token of the global batch (all ranks, all accumulated
+micro-batches), not a mean of per-micro-batch means: that makes the gradient independent of how the batch
+is split across ranks and accumulation steps, so 2 ranks × m examples train exactly like 1 rank × 2m.
+
+A step whose loss is not finite on any rank (in any micro-batch) is skipped: every rank learns it before the
+update, which is then dropped (`Trainer.train_step`), so the adapter weights and the optimizer state stay
+bit-identical. Skipped steps are counted (`train/nonfinite_steps`); `--max_nonfinite_steps` of them in a row stop
+the run with an error, leaving the checkpoints as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm import tqdm
+from transformers import set_seed
+
+from adapters_ds.adapters.base import AdapterConfig
+from adapters_ds.adapters.inject import parameter_report
+from adapters_ds.adapters.storage import save_adapter
+from adapters_ds.distributed import DistInfo, barrier, init_distributed
+from adapters_ds.errors import InputError
+from adapters_ds.fileio import check_output_dir, write_json
+from adapters_ds.modeling import check_causal_lm, load_base_model, load_tokenizer
+from adapters_ds.training.args import TrainArgs, adapter_config
+from adapters_ds.training.checkpoint import (
+    check_checkpoint,
+    check_resume_source,
+    checkpoint_root,
+    complete_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    trim_log,
+)
+from adapters_ds.training.data import (
+    IGNORE_INDEX,
+    BatchPlan,
+    collate,
+    collate_packed,
+    count_tokens,
+    load_records,
+    split_validation,
+    tokenize_records,
+)
+from adapters_ds.training.ds_config import check_ds_config, load_ds_config, resolve_ds_config, zero_stage
+from adapters_ds.training.engine import build_engine, partition_report
+from adapters_ds.training.loss import causal_lm_loss_sum
+from adapters_ds.training.metrics import Window, peak_memory_gb, precision_name
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": the SLURM launch script requeues on it
+
+
+@contextlib.contextmanager
+def main_first(info: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block first (downloads, dataset cache), the others then reuse its result."""
+    if not info.is_main:
+        barrier()
+    yield
+    if info.is_main:
+        barrier()
+
+
+def target_counts(dataset: datasets.Dataset) -> list[int]:
+    """Tokens each example contributes to the loss (labels after the causal shift that are not ignored)."""
+    return [sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in dataset["labels"]]
+
+
+def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+class StopSignal:
+    """Records SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption, scancel); the loop
+    checkpoints at the next step boundary and exits, and the requeued job resumes with `--resume auto`."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+
+class Trainer:
+    """One training run. `base_model` is a folder or hub id; `records` (a list of {instruction, input, output})
+    replaces `args.data_path` when given (the built-in problems of the demo, for instance)."""
+
+    def __init__(self, args: TrainArgs, base_model: str, records: list[dict[str, Any]] | None = None) -> None:
+        self.args = args
+        self.base_model = base_model
+        self.stop = StopSignal()
+        self.regularizer_metrics: dict[str, float] = {}  # latest scalars of the method's extra loss term
+        self.preflight()
+        self.load_data(records)
+        self.build()
+        self.prepare_output()
+
+    # ------------------------------------------------------------------------------------------------ phases
+
+    def preflight(self) -> None:
+        """Every check of the input that can fail, before the model loads and before anything is written."""
+        args = self.args
+        self.info = init_distributed(timeout_s=args.dist_timeout)
+        if not self.info.is_main:
+            datasets.disable_progress_bars()  # rank 0 alone reports
+        set_seed(args.seed)
+        self.ds_config = resolve_ds_config(
+            load_ds_config(args.ds_config),
+            world_size=self.info.world_size,
+            micro_batch_size=args.micro_batch_size,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+        )
+        check_ds_config(self.ds_config)
+        self.ds_config.setdefault(
+            "tensorboard",
+            {"enabled": True, "output_path": str(Path(args.output_dir) / "tensorboard"), "job_name": "train"},
+        )
+        self.adapter_config: AdapterConfig = adapter_config(args)
+        self.output_non_empty = check_output_dir(
+            args.output_dir,
+            allowed=bool(args.resume or args.overwrite_output_dir),
+            hint="pass --resume auto to continue or --overwrite_output_dir",
+        )
+        check_resume_source(args.resume, args.output_dir, args.allow_pickle)
+        self.resume_from = resolve_resume(args.resume, args.output_dir)
+        if self.resume_from is not None:
+            check_checkpoint(self.resume_from, self.info)
+        check_causal_lm(self.base_model, args.trust_remote_code)  # before the tokenizer and the data
+
+    def load_data(self, records: list[dict[str, Any]] | None) -> None:
+        """Tokenizer, tokenized training (and validation) split, and the batch plan of every epoch."""
+        args = self.args
+        self.tokenizer = load_tokenizer(self.base_model, trust_remote_code=args.trust_remote_code)
+        with main_first(self.info):
+            raw = datasets.Dataset.from_list(records) if records is not None else load_records(args.data_path)
+            tokenized = tokenize_records(raw, self.tokenizer, args.cutoff_len, args.train_on_inputs, args.template)
+        self.train_set, self.val_set = split_validation(tokenized, args.val_set_size, args.seed)
+        self.targets = target_counts(self.train_set)
+        self.ga = self.ds_config["gradient_accumulation_steps"]
+        self.plan = BatchPlan(
+            lengths=self.train_set["length"],
+            micro_batch_size=args.micro_batch_size,
+            world_size=self.info.world_size,
+            rank=self.info.rank,
+            seed=args.seed,
+            group_by_length=args.group_by_length,
+        )
+        self.steps_per_epoch = self.plan.micro_batches_per_epoch // self.ga
+        if self.steps_per_epoch == 0:
+            raise InputError(
+                f"the training split has {len(self.train_set)} examples, fewer than one step of --batch_size "
+                f"{args.batch_size}"
+            )
+        self.total_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * self.steps_per_epoch
+
+    def build(self) -> None:
+        """The DeepSpeed engine with the adapters (see `engine.build_engine`)."""
+        args = self.args
+        warmup = math.ceil(args.warmup_ratio * self.total_steps)
+        schedule = partial(lr_lambda, warmup=warmup, total=self.total_steps, kind=args.lr_scheduler)
+
+        def load(dtype: torch.dtype) -> Any:
+            return load_base_model(
+                self.base_model, dtype=dtype, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle
+            )
+
+        built = build_engine(
+            load,
+            self.ds_config,
+            self.adapter_config,
+            learning_rate=args.learning_rate,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+        self.engine, self.pack = built.engine, built.packed
+        self.device = self.engine.device
+        # ZeRO's optimizers and DeepSpeed's bf16/fp16 wrappers drop a step whose gradients are not finite (their
+        # "overflow"); without them the engine steps a plain torch-style optimizer
+        self.drops_overflow = hasattr(self.engine.optimizer, "overflow")
+
+    def prepare_output(self) -> None:
+        """The run folder (emptied first with --overwrite_output_dir), `train_args.json`, the start-up line and,
+        under ZeRO-3, `zero3_partition.json`."""
+        args, info = self.args, self.info
+        self.out = Path(args.output_dir)
+        barrier()  # every rank has checked before rank 0 changes anything
+        if info.is_main:
+            if self.output_non_empty and args.overwrite_output_dir and not args.resume:
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(
+                self.out / "train_args.json",
+                {"args": args.to_dict(), "base_model": self.base_model, "ds_config": self.ds_config,
+                 "world_size": info.world_size},
+            )  # fmt: skip
+        barrier()
+        self.log(
+            f"training {Path(self.base_model).name} with {args.adapter} on {info.world_size} rank(s), "
+            f"ZeRO stage {zero_stage(self.ds_config)}, {precision_name(self.ds_config)}; "
+            f"{parameter_report(self.engine.module)}"
+        )
+        if zero_stage(self.ds_config) == 3:
+            self.write_partition_report()
+
+    def write_partition_report(self) -> None:
+        """Per-rank resident parameter elements under ZeRO-3 (`zero3_partition.json`): proof that the base is
+        partitioned and the adapters are not, and the memory each rank holds."""
+        mine = partition_report(self.engine.module)
+        reports = [None] * self.info.world_size
+        torch.distributed.all_gather_object(reports, mine)
+        if self.info.is_main:
+            write_json(self.out / "zero3_partition.json", reports)
+            base = reports[0]
+            self.log(
+                f"ZeRO-3: base {base['base_local_numel']:,} of {base['base_numel']:,} elements resident per rank, "
+                f"adapters {base['adapter_local_numel']:,} of {base['adapter_numel']:,} (replicated)"
+            )
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def log(self, message: str) -> None:
+        if self.info.is_main:
+            tqdm.write(message)
+
+    def batch(self, indices: list[int], dataset: datasets.Dataset | None = None) -> dict[str, torch.Tensor]:
+        features = [(self.train_set if dataset is None else dataset)[i] for i in indices]
+        # one packed row where the model keeps packed examples apart: no compute is spent on padding
+        collated = collate_packed(features) if self.pack else collate(features, self.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in collated.items()}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over `ga` micro-batches; returns the global mean token loss and counts, and whether
+        the step was skipped for a non-finite loss."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        micro_batches = self.plan.micro_batches(epoch)[offset * self.ga : (offset + 1) * self.ga]
+        global_indices = self.plan.global_order(epoch)
+        step_size = self.plan.global_micro_batch_size * self.ga
+        first = (offset * self.ga) * self.plan.global_micro_batch_size
+        n_targets = sum(self.targets[i] for i in global_indices[first : first + step_size])
+        # engine.backward divides by ga and DeepSpeed averages over ranks: undo both so the step's gradient
+        # is that of (sum of token losses) / (target tokens in the global batch)
+        scale = n_targets / (self.info.world_size * self.ga)
+        # summed loss, non-padding tokens, ranks asked to stop, non-finite micro-batch losses
+        local = torch.zeros(4, device=self.device)
+        local[2] = float(self.stop.received is not None)
+        skip = False
+        for k, indices in enumerate(micro_batches):
+            batch = self.batch(indices)
+            summed = causal_lm_loss_sum(self.engine, batch)
+            loss = summed / scale
+            regularizer = self.adapter_config.regularizer(self.engine.module, step)
+            if regularizer is not None:  # identical on every rank and micro-batch: its gradient is unchanged
+                loss = loss + regularizer[0]  # by DeepSpeed's averaging over ranks and accumulation steps
+                self.regularizer_metrics = regularizer[1]
+            local[:2] += torch.stack([summed.detach(), count_tokens(batch).float()])
+            local[3] += (~torch.isfinite(loss.detach())).float()
+            if k == len(micro_batches) - 1:  # before the update, every rank learns whether any loss was not finite
+                torch.distributed.all_reduce(local)
+                skip = local[3].item() > 0
+            if skip and self.drops_overflow:
+                # all-NaN gradients send the step down DeepSpeed's own overflow path: it drops the update and
+                # clears the gradient partitions, which only the ZeRO optimizer can reach
+                loss = loss * math.nan
+            self.engine.backward(loss)
+            if skip and not self.drops_overflow:
+                # a plain optimizer has no overflow path: drop the gradients and end the accumulation without an
+                # update (through DeepSpeed's documented boundary override)
+                self.engine.zero_grad()
+                self.engine.set_gradient_accumulation_boundary(False)
+            self.engine.step()
+        if skip:
+            self.engine.set_gradient_accumulation_boundary(None)  # back to counting micro-steps
+            if self.engine.was_step_applied():  # e.g. bf16 "check_grad_overflow": false under ZeRO-1/2
+                raise RuntimeError("DeepSpeed applied an update with non-finite gradients instead of skipping it")
+            self.engine.lr_scheduler.step()  # a skipped step keeps its place: the schedule follows the step number
+        return {"loss": local[0].item() / n_targets, "tokens": local[1].item(), "samples": step_size,
+                "stop": local[2].item() > 0, "skipped": skip}  # fmt: skip
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean token loss over the validation split; every rank runs the same number of forwards (ZeRO-3
+        gathers collectively), a rank with nothing left re-runs a batch with weight 0."""
+        self.engine.eval()
+        n, world, mb = len(self.val_set), self.info.world_size, self.args.micro_batch_size
+        totals = torch.zeros(2, device=self.device)
+        for start in range(0, n, mb * world):
+            indices = list(range(start + self.info.rank * mb, min(start + (self.info.rank + 1) * mb, n)))
+            batch = self.batch(indices or [0], self.val_set)
+            summed = causal_lm_loss_sum(self.engine, batch)
+            if indices:
+                totals += torch.stack([summed, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()])
+        torch.distributed.all_reduce(totals)
+        self.engine.train()
+        return (totals[0] / totals[1]).item()
+
+    def write_events(self, step: int, values: dict[str, float]) -> None:
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events([(tag, value, step) for tag, value in values.items()])
+
+    def nonfinite_error(self, step: int, in_a_row: int) -> InputError:
+        found = complete_checkpoints(checkpoint_root(self.out))
+        kept = f"the last complete checkpoint, {str(found[-1][1])!r}, is kept" if found else "no checkpoint yet"
+        return InputError(
+            f"the loss was not finite in {in_a_row} steps in a row (steps {step - in_a_row + 1} to {step}); "
+            f"stopped without saving ({kept}): lower --learning_rate, check the data, or raise --max_nonfinite_steps"
+        )
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> Path:
+        """Train from step 0 (or the resumed checkpoint) to the last step; returns the saved adapter folder."""
+        args, info = self.args, self.info
+        start = self.resume()
+        self.engine.train()
+        bar = tqdm(total=self.total_steps, initial=start, disable=not info.is_main, desc="train", dynamic_ncols=True)
+        log_file = (self.out / "train_log.jsonl").open("a") if info.is_main else None
+        self.window = Window()
+        skipped, in_a_row = 0, 0  # steps skipped for a non-finite loss: in all, and the current streak
+        try:
+            for step in range(start, self.total_steps):
+                lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
+                result = self.train_step(step)
+                done = step + 1
+                grad_norm = self.engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+                self.window.add(result)
+                if result["skipped"]:
+                    skipped, in_a_row = skipped + 1, in_a_row + 1
+                    entry = {"step": done, "loss": None, "lr": lr, "grad_norm": None, "skipped": True}
+                else:
+                    in_a_row = 0
+                    entry = {"step": done, "loss": result["loss"], "lr": lr, "grad_norm": grad_norm}
+                if log_file:
+                    log_file.write(json.dumps(entry) + "\n")
+                    log_file.flush()
+                if result["skipped"]:
+                    self.log(f"step {done}: the loss was not finite; step skipped (no update), {in_a_row} in a row")
+                    self.write_events(done, {"train/nonfinite_steps": skipped})
+                    if in_a_row >= args.max_nonfinite_steps:
+                        bar.close()  # ends the progress line, so the error gets a line of its own
+                        raise self.nonfinite_error(done, in_a_row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result['loss']:.4f}")
+                if done % args.logging_steps == 0 or done == self.total_steps:
+                    self.log_window(done, lr, grad_norm)
+                if self.val_set is not None and (done % args.eval_steps == 0 or done == self.total_steps):
+                    self.validate(done)
+                stop = result["stop"] and done < self.total_steps
+                if args.save_steps and done % args.save_steps == 0 and done < self.total_steps or stop:
+                    self.checkpoint(done)
+                if stop:  # every rank sees the same all-reduced flag, so all leave at this boundary
+                    self.log(f"stop requested ({self.stop.received or 'by another rank'}): checkpoint at step {done}")
+                    raise SystemExit(EXIT_PREEMPTED)
+        finally:
+            bar.close()
+            if log_file:
+                log_file.close()
+        return self.finish()
+
+    def resume(self) -> int:
+        """Load the checkpoint to resume from, if any; the first step to run."""
+        start = 0
+        if self.resume_from is not None:
+            start = load_checkpoint(self.engine, self.resume_from, self.info)
+            self.log(f"resumed from {self.resume_from} at step {start}")
+        if self.args.resume and self.info.is_main:
+            trim_log(self.out / "train_log.jsonl", start)
+        return start
+
+    def log_window(self, done: int, lr: float, grad_norm: float) -> None:
+        """Means of the steps since the last log line, to the terminal and TensorBoard."""
+        values = {
+            **self.window.values(),
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/memory_gb": peak_memory_gb(),
+            **self.regularizer_metrics,
+        }
+        self.write_events(done, values)
+        self.log(
+            f"step {done}/{self.total_steps} | loss {values['train/loss']:.4f} | lr {lr:.2e} | "
+            f"grad_norm {grad_norm:.3f} | {values['train/tokens_per_s']:.0f} tok/s | "
+            f"{values['train/memory_gb']:.2f} GB"
+        )
+        self.window = Window()
+
+    def validate(self, done: int) -> None:
+        val = self.validation_loss()
+        self.write_events(done, {"eval/loss": val})
+        self.log(f"step {done} | eval loss {val:.4f}")
+
+    def checkpoint(self, done: int) -> None:
+        save_checkpoint(self.engine, self.out, done, self.adapter_config, self.info, self.args.save_total_limit)
+
+    def finish(self) -> Path:
+        """The last checkpoint (unless it exists) and the adapter files."""
+        if self.total_steps not in {step for step, _ in complete_checkpoints(checkpoint_root(self.out))}:
+            self.checkpoint(self.total_steps)
+        save_adapter(self.engine.module, self.adapter_config, self.out / "adapter")
+        self.log(f"adapter saved to {self.out / 'adapter'}")
+        return self.out / "adapter"
+
+
+def train(args: TrainArgs, base_model: str, records: list[dict[str, Any]] | None = None) -> Path:
+    """Train and save the adapter; returns its folder."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return Trainer(args, base_model, records).fit()
