@@ -29,6 +29,7 @@ setup(
             "adapters-ds-train=adapters_ds.cli.train:main",
             "adapters-ds-evaluate=adapters_ds.cli.evaluate:main",
             "adapters-ds-export=adapters_ds.cli.export:main",
+            "adapters-ds-mathdata=adapters_ds.cli.mathdata:main",
         ]
     },
 )

@@ -102,7 +102,7 @@ def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
 
     Where all ranks share one host (LOCAL_SIZE, set by the `deepspeed` launcher, equals the world size), DeepSpeed
     creates a 69 MB buffer per rank in /dev/shm and never unlinks it: every such run, ended cleanly or killed,
-    leaves its buffers in RAM until reboot (this project's test runs once left 16 GB there). Once every rank has
+    leaves its buffers in RAM until reboot. Once every rank has
     returned from start-up, each has mapped all its peers' buffers (DeepSpeed waits for them there); the mappings
     stay valid after the names go, and the memory is freed when the last rank exits.
     """

@@ -13,9 +13,9 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from adapters_ds.errors import InputError
+from adapters_ds.hardware import DTYPES
 from adapters_ds.pruned_model import load_pruned_model, needs_pruned_loader
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

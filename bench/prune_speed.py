@@ -148,7 +148,8 @@ def generation_throughput(models: list, tokenizer, prompts: list[str], new_token
 
 
 def accuracy_of(base: str, adapter_dir: str | None, records: list[dict]) -> float:
-    from adapters_ds.evaluation.harness import accuracy, evaluate_records, load_model
+    from adapters_ds.evaluation.harness import evaluate_records, load_model
+    from adapters_ds.evaluation.results import accuracy
 
     model, tokenizer, _ = load_model(base, adapter_dir, torch.float32, torch.device("cpu"))
     return accuracy(evaluate_records(model, tokenizer, records, max_new_tokens=EVAL_MAX_NEW_TOKENS))
@@ -158,11 +159,11 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from adapters_ds.demo.default_model import prepare_default_model
-    from adapters_ds.hardware import native_bf16
     from adapters_ds.demo.problems import default_splits
+    from adapters_ds.export.pruned import export_pruned
+    from adapters_ds.hardware import native_bf16
     from adapters_ds.modeling import load_base_model, load_tokenizer
     from adapters_ds.prompts import build_prompt
-    from adapters_ds.export.pruned import export_pruned
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,13 +63,17 @@ MODES = ("a_bf16", "a_fp32", "b", "b_bf16", "c")
 
 def write_records(n: int, path: Path) -> str:
     """The first n GSM8K training questions (or generated problems) as Alpaca-format JSON; returns the source."""
-    from adapters_ds.demo.problems import generate_records, gsm8k_to_records
+    from adapters_ds.demo.problems import generate_records
+    from adapters_ds.mathdata.convert import gsm8k_to_records
 
     if GSM8K.is_file():
         rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
         records, source = gsm8k_to_records(rows), str(GSM8K)
     else:
-        records, source = generate_records(n, seed=0, split="train"), "adapters_ds.demo.problems (generated, train split)"
+        records, source = (
+            generate_records(n, seed=0, split="train"),
+            "adapters_ds.demo.problems (generated, train split)",
+        )
     if len(records) < n:
         raise SystemExit(f"error: {source} has {len(records)} examples, fewer than the {n} the steps need")
     path.write_text(json.dumps(records))
@@ -78,8 +82,8 @@ def write_records(n: int, path: Path) -> str:
 
 def tokenized(data: Path, base: str, cutoff_len: int):
     """The examples exactly as both trainers see them."""
-    from adapters_ds.training.data import load_records, tokenize_records
     from adapters_ds.modeling import load_tokenizer
+    from adapters_ds.training.data import load_records, tokenize_records
 
     tokenizer = load_tokenizer(base)
     return tokenize_records(load_records(str(data)), tokenizer, cutoff_len, train_on_inputs=True), tokenizer

@@ -93,7 +93,9 @@ def rank_main(spec: dict) -> None:
         memory["built"] = proc_memory_gb()
         return model
 
-    lora = LoRAConfig(r=32, alpha=64, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))
+    lora = LoRAConfig(
+        r=32, alpha=64, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+    )
     engine = build_engine(load, ds_config, lora, learning_rate=1e-4).engine
     build_s = timings["build_s"]
     memory["initialized"] = proc_memory_gb()

@@ -1,4 +1,5 @@
-"""Tests for the prompt template (`adapters_ds.prompts`) and the training-data pipeline (`adapters_ds.training.data`)."""
+"""Tests for the prompt template (`adapters_ds.prompts`) and the training-data pipeline
+(`adapters_ds.training.data`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 from tiny_tokenizer import VOCAB_SIZE, make_tokenizer
 
-from adapters_ds.training import data
-from adapters_ds.training.data import IGNORE_INDEX, BatchPlan, collate, load_records, split_validation, tokenize_records
 from adapters_ds.errors import InputError
 from adapters_ds.prompts import build_prompt
+from adapters_ds.training import data
+from adapters_ds.training.data import IGNORE_INDEX, BatchPlan, collate, load_records, split_validation, tokenize_records
 
 RECORD = {"instruction": "Add 12 and 30.", "input": "", "output": "12 + 30 = 42. The answer is 42"}
 RECORD_WITH_INPUT = {"instruction": "Add the numbers.", "input": "12 and 30", "output": "The answer is 42"}

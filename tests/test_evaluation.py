@@ -19,9 +19,12 @@ from tiny_models import make_model
 from tiny_tokenizer import VOCAB_SIZE, make_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from adapters_ds import LoRAConfig, SeriesConfig, adapter_parameters, inject_adapters, save_adapter
-from adapters_ds import evaluation as ev
+from adapters_ds import InputError, LoRAConfig, SeriesConfig, adapter_parameters, inject_adapters, save_adapter
+from adapters_ds.cli import evaluate as cli
+from adapters_ds.distributed import Ranks, launched_world_size
+from adapters_ds.evaluation import harness
 from adapters_ds.evaluation.answers import score
+from adapters_ds.evaluation.datasets import EvalDataset, load_dataset
 from adapters_ds.evaluation.generation import (
     cut_at_stop,
     decode,
@@ -30,6 +33,8 @@ from adapters_ds.evaluation.generation import (
     generate_ids,
     length_sorted_batches,
 )
+from adapters_ds.evaluation.results import accuracy, format_table, summary_rows
+from adapters_ds.hardware import DTYPE_NAMES, DTYPES, native_bf16, resolve_dtype
 from adapters_ds.prompts import build_prompt
 
 NUMERIC = [
@@ -141,7 +146,7 @@ def reference_run(tiny, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        ev.main(_args(tiny, data_dir, out, "--train_data", str(data_dir / "train.json")))
+        cli.main(_args(tiny, data_dir, out, "--train_data", str(data_dir / "train.json")))
     return out, stdout.getvalue()
 
 
@@ -195,6 +200,41 @@ def test_cut_at_stop_and_length_sorted_batches():
     assert length_sorted_batches([3, 9, 3, 5, 9], 2) == [[1, 4], [3, 0], [2]]
 
 
+# ------------------------------------------------------------------------------------------- dtype rule, ranks
+
+
+def test_one_dtype_rule():
+    assert set(DTYPE_NAMES) == {"auto", *DTYPES} and len(DTYPE_NAMES) == len(DTYPES) + 1
+    for name, dtype in DTYPES.items():
+        assert resolve_dtype(name, torch.device("cpu")) is dtype
+    assert resolve_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    assert resolve_dtype("auto") is (torch.bfloat16 if native_bf16() else torch.float32)  # the accelerator's device
+    with pytest.raises(InputError, match="found 'fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_ranks_without_a_process_group_are_one_rank():
+    ranks = Ranks(start=False)
+    assert (ranks.rank, ranks.world_size, ranks.is_main, ranks.active) == (0, 1, True, False)
+    assert ranks.broadcast({"a": 1}) == {"a": 1} and ranks.gather(3) == [3]
+    assert torch.equal(ranks.sum(torch.ones(2)), torch.ones(2))
+    ranks.barrier()
+    assert ranks.on_main(lambda: 5) == 5
+
+    def bad() -> None:
+        raise InputError("bad input on rank 0")
+
+    with pytest.raises(InputError, match="bad input on rank 0"):
+        ranks.on_main(bad)
+
+
+def test_launched_world_size():
+    assert launched_world_size({}) == 1
+    assert launched_world_size({"WORLD_SIZE": "4"}) == 4
+    assert launched_world_size({"OMPI_COMM_WORLD_SIZE": "3"}) == 3
+    assert launched_world_size({"SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "8"}) == 8
+
+
 # ------------------------------------------------------------------------------------------------------ the CLI
 
 
@@ -214,7 +254,7 @@ def test_outputs_summary_and_contamination(tiny, data_dir, reference_run):
     for name in ("Arith", "Choice"):
         rows = _read_jsonl(out / f"{name}.jsonl")
         assert by_name[name]["n"] == len(rows)
-        assert by_name[name]["accuracy"] == round(ev.accuracy(rows), 2)
+        assert by_name[name]["accuracy"] == round(accuracy(rows), 2)
     assert summary["average"]["n"] == len(NUMERIC) + len(CHOICE) and summary["average"]["contaminated"] == 2
     markdown = (out / "summary.md").read_text()
     assert markdown.splitlines()[0] == "| dataset | n | accuracy (%) | contaminated |"
@@ -226,11 +266,11 @@ def test_outputs_summary_and_contamination(tiny, data_dir, reference_run):
 def test_summary_table_arithmetic():
     rows_a = [{"correct": c} for c in (True, False, True, True)]
     rows_b = [{"correct": False}, {"correct": True}]
-    datasets = [ev.EvalDataset("A", None, [], False), ev.EvalDataset("B", None, [], True)]
-    table, average = ev.summary_rows({"A": rows_a, "B": rows_b}, datasets, None)
+    datasets = [EvalDataset("A", None, [], False), EvalDataset("B", None, [], True)]
+    table, average = summary_rows({"A": rows_a, "B": rows_b}, datasets, None)
     assert [(e["n"], e["correct"], e["accuracy"]) for e in table] == [(4, 3, 75.0), (2, 1, 50.0)]
     assert (average["n"], average["accuracy"]) == (6, 62.5)  # the mean of the data sets, not of the examples
-    assert ev.format_table(table, average).splitlines()[2:] == [
+    assert format_table(table, average).splitlines()[2:] == [
         "| A | 4 | 75.00 |",
         "| B | 2 | 50.00 |",
         "| **average** | 6 | 62.50 |",
@@ -240,14 +280,14 @@ def test_summary_table_arithmetic():
 def test_evaluate_records_matches_the_command(tiny, reference_run):
     _, model, tokenizer = tiny
     model.train()
-    rows = ev.evaluate_records(model, tokenizer, _records(CHOICE), batch_size=2, max_new_tokens=NEW_TOKENS)
+    rows = harness.evaluate_records(model, tokenizer, _records(CHOICE), batch_size=2, max_new_tokens=NEW_TOKENS)
     assert model.training  # mode restored
     model.eval()
     assert rows == _read_jsonl(reference_run[0] / "Choice.jsonl")
-    assert ev.accuracy(rows) == 100.0 * sum(r["correct"] for r in rows) / len(rows)
+    assert accuracy(rows) == 100.0 * sum(r["correct"] for r in rows) / len(rows)
 
 
-_GENERATE_ROWS = ev._generate_rows
+_GENERATE_ROWS = harness._generate_rows
 
 
 class Killed(BaseException):
@@ -265,7 +305,7 @@ def _spy(monkeypatch, kill_after: int | None = None):
         generated.append(list(batch))
         return real(model, tokenizer, batch, *rest)
 
-    monkeypatch.setattr(ev, "_generate_rows", spy)
+    monkeypatch.setattr(harness, "_generate_rows", spy)
     return generated
 
 
@@ -274,7 +314,7 @@ def test_resume_after_kill_generates_only_the_missing_rows(tiny, data_dir, refer
     args = _args(tiny, data_dir, tmp_path, "--train_data", str(data_dir / "train.json"))
     generated = _spy(monkeypatch, kill_after=2)
     with pytest.raises(Killed):
-        ev.main(args)
+        cli.main(args)
     assert len(_read_jsonl(tmp_path / "Arith.jsonl")) == 2 * BATCH
     done = {row["index"] for row in _read_jsonl(tmp_path / "Arith.jsonl")}
     # the kill also cut the next write in the middle of a line
@@ -284,7 +324,7 @@ def test_resume_after_kill_generates_only_the_missing_rows(tiny, data_dir, refer
         f.write(partial[: len(partial) // 2])
 
     generated = _spy(monkeypatch)
-    ev.main(args)
+    cli.main(args)
     assert sorted(i for batch in generated[: len(generated) - 2] for i in batch) == missing  # Arith: 2 batches
     assert sorted(i for batch in generated[-2:] for i in batch) == list(range(len(CHOICE)))
     _same_results(tmp_path, ref)
@@ -292,10 +332,10 @@ def test_resume_after_kill_generates_only_the_missing_rows(tiny, data_dir, refer
     assert timing["Arith"]["generated"] == len(missing) and timing["Choice"]["generated"] == len(CHOICE)
 
     generated = _spy(monkeypatch)  # nothing left to do
-    ev.main(args)
+    cli.main(args)
     assert generated == []
     generated = _spy(monkeypatch)
-    ev.main([*args, "--overwrite"])
+    cli.main([*args, "--overwrite"])
     assert sum(len(batch) for batch in generated) == len(NUMERIC) + len(CHOICE)
     assert (tmp_path / "Arith.jsonl").read_text() == (ref / "Arith.jsonl").read_text()
 
@@ -332,8 +372,8 @@ def test_lora_adapter_merged_or_not_gives_the_same_rows(tiny, data_dir, tmp_path
             p.copy_(torch.randn(p.shape) * 0.3)
     save_adapter(model, config, tmp_path / "adapter")
     common = ["--adapter_dir", str(tmp_path / "adapter"), "--datasets", "Choice"]
-    ev.main([*_args(tiny, data_dir, tmp_path / "merged"), *common])
-    ev.main([*_args(tiny, data_dir, tmp_path / "hooks"), *common, "--no_merge"])
+    cli.main([*_args(tiny, data_dir, tmp_path / "merged"), *common])
+    cli.main([*_args(tiny, data_dir, tmp_path / "hooks"), *common, "--no_merge"])
     merged, hooks = _read_jsonl(tmp_path / "merged/Choice.jsonl"), _read_jsonl(tmp_path / "hooks/Choice.jsonl")
     assert [r["output"] for r in merged] == [r["output"] for r in hooks]
     settings = json.loads((tmp_path / "merged/eval_settings.json").read_text())
@@ -345,13 +385,13 @@ def test_series_adapter_stays_attached(tiny, data_dir, tmp_path):
     config = SeriesConfig(bottleneck_size=4, preset="pfeiffer")
     inject_adapters(model, config)
     save_adapter(model, config, tmp_path / "adapter")
-    ev.main([*_args(tiny, data_dir, tmp_path / "out"), "--adapter_dir", str(tmp_path / "adapter")])
+    cli.main([*_args(tiny, data_dir, tmp_path / "out"), "--adapter_dir", str(tmp_path / "adapter")])
     settings = json.loads((tmp_path / "out/eval_settings.json").read_text())
     assert settings["adapter_method"] == "series" and settings["merged"] is False
 
 
 def test_chat_template_and_limit(tiny, data_dir, tmp_path):
-    ev.main([*_args(tiny, data_dir, tmp_path), "--template", "chat", "--limit", "2"])
+    cli.main([*_args(tiny, data_dir, tmp_path), "--template", "chat", "--limit", "2"])
     rows = _read_jsonl(tmp_path / "Choice.jsonl")
     assert [row["prompt"] for row in rows] == [
         build_prompt(q, template="chat", tokenizer=tiny[2]) for q, _ in CHOICE[:2]
@@ -364,7 +404,7 @@ def test_chat_template_and_limit(tiny, data_dir, tmp_path):
 
 def _expect_error(capsys, argv, *fragments):
     with pytest.raises(SystemExit) as exc:
-        ev.main(argv)
+        cli.main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -382,7 +422,7 @@ def test_bad_input_exits_2_with_one_line(tiny, data_dir, tmp_path, capsys):
     (bad / "Empty").mkdir()
     _expect_error(capsys, [*base, "--data_dir", str(bad), "--datasets", "Empty"], "test.json")
     (bad / "Arith" / "test.json").write_text('[{"instruction": "1 + 1", "answer": "2"},')
-    _expect_error(capsys, [*base, "--data_dir", str(bad), "--datasets", "Arith"], "not valid JSON")
+    _expect_error(capsys, [*base, "--data_dir", str(bad), "--datasets", "Arith"], "invalid JSON at line 1")
     (bad / "Arith" / "test.json").write_text('[{"instruction": "1 + 1", "answer": "two"}]')
     _expect_error(capsys, [*base, "--data_dir", str(bad), "--datasets", "Arith"], "record 0", "two")
     (bad / "Arith" / "test.json").write_text('[{"question": "1 + 1", "answer": "2"}]')
@@ -417,5 +457,5 @@ def test_real_benchmarks_load_and_their_kind_is_read_from_the_data():
     names = sorted(p.name for p in math_dir.iterdir() if (p / "test.json").is_file())
     assert names
     for name in names:
-        dataset = ev.load_dataset(math_dir, name)
+        dataset = load_dataset(math_dir, name)
         assert dataset.multiple_choice == (name == "AQuA"), name

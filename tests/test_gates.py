@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from adapters_ds import InputError, adapter_layers, adapter_parameters, config_from_dict, freeze_base, inject_adapters
-from adapters_ds.adapters.gates import Gates, GatesConfig, gate_values
 from adapters_ds.adapters.base import attach, detach
-from adapters_ds.families import linear_dims
-from adapters_ds.export.pruned import SHAPES_NAME, prune_model
+from adapters_ds.adapters.gates import Gates, GatesConfig, gate_values
 from adapters_ds.adapters.storage import save_adapter
+from adapters_ds.export.pruned import SHAPES_NAME, prune_model
+from adapters_ds.families import linear_dims
 from adapters_ds.training.args import adapter_config, parse_train_args
 
 R = 2
@@ -470,8 +470,8 @@ def test_per_layer_export_loads_through_adapters_ds_and_the_evaluation_harness(t
 
 def test_export_dtype_float32_keeps_a_bf16_base_s_gated_outputs(tmp_path):
     from adapters_ds import load_adapter
-    from adapters_ds.modeling import load_base_model
     from adapters_ds.export.pruned import export_pruned
+    from adapters_ds.modeling import load_base_model
 
     model, config, _ = hand_pruned("llama")
     make_model("llama", torch.bfloat16).save_pretrained(tmp_path / "base")  # the same weights, in bf16
@@ -617,8 +617,8 @@ def test_zero3_two_rank_training_closes_gates_and_logs_them(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from adapters_ds import load_adapter
-    from adapters_ds.hardware import native_bf16
     from adapters_ds.export.pruned import export_pruned
+    from adapters_ds.hardware import native_bf16
 
     base = tmp_path / "base"
     make_model("llama").save_pretrained(base)

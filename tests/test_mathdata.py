@@ -11,17 +11,21 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from adapters_ds.cli import mathdata as mathdata_cli
-from adapters_ds.demo import default_model, problems
+from adapters_ds.demo import default_model
+from adapters_ds.demo import problems as builtin
 from adapters_ds.errors import InputError, run_main
 from adapters_ds.mathdata import convert
 from adapters_ds.records import normalize_question, read_records
 
+REPO = str(Path(__file__).resolve().parents[1])
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
@@ -31,19 +35,19 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 
 
 def test_generator_is_deterministic_by_seed():
-    assert problems.generate_records(200, seed=7) == problems.generate_records(200, seed=7)
-    assert problems.default_splits(300, 50, seed=1) == problems.default_splits(300, 50, seed=1)
+    assert builtin.generate_records(200, seed=7) == builtin.generate_records(200, seed=7)
+    assert builtin.default_splits(300, 50, seed=1) == builtin.default_splits(300, 50, seed=1)
 
 
 def test_different_seeds_differ():
-    a = {r["instruction"] for r in problems.generate_records(200, seed=0)}
-    b = {r["instruction"] for r in problems.generate_records(200, seed=1)}
+    a = {r["instruction"] for r in builtin.generate_records(200, seed=0)}
+    b = {r["instruction"] for r in builtin.generate_records(200, seed=1)}
     assert len(a & b) < 20  # a few coincidences are possible, wholesale repeats are not
 
 
 def test_default_splits_sizes_and_disjoint_questions():
-    train, test = problems.default_splits()
-    assert (len(train), len(test)) == (problems.DEFAULT_N_TRAIN, problems.DEFAULT_N_TEST)
+    train, test = builtin.default_splits()
+    assert (len(train), len(test)) == (builtin.DEFAULT_N_TRAIN, builtin.DEFAULT_N_TEST)
     train_keys = {normalize_question(r["instruction"]) for r in train}
     test_keys = {normalize_question(r["instruction"]) for r in test}
     assert len(train_keys) == len(train) and len(test_keys) == len(test)  # no duplicates within a split
@@ -52,14 +56,14 @@ def test_default_splits_sizes_and_disjoint_questions():
 
 def test_test_questions_never_occur_in_any_train_split():
     """The split is by text hash, so even another seed's training set cannot contain this seed's test questions."""
-    test_keys = {normalize_question(r["instruction"]) for r in problems.generate_records(200, seed=0, split="test")}
+    test_keys = {normalize_question(r["instruction"]) for r in builtin.generate_records(200, seed=0, split="test")}
     for seed in (0, 1, 2):
-        train = problems.generate_records(1000, seed=seed, split="train")
+        train = builtin.generate_records(1000, seed=seed, split="train")
         assert not test_keys & {normalize_question(r["instruction"]) for r in train}
 
 
 def test_records_are_in_llm_adapters_format_and_arithmetically_right():
-    problems = problems.generate_problems(1000, seed=3)
+    problems = builtin.generate_problems(1000, seed=3)
     for problem in problems:
         record = problem.record()
         assert set(record) == {"instruction", "input", "output", "answer"}
@@ -78,9 +82,9 @@ def test_records_are_in_llm_adapters_format_and_arithmetically_right():
 
 
 def test_all_kinds_and_templates_present_with_small_numbers():
-    problems = problems.generate_problems(2000, seed=0)
-    assert {p.kind for p in problems} == set(problems.KINDS)
-    all_templates = {f.__name__ for fs in problems.TEMPLATES.values() for f in fs}
+    problems = builtin.generate_problems(2000, seed=0)
+    assert {p.kind for p in problems} == set(builtin.KINDS)
+    all_templates = {f.__name__ for fs in builtin.TEMPLATES.values() for f in fs}
     assert len({p.template for p in problems}) == len(all_templates) >= 15
     assert all(len(p.steps) == (2 if p.kind == "two_step" else 1) for p in problems)
     assert max(p.answer for p in problems) <= 200
@@ -92,15 +96,15 @@ def test_all_kinds_and_templates_present_with_small_numbers():
 
 
 def test_names_and_objects_vary():
-    problems = problems.generate_problems(500, seed=0)
+    problems = builtin.generate_problems(500, seed=0)
     text = " ".join(p.question for p in problems)
-    assert sum(name in text for name, _ in problems.NAMES) >= 20
-    assert sum(obj in text for obj in problems.OBJECTS) >= 15
+    assert sum(name in text for name, _ in builtin.NAMES) >= 20
+    assert sum(obj in text for obj in builtin.OBJECTS) >= 15
 
 
 def test_impossible_request_is_input_error():
     with pytest.raises(InputError):
-        problems.generate_problems(-1)
+        builtin.generate_problems(-1)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +222,7 @@ def test_real_mawps_answers_equal_the_source():
 def test_synth_command_writes_records(tmp_path):
     out = tmp_path / "sub" / "test.json"
     mathdata_cli.main(["synth", "--out", str(out), "--n", "30", "--seed", "5", "--split", "test"])
-    assert json.loads(out.read_text()) == problems.generate_records(30, seed=5, split="test")
+    assert json.loads(out.read_text()) == builtin.generate_records(30, seed=5, split="test")
     assert [p.name for p in out.parent.iterdir()] == ["test.json"]  # no temporary file left behind
 
 
@@ -250,6 +254,62 @@ def test_convert_command_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.jsonl" in err and message in err
     assert not out.exists()
+
+
+def test_module_command_is_the_cli(tmp_path):
+    """`python -m adapters_ds.mathdata convert ...` is a documented contract: it runs the CLI's command."""
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text("".join(json.dumps(row) + "\n" for row in GSM8K_ROWS))
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, "-m", "adapters_ds.mathdata", "convert", "--gsm8k", str(gsm8k), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text()) == convert.gsm8k_to_records(GSM8K_ROWS)
+    assert f"wrote {len(GSM8K_ROWS)} records" in proc.stdout
+    proc = subprocess.run([*cmd[:4], "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "--gsm8k" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------- record reader
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[{"a": 1}, {"a": 2}]', [{"a": 1}, {"a": 2}]),  # a JSON list
+        ('{"a": 1}\n\n{"a": 2}\n', [{"a": 1}, {"a": 2}]),  # JSON Lines, blank lines skipped
+        ('{"a": 1}', [{"a": 1}]),  # one object: a one-line JSON Lines file
+        ('\ufeff[{"a": 1}]', [{"a": 1}]),  # a UTF-8 byte order mark
+        ("", []),  # empty: the caller decides whether that is an error
+        ('[1, "x"]', [1, "x"]),  # records are not validated here
+    ],
+)
+def test_read_records_formats(tmp_path, text, expected):
+    path = tmp_path / "data.json"
+    path.write_text(text, encoding="utf-8")
+    assert read_records(path) == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, r"train_data: expected a JSON or JSON Lines file; found no file '.*nope\.json'"),
+        ('[{"a": 1},\n {"a": }]', r"train_data '.*nope\.json': expected a JSON list of records; .*line 2 column 8"),
+        ('{"a": 1}\n{"a": 1,\n', r"train_data '.*nope\.json': .*JSON Lines.*invalid JSON at line 2 column"),
+        ("instruction,output\na,b\n", r"invalid JSON at line 1 column 1"),
+        ("3", r"expected a JSON list of records or JSON Lines; found a JSON number"),
+        (b'[{"a": "\xff"}]', r"expected UTF-8 JSON; found undecodable bytes at position 8"),
+    ],
+)
+def test_read_records_errors_name_the_file_and_the_place(tmp_path, content, match):
+    path = tmp_path / "nope.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=match) as info:
+        read_records(path, "train_data")
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------- default model

@@ -36,15 +36,15 @@ from tiny_models import make_model
 from transformers import T5Config
 
 from adapters_ds import LoRAConfig, SeriesConfig, adapter_parameters, inject_adapters, save_adapter
+from adapters_ds.adapters.storage import WEIGHTS_NAME
 from adapters_ds.cli import evaluate as evaluate_cli
 from adapters_ds.cli import export as export_cli
 from adapters_ds.cli import train as train_cli
-from adapters_ds.training import trainer
-from adapters_ds.training.checkpoint import MARKER, resolve_resume
 from adapters_ds.errors import InputError, run_main
 from adapters_ds.modeling import load_base_model
-from adapters_ds.adapters.storage import WEIGHTS_NAME
+from adapters_ds.training import trainer
 from adapters_ds.training.args import parse_train_args
+from adapters_ds.training.checkpoint import MARKER, resolve_resume
 from adapters_ds.zero import gathered
 
 UNWRITABLE = Path("/proc/1/adapters_ds_out")  # procfs refuses new entries, also to root (chmod does not stop root)

@@ -16,8 +16,8 @@ from tiny_models import FAMILIES, make_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from adapters_ds import InputError, adapter_layers, load_adapter, read_adapter_config, save_adapter
-from adapters_ds.cli.export import main as export_main
 from adapters_ds.adapters.storage import CONFIG_NAME, WEIGHTS_NAME
+from adapters_ds.cli.export import main as export_main
 
 
 def trained(family, case, dtype=torch.float32):

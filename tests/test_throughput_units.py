@@ -8,8 +8,8 @@ import torch
 from tiny_models import FAMILIES, VOCAB, make_model
 
 from adapters_ds import LoRAConfig, freeze_base, inject_adapters
-from adapters_ds.training.data import IGNORE_INDEX, collate, collate_packed, count_tokens
 from adapters_ds.adapters.base import adapter_parameters
+from adapters_ds.training.data import IGNORE_INDEX, collate, collate_packed, count_tokens
 from adapters_ds.training.loss import causal_lm_loss_sum, loss_sum, target_positions
 from adapters_ds.training.packing import PACKED_SDPA, enable_packing, supports_packing
 

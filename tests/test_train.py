@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from tiny_models import make_model
 
 from adapters_ds import load_adapter
-from adapters_ds.hardware import native_bf16
 from adapters_ds.adapters.storage import WEIGHTS_NAME
+from adapters_ds.hardware import native_bf16
 
 pytestmark = pytest.mark.slow
 

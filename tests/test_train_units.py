@@ -11,9 +11,9 @@ from tiny_models import make_model
 
 from adapters_ds import InputError, LoRAConfig, ParallelConfig, freeze_base, inject_adapters
 from adapters_ds.distributed import map_launcher_env
-from adapters_ds.training.ds_config import persistence_threshold, resolve_ds_config
 from adapters_ds.hardware import native_bf16
 from adapters_ds.training.args import adapter_config, parse_train_args
+from adapters_ds.training.ds_config import persistence_threshold, resolve_ds_config
 from adapters_ds.training.trainer import lr_lambda
 
 BATCH = dict(world_size=2, micro_batch_size=4, batch_size=32, learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0)

@@ -2,8 +2,8 @@
 
 Byte-level (not a character WordLevel) so any text round-trips and BPE merges exist, the way a real LLM tokenizer
 behaves; Llama-like special tokens: `<s>` is prepended by the post-processor and `</s>` ends a sequence, so tests
-exercise the "one BOS, EOS appended by us" logic of `adapters_ds.training.data`. It also carries a small chat template that
-starts with `{{ bos_token }}` (as Llama 3's does), to check that BOS is not added twice.
+exercise the "one BOS, EOS appended by us" logic of `adapters_ds.training.data`. It also carries a small chat
+template that starts with `{{ bos_token }}` (as Llama 3's does), to check that BOS is not added twice.
 
 Models built for tests from configs should use `vocab_size=VOCAB_SIZE` (== `len(tokenizer)`).
 """

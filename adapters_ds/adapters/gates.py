@@ -16,7 +16,7 @@ is open, P(z > 0) = Φ((mu + 0.5) / 0.5), towards keep = 1 - target_sparsity in 
 
     loss = task loss + lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|)
 
-Two choices beyond the paper, both off by default (measured on the embedded model in bench/prune_speed.py): scope
+Two choices beyond the paper, both off by default (bench/prune_speed.py measures them on the embedded model): scope
 "mlp" gates only the MLP intermediate units, the one dimension the export removes unit by unit (other targets
 keep their LoRA and no gates), and `penalty_steps` ends the penalty early so the rest of the run recovers accuracy
 with the closed gates staying closed.

@@ -14,7 +14,6 @@ resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -27,7 +26,8 @@ import datasets
 import torch
 
 from adapters_ds.errors import InputError
-from adapters_ds.prompts import TemplateName, build_prompt
+from adapters_ds.prompts import TemplateName, build_prompt, encode_texts, tokenizer_adds_bos
+from adapters_ds.records import json_type, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -81,42 +81,9 @@ def _load_dataset(source: str, load: Callable[[], datasets.Dataset]) -> datasets
 
 
 def _read_json_records(path: Path) -> list[Any]:
-    """Parse a JSON list, a single JSON object, or JSON Lines; report the exact place of a syntax error."""
     if path.suffix not in LOCAL_SUFFIXES or not path.is_file():
         raise InputError(f"data: expected a .json or .jsonl file; found {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: expected UTF-8 JSON; found undecodable bytes at position {exc.start}") from exc
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if text.lstrip().startswith("["):  # a JSON list: the whole-document error position is the useful one
-            raise InputError(
-                f"{path}: expected a JSON list of records; found invalid JSON at line {exc.lineno} "
-                f"column {exc.colno}: {exc.msg}"
-            ) from exc
-        return _read_json_lines(path, text)
-    if isinstance(document, list):
-        return document
-    if isinstance(document, dict):
-        return [document]  # a one-line JSON Lines file
-    raise InputError(f"{path}: expected a JSON list of records or JSON Lines; found a JSON {_json_type(document)}")
-
-
-def _read_json_lines(path: Path, text: str) -> list[Any]:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise InputError(
-                f"{path}: expected one JSON record per line (JSON Lines); found invalid JSON at line "
-                f"{lineno} column {exc.colno}: {exc.msg}"
-            ) from exc
-    return records
+    return read_records(path, "data")
 
 
 def _validate_records(records: Iterable[Any], source: str) -> None:
@@ -125,7 +92,7 @@ def _validate_records(records: Iterable[Any], source: str) -> None:
     for index, record in enumerate(records):
         count += 1
         if not isinstance(record, Mapping):
-            raise InputError(f"{source}: record {index} (0-based): expected a JSON object; found {_json_type(record)}")
+            raise InputError(f"{source}: record {index} (0-based): expected a JSON object; found {json_type(record)}")
         for name in REQUIRED_FIELDS:
             if name not in record:
                 raise InputError(
@@ -138,23 +105,10 @@ def _validate_records(records: Iterable[Any], source: str) -> None:
             if not isinstance(value, str):
                 raise InputError(
                     f"{source}: record {index} (0-based): expected field {name!r} to be a string; "
-                    f"found {_json_type(value)}"
+                    f"found {json_type(value)}"
                 )
     if count == 0:
         raise InputError(f"{source}: expected at least one record; found an empty dataset")
-
-
-def _json_type(value: Any) -> str:
-    names = {
-        type(None): "null",
-        bool: "boolean",
-        int: "number",
-        float: "number",
-        str: "string",
-        list: "list",
-        dict: "object",
-    }
-    return names.get(type(value), type(value).__name__)
 
 
 def _default_input(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
@@ -210,7 +164,7 @@ def tokenize_records(
             "cutoff_len": cutoff_len,
             "train_on_inputs": train_on_inputs,
             "template": template,
-            "bos_id": tokenizer.bos_token_id if _tokenizer_adds_bos(tokenizer) else None,
+            "bos_id": tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None,
         },
     )
     dropped = len(ds) - len(tokenized)
@@ -230,19 +184,6 @@ def tokenize_records(
     return tokenized
 
 
-def _tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer prepends BOS by itself (Llama does, GPT-2 and Qwen do not): ask it, don't guess."""
-    bos_id = tokenizer.bos_token_id
-    return bos_id is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos_id]
-
-
-def _encode(tokenizer: Any, texts: list[str], bos_id: int | None) -> list[list[int]]:
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if bos_id is None:
-        return encoded
-    return [ids if ids[:1] == [bos_id] else [bos_id, *ids] for ids in encoded]
-
-
 def _tokenize_batch(
     batch: dict[str, list[Any]],
     tokenizer: Any,
@@ -260,7 +201,7 @@ def _tokenize_batch(
     eos_id = tokenizer.eos_token_id
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": []}
     for prompt_ids, full_ids in zip(
-        _encode(tokenizer, prompts, bos_id), _encode(tokenizer, fulls, bos_id), strict=True
+        encode_texts(tokenizer, prompts, bos_id), encode_texts(tokenizer, fulls, bos_id), strict=True
     ):
         if len(prompt_ids) >= cutoff_len:
             continue  # no room for a single target token
