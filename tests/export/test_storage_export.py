@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
+from adapters.test_adapters import CASES, adapted, logits, randomize_adapters
 from conftest import REPO
-from test_adapters import CASES, adapted, logits, randomize_adapters
 from tiny_models import FAMILIES, make_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 

@@ -26,7 +26,7 @@ from adapters_ds.evaluation.answers import (
 )
 from adapters_ds.records import normalize_question, occurs_in_training
 
-MATH_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "math"
+MATH_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math"
 
 ECHO_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"

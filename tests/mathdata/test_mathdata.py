@@ -25,8 +25,8 @@ from adapters_ds.errors import InputError, run_main
 from adapters_ds.mathdata import convert
 from adapters_ds.records import normalize_question, read_records
 
-REPO = str(Path(__file__).resolve().parents[1])
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = str(Path(__file__).resolve().parents[2])
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 
