@@ -140,6 +140,11 @@ class Adapter(nn.Module):
     """True: called as `adapter(x, None)` before the base layer too, returning the input the base layer sees."""
     replaces_output: ClassVar[bool] = False
     """True: `forward(x, out)` returns the layer's new output rather than an addition to it."""
+    reads_base: bool = False
+    """True (per instance): called as `adapter(x, out, base=<the adapted module>)`, for an output that depends on
+    the frozen weight's values (DoRA's weight norm). The forward hook runs before ZeRO-3 releases the base module's
+    parameters (the adapter's hook is registered first, at injection, and DeepSpeed's after it, at initialize), so
+    the full weight is there without another gather."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,6 +156,11 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def on_attach(self, base: nn.Module) -> None:
+        """Called by `attach` before the adapter joins `base`: a method whose initial state depends on the frozen
+        weight's values (DoRA's magnitude) reads them here, through `zero.gathered` (every rank attaches the same
+        modules in the same order, as a ZeRO-3 gather requires). Nothing by default."""
 
     def merge(self, base: nn.Module) -> None:
         raise InputError(f"{type(self).__name__} adapters are not mergeable (their update is not linear)")
@@ -164,7 +174,8 @@ def _apply_adapter(module: nn.Module, args: tuple, output: torch.Tensor) -> torc
     adapter = getattr(module, ADAPTER_ATTR, None)
     if adapter is None or adapter.merged:
         return None  # None keeps the output as it is
-    result = adapter(args[0], output).to(output.dtype)
+    result = adapter(args[0], output, base=module) if adapter.reads_base else adapter(args[0], output)
+    result = result.to(output.dtype)
     return result if adapter.replaces_output else output + result
 
 
@@ -179,6 +190,7 @@ def _transform_input(module: nn.Module, args: tuple) -> tuple | None:
 def attach(base: nn.Module, adapter: Adapter) -> None:
     if isinstance(getattr(base, ADAPTER_ATTR, None), Adapter):
         raise InputError(f"{type(base).__name__} already has an adapter; remove it before adding another")
+    adapter.on_attach(base)  # before any change to `base`, so a failure leaves it as it was
     adapter.train(base.training)  # a new module is in training mode; one attached to an eval-mode model must not be
     base.add_module(ADAPTER_ATTR, adapter)
     adapter._hook = base.register_forward_hook(_apply_adapter)

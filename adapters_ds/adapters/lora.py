@@ -1,22 +1,42 @@
-"""LoRA: a low-rank update of a frozen linear layer (Hu et al. 2021, arXiv 2106.09685, section 4.1).
+"""LoRA: a low-rank update of a frozen linear layer (Hu et al. 2021, arXiv 2106.09685, section 4.1), with three
+variants as options.
 
-    y = W x + (alpha / r) · B A dropout(x),    A: (r, in) Kaiming-uniform, B: (out, r) zeros
+    y = W x + b + s · B A dropout(x),    A: (r, in) Kaiming-uniform, B: (out, r) zeros,    s = alpha / r
 
-B = 0 makes the adapted model equal to the base at step 0. The update is linear, so it can be merged into
-W (and unmerged) exactly up to rounding; merging is always explicit, never a side effect of eval().
+- rsLoRA (`use_rslora`; Kalajdzievski 2023, arXiv 2312.03732): s = alpha / √r, which keeps the update's scale
+  stable as r grows (alpha / r shrinks it, so large ranks learn no better than small ones).
+- DoRA (`use_dora`; Liu et al. 2024, arXiv 2402.09353, section 4): the adapted weight is split into a trained
+  magnitude m (one value per output row) and a direction,
+
+      W' = m ⊙ (W + s·BA) / ‖W + s·BA‖     (‖·‖ per output row, over the input dimension: (out,))
+      y  = (m / ‖W + s·BA‖) ⊙ (W x + s · B A dropout(x)) + b          (the bias is not rescaled)
+
+  m starts as ‖W‖, so the layer is the base layer at step 0. As the paper suggests (section 4.3) and as PEFT does,
+  the norm is a constant for backpropagation (computed without gradient), so training keeps no (out, in) tensor
+  for backward. The norm is recomputed from the frozen weight at every forward, which needs the weight's values:
+  under ZeRO-3 the adapter runs inside the base layer's forward hook, while its parameters are still gathered.
+  Dropout acts on the low-rank path only, as in plain LoRA: W x is the base layer's own output. (PEFT and the DoRA
+  authors' code compute W·dropout(x) for the rescaling term, a second product with the full weight per layer and
+  step; both have the same expectation, and without dropout, as in evaluation and export, they are identical.)
+- LoRA+ (`lora_plus_ratio`; Hayou et al. 2024, arXiv 2402.12354): B learns `ratio` times faster than A (their own
+  optimizer groups, `param_groups`).
+
+B = 0 makes the adapted model equal to the base at step 0 in every variant. The update is linear in W (DoRA: a
+row scaling of W + s·BA), so it is merged into W (and unmerged) exactly up to rounding, in fp32; merging is always
+explicit, never a side effect of eval().
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters_ds.adapters.base import Adapter, AdapterConfig, check_range, option
+from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, check_range, option
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
 from adapters_ds.families import LinearDims
@@ -33,6 +53,19 @@ class LoRAConfig(AdapterConfig):
     r: int = option(32, "LoRA rank", flag="lora_r")
     alpha: float = option(64.0, "LoRA alpha (the update is scaled by alpha / r)", flag="lora_alpha")
     dropout: float = option(0.05, "dropout on the LoRA branch (the base path never sees it)", flag="lora_dropout")
+    use_dora: bool = option(
+        False,
+        "DoRA: train a magnitude per output row on top of LoRA's direction update (adds out_features parameters "
+        "per adapted layer; still mergeable)",
+        flag="use_dora",
+    )
+    use_rslora: bool = option(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r", flag="use_rslora")
+    lora_plus_ratio: float = option(
+        1.0,
+        "LoRA+: learning rate of B (and of the DoRA magnitude) = ratio x --learning_rate, A keeps --learning_rate; "
+        "1 is plain LoRA; the LoRA+ paper recommends 16, with a learning rate about half of plain LoRA's",
+        flag="lora_plus_ratio",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,6 +73,36 @@ class LoRAConfig(AdapterConfig):
             raise InputError(f"lora r must be a positive integer, found {self.r!r}")
         check_range("lora alpha", self.alpha, 0, low_inclusive=False)
         check_range("lora dropout", self.dropout, 0, 1)
+        for name in ("use_dora", "use_rslora"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"lora {name} must be true or false, found {getattr(self, name)!r}")
+        check_range("lora lora_plus_ratio", self.lora_plus_ratio, 0, low_inclusive=False)
+
+    @property
+    def scaling(self) -> float:
+        """s: alpha / r, or alpha / √r with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
+        """With LoRA+: A at `learning_rate` (the first group, so the logged rate stays the run's), B and the DoRA
+        magnitude at ratio × `learning_rate` (the magnitude, a 1-D output-side parameter, goes with B as in the
+        LoRA+ authors' code and PEFT's `create_loraplus_optimizer`). Weight decay stays the run's."""
+        if self.lora_plus_ratio == 1:
+            return super().param_groups(model, learning_rate)
+        layers = [adapter for _, _, adapter in adapter_layers(model) if isinstance(adapter, LoRA)]
+        if not layers:
+            raise InputError("the model has no LoRA adapters (inject a LoRAConfig first)")
+        slow = [adapter.lora_A for adapter in layers]
+        fast = [p for adapter in layers for p in adapter.output_side()]
+        grouped = {id(p) for p in slow + fast}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
+        groups: list[dict[str, Any]] = [
+            {"params": slow, "lr": learning_rate},
+            {"params": fast, "lr": learning_rate * self.lora_plus_ratio},
+        ]
+        if others:
+            groups.append({"params": others, "lr": learning_rate})
+        return groups
 
 
 def add_lora_parameters(module: nn.Module, r: int, dims: LinearDims, dtype: torch.dtype, device: torch.device) -> None:
@@ -66,16 +129,46 @@ class LoRA(Adapter):
 
     def __init__(self, config: LoRAConfig, dims: LinearDims, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.scaling = config.alpha / config.r
+        self.scaling = config.scaling
         self.transposed = dims.transposed
         add_lora_parameters(self, config.r, dims, dtype, device)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.use_dora = self.reads_base = config.use_dora
+        if self.use_dora:
+            # m, (out,): the norm of the base weight's rows, set by `on_attach` (which sees the base layer)
+            self.lora_magnitude = nn.Parameter(torch.ones(dims.out_features, dtype=dtype, device=device))
+            # ‖W + s·BA‖ at merge time, which unmerge needs (the merged weight's row norms are |m|, not it)
+            self.register_buffer("merged_norm", None, persistent=False)
 
     def trainable_names(self) -> tuple[str, ...]:
-        return ("lora_A", "lora_B")
+        return ("lora_A", "lora_B", "lora_magnitude") if self.use_dora else ("lora_A", "lora_B")
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return lora_update(self.dropout(x.to(self.lora_A.dtype)), self.lora_A, self.lora_B, self.scaling)
+    def output_side(self) -> list[nn.Parameter]:
+        """The parameters on the output side of the update (LoRA+'s fast group): B, and DoRA's magnitude."""
+        return [self.lora_B, self.lora_magnitude] if self.use_dora else [self.lora_B]
+
+    @torch.no_grad()
+    def on_attach(self, base: nn.Module) -> None:
+        if self.use_dora:
+            with gathered([base.weight]):  # ZeRO-3: the base weight is partitioned at injection time
+                self.lora_magnitude.copy_(self.weight_norm(base))
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module | None = None) -> torch.Tensor:
+        update = lora_update(self.dropout(x.to(self.lora_A.dtype)), self.lora_A, self.lora_B, self.scaling)
+        if not self.use_dora:
+            return update  # (..., out)
+        scale = self.lora_magnitude.float() / self.weight_norm(base).float()  # (out,), m / ‖W + s·BA‖
+        frozen = out if base.bias is None else out - base.bias  # W x: the magnitude rescales it, not the bias
+        # y = out + this = scale ⊙ (W x + s·BA x') + b; at step 0 scale is exactly 1 and B = 0, so this is 0
+        return (scale - 1) * frozen + scale * update
+
+    @torch.no_grad()
+    def weight_norm(self, base: nn.Module) -> torch.Tensor:
+        """‖W + s·BA‖ per output row, (out,): computed in fp32, rounded to the magnitude's dtype (so that m = the
+        norm at initialisation gives a scale of exactly 1 also in bf16), and without gradient (DoRA's constant)."""
+        weight = base.weight.T if self.transposed else base.weight  # (out, in)
+        norm = torch.linalg.vector_norm(weight.float() + lora_delta(self.lora_A, self.lora_B, self.scaling), dim=1)
+        return norm.to(self.lora_magnitude.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r)·B·A in fp32, laid out like the base weight ((in, out) for Conv1D)."""
@@ -84,20 +177,32 @@ class LoRA(Adapter):
 
     def merge(self, base: nn.Module) -> None:
         if not self.merged:
-            self._add_to_weight(base, sign=1.0)
+            self._fold(base, merge=True)
             self.merged = True
 
     def unmerge(self, base: nn.Module) -> None:
         if self.merged:
-            self._add_to_weight(base, sign=-1.0)
+            self._fold(base, merge=False)
             self.merged = False
 
     @torch.no_grad()
-    def _add_to_weight(self, base: nn.Module, sign: float) -> None:
+    def _fold(self, base: nn.Module, merge: bool) -> None:
         # fp32 math then one cast back: a bf16 add would round the small update away
-        with gathered([base.weight, self.lora_A, self.lora_B], modify=True):
+        with gathered([base.weight, *self.parameters()], modify=True):
             weight = base.weight
-            weight.copy_((weight.float() + sign * self.delta_weight()).to(weight.dtype))
+            if not self.use_dora:
+                weight.copy_((weight.float() + (1.0 if merge else -1.0) * self.delta_weight()).to(weight.dtype))
+                return
+            rows = weight.T if self.transposed else weight  # (out, in) view: writes go to the weight
+            delta = lora_delta(self.lora_A, self.lora_B, self.scaling)
+            if merge:  # W' = (m / ‖W + s·BA‖) ⊙ (W + s·BA), the norm exactly as the forward computes it
+                self.merged_norm = self.weight_norm(base).float()
+                scale = self.lora_magnitude.float() / self.merged_norm
+                rows.copy_((scale[:, None] * (rows.float() + delta)).to(weight.dtype))
+            else:  # W = W' / scale - s·BA, with the norm from before the merge
+                scale = self.lora_magnitude.float() / self.merged_norm
+                rows.copy_((rows.float() / scale[:, None] - delta).to(weight.dtype))
+                self.merged_norm = None
 
 
 register(LoRAConfig, LoRA)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from adapters_ds.demo.problems import default_splits
-from adapters_ds.distributed import init_distributed
+from adapters_ds.distributed import Ranks, init_distributed
 from adapters_ds.evaluation.harness import evaluate_records, load_model
 from adapters_ds.evaluation.results import accuracy
 from adapters_ds.fileio import atomic_write_text, write_json
@@ -64,8 +62,7 @@ def report_gain(args: TrainArgs, base_model: str, adapter_dir: Path) -> dict:
         rows = evaluate_records(
             model, tokenizer, shard, max_new_tokens=EVAL_MAX_NEW_TOKENS, template=args.template, progress=info.is_main
         )
-        gathered = [None] * info.world_size
-        torch.distributed.all_gather_object(gathered, [bool(r["correct"]) for r in rows])
+        gathered = Ranks(start=False).gather([bool(r["correct"]) for r in rows])
         flags = [flag for part in gathered for flag in part]
         results[name] = {"n": len(flags), "accuracy": accuracy({"correct": f} for f in flags)}
         del model

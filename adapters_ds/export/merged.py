@@ -1,5 +1,6 @@
 """`export --merge`: LoRA folded into the base weights (in fp32, cast back), written as a plain Hugging Face model
-folder that loads without adapters_ds."""
+folder that loads without adapters_ds. DoRA folds exactly as well (W' = m ⊙ (W + s·BA) / ‖W + s·BA‖, per output
+row); rsLoRA differs only in s."""
 
 from __future__ import annotations
 

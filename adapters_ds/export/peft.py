@@ -1,5 +1,10 @@
-"""`export --peft`: a LoRA adapter in Hugging Face PEFT's format; `peft.PeftModel.from_pretrained(base, out)`
-gives the same outputs as our adapted model."""
+"""`export --peft`: a LoRA adapter (DoRA and rsLoRA included) in Hugging Face PEFT's format;
+`peft.PeftModel.from_pretrained(base, out)` gives the same outputs as our adapted model.
+
+PEFT's names: `base_model.model.<module>.lora_A.weight` (r, in), `.lora_B.weight` (out, r), and for DoRA
+`.lora_magnitude_vector` (out,), without a `.weight` suffix (PEFT adds it back when loading). PEFT's DoRA norm and
+rsLoRA scale are ours (see `adapters.lora`), so `use_dora` / `use_rslora` carry over as they are; LoRA+ only changes
+training and leaves nothing to export."""
 
 from __future__ import annotations
 
@@ -31,18 +36,20 @@ def peft_config(config: LoRAConfig, base_name: str, fan_in_fan_out: bool) -> dic
         "modules_to_save": None,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": config.use_rslora,  # s = alpha / sqrt(r)
+        "use_dora": config.use_dora,
     }
 
 
 def peft_state_dict(model: nn.Module) -> dict:
-    """Our LoRA tensors under PEFT's key names (`base_model.model.<module>.lora_A.weight`)."""
+    """Our LoRA tensors under PEFT's key names (`base_model.model.<module>.lora_A.weight`, ...)."""
     tensors = {}
     for name, _, adapter in adapter_layers(model):
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = adapter.lora_A.detach().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = adapter.lora_B.detach().cpu().contiguous()
+        if adapter.use_dora:
+            tensors[f"{prefix}.lora_magnitude_vector"] = adapter.lora_magnitude.detach().cpu().contiguous()
     return tensors
 
 

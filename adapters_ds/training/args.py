@@ -64,6 +64,11 @@ class TrainArgs:
         5, "a step with a non-finite loss is skipped (no update); stop after this many in a row"
     )
     dist_timeout: float = _opt(600.0, "seconds a collective waits for the other ranks before the run fails")
+    max_replicated_base_share: float = _opt(
+        0.05,
+        "ZeRO-3: the largest share of the base's elements that may stay whole on every rank (frozen tensors at or "
+        "below the persistence threshold; the adapters always do); a run above it stops with an error",
+    )
     local_rank: int = _opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     """Values of every registered method's options, by flag name (`lora_r`, `bottleneck_size`, ...)."""
@@ -83,6 +88,8 @@ class TrainArgs:
             self.val_set_size = int(self.val_set_size)
         if not 0 <= self.warmup_ratio < 1:
             raise InputError(f"--warmup_ratio must be in [0, 1), found {self.warmup_ratio}")
+        if not 0 <= self.max_replicated_base_share <= 1:
+            raise InputError(f"--max_replicated_base_share must be in [0, 1], found {self.max_replicated_base_share}")
         if self.learning_rate <= 0:
             raise InputError(f"--learning_rate must be > 0, found {self.learning_rate}")
 

@@ -2,8 +2,7 @@
 
 The command line owns the batch sizes, learning rate, weight decay and clipping: `"auto"` fields take its
 values and an explicit value that disagrees is an error naming both (a silent winner would train with a
-batch size nobody asked for). The persistence threshold is computed from the model so that ZeRO-3 keeps
-every adapter tensor replicated and partitions every frozen weight matrix.
+batch size nobody asked for). The persistence threshold depends on the model and is settled in `persistence.py`.
 """
 
 from __future__ import annotations
@@ -16,13 +15,10 @@ import deepspeed
 import pydantic
 import torch
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig, DeepSpeedConfigError
-from torch import nn
 
-from adapters_ds.adapters.base import adapter_parameters
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import read_json
 from adapters_ds.hardware import native_bf16
-from adapters_ds.zero import full_numel, full_shape
 
 AUTO = "auto"
 
@@ -120,57 +116,9 @@ def compute_dtype(config: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
-def _frozen_matrices(model: nn.Module, adapter_ids: set[int]) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if id(p) not in adapter_ids and len(full_shape(p)) >= 2]
-
-
-def persistence_threshold(model: nn.Module) -> int:
-    """Numel of the largest adapter tensor, checked to be below the smallest frozen weight matrix.
-
-    ZeRO-3 keeps a parameter whole on every rank when numel <= threshold: this value keeps all adapters (and
-    small frozen vectors such as norms) replicated and partitions every frozen matrix.
-    """
-    adapters = adapter_parameters(model)
-    largest_name, largest = max(((n, full_numel(p)) for n, p in adapters.items()), key=lambda t: t[1])
-    adapter_ids = {id(p) for p in adapters.values()}
-    frozen = [(n, full_numel(p)) for n, p in _frozen_matrices(model, adapter_ids)]
-    smallest_name, smallest = min(frozen, key=lambda t: t[1])
-    if largest >= smallest:
-        raise InputError(
-            f"no ZeRO-3 persistence threshold keeps adapters replicated and the base partitioned: the largest adapter "
-            f"tensor {largest_name!r} has {largest:,} elements, the smallest frozen matrix {smallest_name!r} "
-            f"{smallest:,}; use a smaller adapter (rank / bottleneck size) or ZeRO-2"
-        )
-    return largest
-
-
 def without_persistence_threshold(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of `config` for uses before the adapters exist (validation, partitioned loading): without
-    `stage3_param_persistence_threshold`, whose "auto" only `set_persistence_threshold` can fill."""
+    `stage3_param_persistence_threshold`, whose "auto" only `persistence.plan_persistence` can fill."""
     config = copy.deepcopy(config)
     config.get("zero_optimization", {}).pop("stage3_param_persistence_threshold", None)
     return config
-
-
-def set_persistence_threshold(config: dict[str, Any], model: nn.Module) -> int | None:
-    """Fill `stage3_param_persistence_threshold` for ZeRO-3 (an explicit value is checked after initialize)."""
-    zero = config.get("zero_optimization", {})
-    if zero_stage(config) != 3:
-        return None
-    if zero.get("stage3_param_persistence_threshold", AUTO) == AUTO:
-        zero["stage3_param_persistence_threshold"] = persistence_threshold(model)
-    return zero["stage3_param_persistence_threshold"]
-
-
-def check_replication(model: nn.Module) -> None:
-    """After `deepspeed.initialize` under ZeRO-3: adapters persistent, frozen matrices partitioned."""
-    adapters = adapter_parameters(model)
-    not_persistent = [n for n, p in adapters.items() if not getattr(p, "ds_persist", False)]
-    if not_persistent:
-        raise RuntimeError(f"ZeRO-3 partitioned adapter tensors (they must stay replicated): {not_persistent[:3]}")
-    persistent_matrices = [n for n, p in _frozen_matrices(model, {id(p) for p in adapters.values()}) if p.ds_persist]
-    if persistent_matrices:
-        raise InputError(
-            f"the ZeRO-3 persistence threshold keeps frozen matrices replicated: {persistent_matrices[:3]}; "
-            'set stage3_param_persistence_threshold to "auto"'
-        )

@@ -1,13 +1,13 @@
 """Building the DeepSpeed engine of a training run, in the one order that works under ZeRO-3:
 
-    partitioned load → packing → inject → freeze → (gradient checkpointing) → persistence threshold →
-    `deepspeed.initialize` → replication checks
+    partitioned load → packing → inject → freeze → (gradient checkpointing) → persistence plan →
+    `deepspeed.initialize` → adapters marked persistent → replication checks
 
 The base model is created under `HfDeepSpeedConfig` (transformers' `deepspeed.zero.Init`), so each layer is
 partitioned as it loads and no rank ever holds the whole model. Adapters are created after loading, as ordinary
-tensors, and become ZeRO parameters in `deepspeed.initialize`; the persistence threshold chosen in between keeps
-them whole on every rank (`ds_config.set_persistence_threshold`). The trainer and the benchmarks build their
-engines through `build_engine`, so the sequence is written once.
+tensors, and become ZeRO parameters in `deepspeed.initialize`; right after it they are marked persistent, so they
+stay whole on every rank (`persistence.py`). The trainer and the benchmarks build their engines through
+`build_engine`, so the sequence is written once.
 """
 
 from __future__ import annotations
@@ -24,15 +24,18 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from adapters_ds.adapters.base import AdapterConfig, adapter_parameters
 from adapters_ds.adapters.inject import freeze_base, inject_adapters
-from adapters_ds.training.ds_config import (
-    check_replication,
-    compute_dtype,
-    set_persistence_threshold,
-    without_persistence_threshold,
-    zero_stage,
-)
+from adapters_ds.training.ds_config import AUTO, compute_dtype, without_persistence_threshold, zero_stage
 from adapters_ds.training.packing import enable_packing
-from adapters_ds.zero import full_numel
+from adapters_ds.training.persistence import (
+    DEFAULT_MAX_SHARE,
+    THRESHOLD_KEY,
+    PersistencePlan,
+    check_replication,
+    check_share,
+    plan_persistence,
+    set_threshold,
+)
+from adapters_ds.zero import full_numel, persist_exactly
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -41,6 +44,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 class Built:
     engine: Any  # deepspeed.DeepSpeedEngine
     packed: bool  # the model keeps the examples of a packed row apart (see packing.py)
+    persistence: PersistencePlan | None  # under ZeRO-3: what stays whole on every rank
 
 
 def build_engine(
@@ -51,10 +55,12 @@ def build_engine(
     learning_rate: float,
     lr_scheduler: SchedulerFactory | None = None,
     gradient_checkpointing: bool = False,
+    max_replicated_base_share: float = DEFAULT_MAX_SHARE,
 ) -> Built:
     """`load(dtype)` creates the base model (from a checkpoint or a config); it runs under ZeRO-3's partitioned
     construction when the config asks for stage 3. `ds_config` is a resolved config; its persistence threshold is
-    filled in here (the only change made to it)."""
+    filled in here (the only change made to it). Under ZeRO-3 a plan that keeps more than `max_replicated_base_share`
+    of the base whole on every rank is refused before `deepspeed.initialize`."""
     hf_ds_config = None
     if zero_stage(ds_config) == 3:
         # must stay referenced until deepspeed.initialize; the threshold's "auto" can only be filled later
@@ -67,7 +73,11 @@ def build_engine(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # a frozen embedding would give checkpointed blocks no grad input
-    set_persistence_threshold(ds_config, model)
+    plan = None
+    if zero_stage(ds_config) == 3:
+        plan = plan_persistence(model, ds_config["zero_optimization"].get(THRESHOLD_KEY, AUTO))
+        check_share(plan, max_replicated_base_share)
+        set_threshold(ds_config, plan)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=adapter_config.param_groups(model, learning_rate),
@@ -75,19 +85,23 @@ def build_engine(
         lr_scheduler=lr_scheduler,
     )
     del hf_ds_config  # loading is done; the engine holds the ZeRO-3 state from here on
-    if zero_stage(ds_config) == 3:
-        check_replication(engine.module)
-    return Built(engine, packed)
+    if plan is not None:
+        persist_exactly(engine, plan.keep)  # before the first forward, which records what to release after use
+        check_replication(engine.module, plan)
+    return Built(engine, packed, plan)
 
 
 def partition_report(model: nn.Module) -> dict[str, int]:
     """Elements of base and adapter parameters this rank holds, and their full sizes."""
     adapter_ids = {id(p) for p in adapter_parameters(model).values()}
-    report = dict.fromkeys(("base_local_numel", "base_numel", "adapter_local_numel", "adapter_numel"), 0)
+    keys = ("base_local_numel", "base_numel", "base_replicated_numel", "adapter_local_numel", "adapter_numel")
+    report = dict.fromkeys(keys, 0)
     for p in model.parameters():
         kind = "adapter" if id(p) in adapter_ids else "base"
-        # a persistent parameter is gathered once at its first use and then stays whole on every rank
-        resident = full_numel(p) if getattr(p, "ds_persist", True) else p.ds_tensor.numel()
-        report[f"{kind}_local_numel"] += resident
+        persistent = getattr(p, "ds_persist", True)  # whole on every rank (no ZeRO-3: every parameter)
+        report[f"{kind}_local_numel"] += full_numel(p) if persistent else p.ds_tensor.numel()
         report[f"{kind}_numel"] += full_numel(p)
+        if kind == "base" and persistent:
+            report["base_replicated_numel"] += full_numel(p)
+    report["base_replicated_share"] = report["base_replicated_numel"] / max(1, report["base_numel"])
     return report

@@ -37,7 +37,7 @@ from transformers import set_seed
 from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.inject import parameter_report
 from adapters_ds.adapters.storage import save_adapter
-from adapters_ds.distributed import DistInfo, barrier, init_distributed
+from adapters_ds.distributed import DistInfo, Ranks, barrier, init_distributed
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import check_output_dir, write_json
 from adapters_ds.modeling import check_causal_lm, load_base_model, load_tokenizer
@@ -202,6 +202,7 @@ class Trainer:
             learning_rate=args.learning_rate,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
             gradient_checkpointing=args.gradient_checkpointing,
+            max_replicated_base_share=args.max_replicated_base_share,
         )
         self.engine, self.pack = built.engine, built.packed
         self.device = self.engine.device
@@ -236,15 +237,15 @@ class Trainer:
     def write_partition_report(self) -> None:
         """Per-rank resident parameter elements under ZeRO-3 (`zero3_partition.json`): proof that the base is
         partitioned and the adapters are not, and the memory each rank holds."""
-        mine = partition_report(self.engine.module)
-        reports = [None] * self.info.world_size
-        torch.distributed.all_gather_object(reports, mine)
+        reports = Ranks(start=False).gather(partition_report(self.engine.module))
         if self.info.is_main:
             write_json(self.out / "zero3_partition.json", reports)
             base = reports[0]
             self.log(
-                f"ZeRO-3: base {base['base_local_numel']:,} of {base['base_numel']:,} elements resident per rank, "
-                f"adapters {base['adapter_local_numel']:,} of {base['adapter_numel']:,} (replicated)"
+                f"ZeRO-3: base {base['base_local_numel']:,} of {base['base_numel']:,} elements resident per rank "
+                f"({base['base_replicated_numel']:,} = {100 * base['base_replicated_share']:.2f} % of the base kept "
+                f"whole on every rank), adapters {base['adapter_local_numel']:,} of {base['adapter_numel']:,} "
+                "(replicated)"
             )
 
     # ------------------------------------------------------------------------------------------------ steps

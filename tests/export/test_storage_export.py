@@ -11,11 +11,19 @@ import sys
 import pytest
 import torch
 from adapters.test_adapters import CASES, adapted, logits, randomize_adapters
+from adapters.test_lora_variants import VARIANTS, randomize_variant, variant_model
 from conftest import REPO
 from tiny_models import FAMILIES, make_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from adapters_ds import InputError, adapter_layers, load_adapter, read_adapter_config, save_adapter
+from adapters_ds import (
+    InputError,
+    adapter_layers,
+    adapter_parameters,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from adapters_ds.adapters.storage import CONFIG_NAME, WEIGHTS_NAME
 from adapters_ds.cli.export import main as export_main
 
@@ -220,3 +228,71 @@ def test_export_errors_are_one_line_and_destroy_nothing(saved, tmp_path):
     assert missing.returncode == 2 and "base model not found" in missing.stderr
     assert (out / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["llama-base", "llama-series_pfeiffer", "out"])
+
+
+# ---- LoRA variants (DoRA, rsLoRA): storage and both exports -----------------------------------------------------
+
+
+@pytest.fixture
+def saved_variant(tmp_path):
+    """A tiny base model folder and a trained LoRA-variant adapter folder (`test_lora_variants.VARIANTS`)."""
+
+    def make(family: str, variant: str):
+        base_dir, adapter_dir = tmp_path / f"{family}-base", tmp_path / f"{family}-{variant}"
+        make_model(family).save_pretrained(base_dir)
+        model, config = variant_model(family, variant)
+        randomize_variant(model)
+        save_adapter(model, config, adapter_dir)
+        return base_dir, adapter_dir, model
+
+    return make
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_save_load_round_trip_is_exact(tmp_path, family, variant):
+    model, config = variant_model(family, variant)
+    randomize_variant(model)
+    save_adapter(model, config, tmp_path / "adapter")
+    fresh = make_model(family)
+    loaded_config = load_adapter(fresh, tmp_path / "adapter")
+    assert loaded_config == read_adapter_config(tmp_path / "adapter")[0]
+    assert (loaded_config.use_dora, loaded_config.use_rslora) == (config.use_dora, config.use_rslora)
+    for name, p in adapter_parameters(model).items():
+        assert torch.equal(adapter_parameters(fresh)[name], p), name
+    assert torch.equal(logits(fresh), logits(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_peft_export_gives_same_logits_in_peft(saved_variant, tmp_path, family, variant):
+    peft = pytest.importorskip("peft")
+    base_dir, adapter_dir, model = saved_variant(family, variant)
+    out = tmp_path / "peft"
+    result = export(
+        "--base_model", str(base_dir), "--adapter_dir", str(adapter_dir), "--output_dir", str(out), "--peft"
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads((out / CONFIG_NAME).read_text())
+    assert (written["use_dora"], written["use_rslora"]) == (variant.startswith("dora"), variant.endswith("rslora"))
+    from safetensors.torch import load_file
+
+    keys = load_file(out / WEIGHTS_NAME)
+    magnitudes = [k for k in keys if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == (len(keys) // 3 if variant.startswith("dora") else 0)
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+    torch.testing.assert_close(logits(peft_model), logits(model), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
+@pytest.mark.parametrize("variant", ["dora", "rslora"])
+def test_variant_merge_export_is_a_plain_model_with_same_logits(saved_variant, tmp_path, family, variant):
+    base_dir, adapter_dir, model = saved_variant(family, variant)
+    out = tmp_path / "merged"
+    result = export(
+        "--base_model", str(base_dir), "--adapter_dir", str(adapter_dir), "--output_dir", str(out), "--merge"
+    )
+    assert result.returncode == 0, result.stderr
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("adapter" in n for n in merged.state_dict())
+    torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=0)

@@ -7,13 +7,12 @@ import json
 
 import pytest
 from conftest import REPO
-from tiny_models import make_model
 
-from adapters_ds import InputError, LoRAConfig, ParallelConfig, freeze_base, inject_adapters
+from adapters_ds import InputError
 from adapters_ds.distributed import map_launcher_env
 from adapters_ds.hardware import native_bf16
 from adapters_ds.training.args import adapter_config, parse_train_args
-from adapters_ds.training.ds_config import persistence_threshold, resolve_ds_config
+from adapters_ds.training.ds_config import resolve_ds_config
 from adapters_ds.training.trainer import lr_lambda
 
 BATCH = dict(world_size=2, micro_batch_size=4, batch_size=32, learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0)
@@ -51,21 +50,6 @@ def test_conflicting_config_values_name_both(change, message):
 def test_batch_size_must_split_over_ranks():
     with pytest.raises(InputError, match="--batch_size 12 must be a multiple of --micro_batch_size 4 × 2 rank"):
         resolve_ds_config(shipped("zero3"), **{**BATCH, "batch_size": 12})
-
-
-def test_persistence_threshold_separates_adapters_from_frozen_matrices():
-    model = make_model("llama")  # hidden 32, intermediate 48, k/v projections 16 × 32 = 512 elements
-    inject_adapters(model, LoRAConfig(r=4))
-    freeze_base(model)
-    assert persistence_threshold(model) == 4 * 48  # lora_A of down_proj (4 × 48) is the largest adapter tensor
-
-
-def test_no_threshold_possible_is_a_clear_error():
-    model = make_model("llama")
-    inject_adapters(model, ParallelConfig(bottleneck_size=16))  # up: 48 × 16 = 768 > k_proj's 512
-    freeze_base(model)
-    with pytest.raises(InputError, match=r"largest adapter tensor .* 768 elements, the smallest frozen matrix .* 512"):
-        persistence_threshold(model)
 
 
 def test_srun_environment_is_mapped():
