@@ -13,6 +13,12 @@ Two opt-in extensions serve methods that are not an addition (stochastic gates, 
 an adapter with `transforms_input` also gets a forward pre-hook that replaces the base layer's input by
 `adapter(x, None)`, and one with `replaces_output` returns the layer's new output instead of an addition. Both
 go through the adapter's `__call__`, so ZeRO-3's module hooks fetch its parameters for either use.
+
+Methods that act on the whole model rather than on linear layers (prompt tuning, P-tuning, prefix tuning) set the
+config's `model_level`: one adapter is attached to the model itself (module path "", so its tensors are named
+`adapter.<name>`), built from `layer_dims` (the model's geometry), and it registers its own hooks (`Adapter.hooks`:
+pre-hooks that rewrite the model's inputs). Everything else (`adapter_parameters`, `freeze_base`, the adapter files,
+ZeRO-3 persistence) treats it like any other adapter.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 
 from adapters_ds.errors import InputError
-from adapters_ds.families import Role, default_targets
+from adapters_ds.families import Role, default_targets, linear_dims
 from adapters_ds.hardware import DTYPES
 
 ADAPTER_ATTR = "adapter"
@@ -47,6 +53,10 @@ class AdapterConfig:
     method: ClassVar[str]
     target_roles: ClassVar[tuple[Role, ...]] = ()
     """Roles of the modules adapted by default (`families.ROLES`: q, k, v, o, mlp_gate, mlp_up, mlp_down)."""
+    model_level: ClassVar[bool] = False
+    """True: the method attaches one adapter to the model itself (module path "", e.g. prompt and prefix tuning,
+    which change the model's inputs or every attention layer) instead of one per target module; `target_modules`
+    does not apply and the layer is built from `layer_dims(name, model)`."""
 
     target_modules: tuple[str, ...] | None = None
     """Module names to adapt: a name matches a module whose dotted path equals it or ends with `.name`
@@ -69,6 +79,11 @@ class AdapterConfig:
         """Optimizer parameter groups of the trainable parameters; a method with parameters that want their
         own learning rate (e.g. stochastic gates) overrides this."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def layer_dims(self, name: str, module: nn.Module) -> Any:
+        """The shape facts the adapter layer at `name` is built from: by default `families.linear_dims`, which
+        refuses anything but a linear layer; a model-level method reads the model's geometry instead."""
+        return linear_dims(name, module)
 
     def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
         """Keyword arguments for the adapter layer at module path `name`, beyond the config (e.g. which sides of
@@ -128,8 +143,15 @@ def check_range(name: str, value: float, low: float, high: float | None = None, 
         raise InputError(f"{name} must be a number {bound}, found {value!r}")
 
 
+def reference_weight(base: nn.Module) -> torch.Tensor:
+    """The weight an adapter of `base` takes its dtype and device from: the layer's own, or for a module without one
+    (a whole model, for model-level methods) its first parameter (the input embedding)."""
+    weight = getattr(base, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else next(base.parameters())
+
+
 def resolve_dtype(name: DTypeName, base: nn.Module) -> torch.dtype:
-    return base.weight.dtype if name == "auto" else DTYPES[name]
+    return reference_weight(base).dtype if name == "auto" else DTYPES[name]
 
 
 class Adapter(nn.Module):
@@ -162,6 +184,16 @@ class Adapter(nn.Module):
         weight's values (DoRA's magnitude) reads them here, through `zero.gathered` (every rank attaches the same
         modules in the same order, as a ZeRO-3 gather requires). Nothing by default."""
 
+    def hooks(self, base: nn.Module) -> list[Any]:
+        """Register the hooks through which the adapter acts on `base`; returns their handles (anything with a
+        `remove()`), which `detach` removes. By default the forward hook that adds `adapter(x, out)` to the output,
+        and with `transforms_input` the pre-hook that replaces the input. Model-level adapters (prompt methods)
+        register their own: pre-hooks that rewrite the model's inputs."""
+        handles = [base.register_forward_hook(_apply_adapter)]
+        if self.transforms_input:
+            handles.append(base.register_forward_pre_hook(_transform_input))
+        return handles
+
     def merge(self, base: nn.Module) -> None:
         raise InputError(f"{type(self).__name__} adapters are not mergeable (their update is not linear)")
 
@@ -193,16 +225,13 @@ def attach(base: nn.Module, adapter: Adapter) -> None:
     adapter.on_attach(base)  # before any change to `base`, so a failure leaves it as it was
     adapter.train(base.training)  # a new module is in training mode; one attached to an eval-mode model must not be
     base.add_module(ADAPTER_ATTR, adapter)
-    adapter._hook = base.register_forward_hook(_apply_adapter)
-    if adapter.transforms_input:
-        adapter._pre_hook = base.register_forward_pre_hook(_transform_input)
+    adapter._handles = adapter.hooks(base)
 
 
 def detach(base: nn.Module) -> Adapter:
     adapter = getattr(base, ADAPTER_ATTR)
-    adapter._hook.remove()
-    if adapter.transforms_input:
-        adapter._pre_hook.remove()
+    for handle in adapter._handles:
+        handle.remove()
     delattr(base, ADAPTER_ATTR)
     return adapter
 
@@ -220,5 +249,6 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     params = {}
     for name, _, adapter in adapter_layers(model):
         prefix = f"{name}.{ADAPTER_ATTR}." if name else f"{ADAPTER_ATTR}."
-        params.update({prefix + n: getattr(adapter, n) for n in adapter.trainable_names()})
+        # a name may be a dotted path into the adapter's own submodules (an encoder's "mlp.0.weight")
+        params.update({prefix + n: adapter.get_parameter(n) for n in adapter.trainable_names()})
     return params

@@ -1,7 +1,8 @@
 """Putting adapters into a `transformers` model and taking stock of them.
 
-The model stays the unmodified `transformers` class: adapters are attached to its linear layers (see
-`base.py`) and found again by type, so there is no wrapper model and no string matching on parameter names.
+The model stays the unmodified `transformers` class: adapters are attached to its linear layers (or, for
+model-level methods such as prompt tuning, to the model itself; see `base.py`) and found again by type, so there
+is no wrapper model and no string matching on parameter names.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from adapters_ds.adapters.base import (
     adapter_layers,
     attach,
     detach,
+    reference_weight,
     resolve_dtype,
 )
 from adapters_ds.adapters.registry import get_method
 from adapters_ds.errors import InputError
-from adapters_ds.families import linear_dims
 from adapters_ds.zero import full_numel
 
 
@@ -28,7 +29,10 @@ def _matches(name: str, target: str) -> bool:
 
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
-    """Map each module path to adapt to the target name that selected it; every target must match."""
+    """Map each module path to adapt to the target name that selected it; every target must match. A model-level
+    method adapts the model itself (path "")."""
+    if config.model_level:
+        return {"": config.method}
     targets = config.target_modules or config.default_targets(model.config.model_type)
     selected: dict[str, str] = {}
     unmatched = []
@@ -54,16 +58,17 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
     layer_cls = get_method(config.method).layer
     selected = resolve_targets(model, config)
     modules = dict(model.named_modules())
+    dims = {}
     for name in selected:
         base = modules[name]
-        linear_dims(name, base)  # refuses anything but Linear / Conv1D before touching the model
+        dims[name] = config.layer_dims(name, base)  # refuses a module the method cannot adapt, before any change
         if isinstance(getattr(base, ADAPTER_ATTR, None), Adapter):
             raise InputError(f"module {name!r} already has an adapter")
     for name in selected:
         base = modules[name]
         dtype = resolve_dtype(config.dtype, base)
         options = config.layer_options(model, name)
-        attach(base, layer_cls(config, linear_dims(name, base), dtype, base.weight.device, **options))
+        attach(base, layer_cls(config, dims[name], dtype, reference_weight(base).device, **options))
     return list(selected)
 
 

@@ -59,7 +59,9 @@ class LoRAConfig(AdapterConfig):
         "per adapted layer; still mergeable)",
         flag="use_dora",
     )
-    use_rslora: bool = option(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r", flag="use_rslora")
+    use_rslora: bool = option(
+        False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r", flag="use_rslora"
+    )
     lora_plus_ratio: float = option(
         1.0,
         "LoRA+: learning rate of B (and of the DoRA magnitude) = ratio x --learning_rate, A keeps --learning_rate; "

@@ -39,7 +39,10 @@ def base_model_identity(model: nn.Module) -> dict:
 
 
 def resolved_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
-    """`config` with the family's default targets written out, so a saved adapter never depends on the table."""
+    """`config` with the family's default targets written out, so a saved adapter never depends on the table
+    (a model-level method has no targets)."""
+    if config.model_level:
+        return config
     targets = tuple(dict.fromkeys(resolve_targets(model, config).values()))
     return type(config).from_dict({**config.to_dict(), "target_modules": targets})
 

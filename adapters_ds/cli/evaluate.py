@@ -1,8 +1,14 @@
-"""Evaluate a base model (plus a trained adapter) on math benchmarks in the LLM-Adapters format.
+"""Evaluate a base model (plus a trained adapter) on math and commonsense benchmarks in the LLM-Adapters format.
 
     python launcher/evaluate.py --base_model PATH [--adapter_dir DIR] --datasets AddSub,MultiArith,gsm8k,AQuA \\
         --data_dir DIR --output_dir DIR [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
         [--train_data FILE] [--overwrite] [--no_merge] [--template alpaca|chat] [--dtype auto|bfloat16|float32|float16]
+        [--label_scoring | --compare_label_scoring] [--label_lead TEXT]
+
+Commonsense sets (BoolQ, PIQA, ARC, ...) are label tasks: each record's instruction ends with an `Answer format:` line
+listing its labels (`adapters_ds.evaluation.labels`). They are generated and scored like the others, or with
+`--label_scoring` scored by ranking the labels' log-likelihood after the prompt (one forward per batch, no
+generation); `--compare_label_scoring` does both and reports their agreement. Numeric and AQuA sets always generate.
 
 Also `adapters-ds-evaluate ...`, and under `deepspeed --num_gpus N`, torchrun, srun or mpirun, where the ranks share
 the generation and the results are those of one process (`adapters_ds.evaluation.harness`).
@@ -10,8 +16,9 @@ the generation and the results are those of one process (`adapters_ds.evaluation
 Data: `<data_dir>/<name>/test.json` per data set (`adapters_ds.evaluation.datasets`). Outputs in `--output_dir`
 (`adapters_ds.evaluation.results`): `<name>.jsonl` (one row per example, written as batches finish: a killed run
 resumes where it stopped when rerun), `eval_settings.json` (a rerun with other settings into the same folder is
-refused), `summary.json` and `summary.md` (accuracy per data set and their mean; with `--train_data`, how many test
-questions occur in the training file). The table is also printed. Bad input: one `error: ...` line, exit code 2.
+refused), `summary.json` and `summary.md` (accuracy per data set and the mean per suite, math and commonsense; with
+`--train_data`, how many test questions occur in the training file). The table is also printed. Bad input: one
+`error: ...` line, exit code 2.
 """
 
 from __future__ import annotations
@@ -47,6 +54,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--template", choices=TEMPLATES, default="alpaca", help="prompt template, as in training")
     parser.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bf16 where the hardware has it, else fp32"
+    )
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--label_scoring",
+        action="store_true",
+        help="label tasks: rank the allowed labels by log-likelihood instead of generating",
+    )
+    modes.add_argument(
+        "--compare_label_scoring",
+        action="store_true",
+        help="label tasks: generate and rank the labels; report both accuracies and their agreement",
+    )
+    parser.add_argument(
+        "--label_lead",
+        help="text scored before each label (default: what the records' outputs put before their label, e.g. "
+        "'the correct answer is '; '' for none)",
     )
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_new_tokens", "num_beams", "limit"):

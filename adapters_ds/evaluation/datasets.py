@@ -1,9 +1,11 @@
 """Evaluation data sets: LLM-Adapters-format test files, checked, and the training file a test set is compared with.
 
 A data set is `<data_dir>/<name>/test.json`, a JSON list (or JSON Lines) of `{"instruction", "input", "output",
-"answer"}`. Whether it is multiple choice is read from its records (`answers.is_multiple_choice`), never from its
-name; the `output` field (old rationales) is not used. With a training file, `contamination` counts the test
-questions that occur in it (`records.occurs_in_training`).
+"answer"}`. Its kind is read from its records, never from its name: a label task (the commonsense suite) when every
+record has an `Answer format:` line listing its labels (`labels.is_label_task`), else multiple choice or numeric
+(`answers.is_multiple_choice`), the math suite. For math, the `output` field (old rationales) is not used; a label
+task's outputs give the text before the label that label scoring ranks after (`labels.answer_lead`). With a
+training file, `contamination` counts the test questions that occur in it (`records.occurs_in_training`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from adapters_ds.errors import InputError
 from adapters_ds.evaluation.answers import is_multiple_choice, score
+from adapters_ds.evaluation.labels import gold_label, is_label_task, record_labels
 from adapters_ds.records import json_type, occurs_in_training, question_text, read_records
 
 TEST_FILE = "test.json"
@@ -23,12 +26,37 @@ TEST_FILE = "test.json"
 Record = dict[str, Any]
 
 
+Kind = Literal["numeric", "multiple_choice", "labels"]
+SUITES = ("math", "commonsense")  # the reference project's two suites, in its tables' order
+
+
 @dataclass
 class EvalDataset:
     name: str
-    path: Path
+    path: Path | None
     records: list[Record]
     multiple_choice: bool
+    label_task: bool = False
+
+    @property
+    def kind(self) -> Kind:
+        return "labels" if self.label_task else "multiple_choice" if self.multiple_choice else "numeric"
+
+    @property
+    def suite(self) -> str:
+        """`commonsense` for label tasks, `math` for numbers and AQuA letters: decided by the data's kind."""
+        return suite_of(self.kind)
+
+
+def suite_of(kind: Kind) -> str:
+    return "commonsense" if kind == "labels" else "math"
+
+
+def record_kind(records: Sequence[Mapping[str, Any]]) -> Kind:
+    """The kind of a data set, from its records: a label task, else multiple choice, else numeric."""
+    if is_label_task(records):
+        return "labels"
+    return "multiple_choice" if is_multiple_choice(records) else "numeric"
 
 
 def validate_records(records: Any, source: str) -> list[Record]:
@@ -51,19 +79,29 @@ def validate_records(records: Any, source: str) -> list[Record]:
             raise InputError(f"{where}: expected a gold 'answer' (string or number); found {answer!r}")
         clean.append({**record, "input": input_ or "", "answer": str(answer)})
     try:
-        multiple_choice = is_multiple_choice(clean)
+        kind = record_kind(clean)
     except InputError as exc:
         raise InputError(f"{source}: {exc}") from None
     for index, record in enumerate(clean):
         try:
-            score("", record["answer"], question_text(record), multiple_choice)  # raises on a gold of the wrong kind
+            if kind == "labels":
+                gold_label(record["answer"], record_labels(record))
+            else:  # raises on a gold of the wrong kind
+                score("", record["answer"], question_text(record), kind == "multiple_choice")
         except InputError as exc:
-            raise InputError(f"{source}: record {index} (0-based): {exc}") from None
+            hint = ""
+            if kind == "numeric":  # a word for a gold answer: most likely a label task without its format line
+                hint = (
+                    "; a label task (gold labels such as 'true' or 'answer2') needs an 'Answer format: a/b/...' line "
+                    "in every record's instruction or input to read its labels from"
+                )
+            raise InputError(f"{source}: record {index} (0-based): {exc}{hint}") from None
     return clean
 
 
 def load_dataset(data_dir: str | Path, name: str) -> EvalDataset:
-    """`<data_dir>/<name>/test.json`, validated; its kind (numeric or multiple choice) is read from the records."""
+    """`<data_dir>/<name>/test.json`, validated; its kind (numeric, multiple choice, labels) is read from the
+    records."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise InputError(f"data_dir: expected a folder of <name>/{TEST_FILE}; found no folder {str(data_dir)!r}")
@@ -75,7 +113,8 @@ def load_dataset(data_dir: str | Path, name: str) -> EvalDataset:
         raise InputError(f"dataset {name!r}: no folder {str(folder)!r}; data sets in {str(data_dir)!r}: {available}")
     path = folder / TEST_FILE
     records = validate_records(read_records(path, f"dataset {name!r} test file"), str(path))
-    return EvalDataset(name, path, records, is_multiple_choice(records))
+    kind = record_kind(records)
+    return EvalDataset(name, path, records, kind == "multiple_choice", kind == "labels")
 
 
 def training_texts(path: str | Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""The math-reasoning evaluation harness: a base model (plus a trained adapter) on LLM-Adapters-format benchmarks.
+"""The evaluation harness: a base model (plus a trained adapter) on LLM-Adapters-format benchmarks, math and
+commonsense.
 
 The command (`adapters_ds.cli.evaluate`, `launcher/evaluate.py`) runs `evaluate(args)`. It also runs under
 `deepspeed --num_gpus N`, torchrun, srun or mpirun: the prompts of a data set are cut into length-sorted batches
@@ -12,6 +13,11 @@ A run is resumable: rerunning the same command keeps every row already written a
 batch of which some rows were written is regenerated whole, so it comes out as it would have, and only its missing
 rows are added). Files and settings checks: `evaluation.results`; data sets: `evaluation.datasets`.
 
+Label tasks (the commonsense suite, `evaluation.labels`) are generated and scored like the rest by default. With
+`label_scoring` they are scored instead by ranking their labels' log-likelihoods (`evaluation.label_scoring`), batch
+by batch exactly like generation (same batches, same rank sharing, same resume); with `compare_label_scoring` both
+ways, the label-scoring rows in their own file, and the summary reports both accuracies and their agreement.
+
 Library use (the demo evaluates base vs adapted on a held-out split with this same code):
 `evaluate_records(model, tokenizer, records, ...)` returns the rows, `results.accuracy(rows)` their accuracy in
 percent; `load_model(...)` loads a base model with an adapter for it.
@@ -20,6 +26,7 @@ percent; `load_model(...)` loads a base model with an adapter for it.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -34,8 +41,15 @@ from adapters_ds.adapters.inject import adapter_layers, merge_adapters, remove_a
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
 from adapters_ds.distributed import Ranks
 from adapters_ds.errors import InputError
-from adapters_ds.evaluation.answers import is_multiple_choice
-from adapters_ds.evaluation.datasets import EvalDataset, contamination, load_dataset, training_texts, validate_records
+from adapters_ds.evaluation.datasets import (
+    EvalDataset,
+    Kind,
+    contamination,
+    load_dataset,
+    record_kind,
+    training_texts,
+    validate_records,
+)
 from adapters_ds.evaluation.generation import (
     DEFAULT_STOP_STRINGS,
     decode,
@@ -43,15 +57,22 @@ from adapters_ds.evaluation.generation import (
     generate_ids,
     length_sorted_batches,
 )
+from adapters_ds.evaluation.label_scoring import continuation_ids, continuation_log_likelihoods
+from adapters_ds.evaluation.labels import answer_lead, record_labels
 from adapters_ds.evaluation.results import (
+    LABEL_SCORING_SUFFIX,
     Row,
     RowWriter,
+    accuracy,
+    compare_modes,
     eval_settings,
     format_table,
+    label_row,
     resume_rows,
     rows_path,
     score_row,
     start_output,
+    suite_rows,
     summary_rows,
     write_rows,
     write_summary,
@@ -75,15 +96,35 @@ def _generate_rows(
     encoded: Sequence[Sequence[int]],
     prompts: Sequence[str],
     records: Sequence[Mapping[str, Any]],
-    multiple_choice: bool,
+    kind: Kind,
     generation: Mapping[str, Any],
 ) -> list[Row]:
     """Generate one batch (indices into the data set) and score it; rows in the batch's order."""
     generated = generate_ids(model, tokenizer, [encoded[i] for i in batch], **generation)
     stops = generation.get("stop_strings", DEFAULT_STOP_STRINGS)
     return [
-        score_row(i, records[i], prompts[i], decode(tokenizer, ids, stops), multiple_choice)
+        score_row(i, records[i], prompts[i], decode(tokenizer, ids, stops), kind)
         for i, ids in zip(batch, generated, strict=True)
+    ]
+
+
+def _label_rows(
+    model: Any,
+    tokenizer: Any,
+    batch: Sequence[int],
+    encoded: Sequence[Sequence[int]],
+    prompts: Sequence[str],
+    records: Sequence[Mapping[str, Any]],
+    label_sets: Sequence[Sequence[str]],
+    lead: str,
+) -> list[Row]:
+    """Score every label of one batch's items in one forward and pick each item's best; rows in the batch's order."""
+    texts = [[lead + label for label in label_sets[i]] for i in batch]
+    continuations = continuation_ids(tokenizer, [prompts[i] for i in batch], [encoded[i] for i in batch], texts)
+    scores = continuation_log_likelihoods(model, tokenizer, [encoded[i] for i in batch], continuations)
+    return [
+        label_row(i, records[i], prompts[i], lead, label_sets[i], item_scores)
+        for i, item_scores in zip(batch, scores, strict=True)
     ]
 
 
@@ -112,37 +153,57 @@ def evaluate_records(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     num_beams: int = 1,
     template: TemplateName = "alpaca",
-    multiple_choice: bool | None = None,
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
     synced_gpus: bool = False,
     progress: bool = False,
+    label_scoring: bool = False,
+    label_lead: str | None = None,
 ) -> list[Row]:
     """Generate and score `records` (LLM-Adapters format, with "answer"); one row per record, in record order.
 
     Runs in this process on the model's device; the model is put in eval mode for the call and its mode restored
-    after (its weights are not touched). `multiple_choice=None` reads the kind from the records. Under ZeRO-3 call
-    it on every rank with the same records and `synced_gpus=True` (each forward gathers weights collectively).
+    after (its weights are not touched). The kind (numeric, multiple choice, labels) is read from the records; a
+    label task is scored by label log-likelihood instead of generating when `label_scoring` (after `label_lead`,
+    default: read from the records). Under ZeRO-3 call it on every rank with the same records and
+    `synced_gpus=True` (each forward gathers weights collectively).
     """
     records = validate_records(list(records), "evaluate_records")
-    if multiple_choice is None:
-        multiple_choice = is_multiple_choice(records)
+    kind = record_kind(records)
     prompts = [build_prompt(r["instruction"], r["input"], template, tokenizer) for r in records]
     encoded = encode_prompts(tokenizer, prompts)
     generation = _generation_kwargs(max_new_tokens, num_beams, stop_strings, synced_gpus)
+    lead = _lead(label_lead, records) if label_scoring and kind == "labels" else None
+    make_rows = _batch_scorer(model, tokenizer, records, prompts, encoded, kind, generation, lead)
     rows: dict[int, Row] = {}
     was_training = model.training
     model.eval()
     try:
         with _progress(len(records), "evaluating", enabled=progress) as bar:
             for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
-                for row in _generate_rows(
-                    model, tokenizer, batch, encoded, prompts, records, multiple_choice, generation
-                ):
+                for row in make_rows(batch):
                     rows[row["index"]] = row
                 bar.update(len(batch))
     finally:
         model.train(was_training)
     return [rows[i] for i in range(len(records))]
+
+
+def _batch_scorer(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    prompts: Sequence[str],
+    encoded: Sequence[Sequence[int]],
+    kind: Kind,
+    generation: Mapping[str, Any],
+    lead: str | None,
+) -> Any:
+    """batch -> rows: generation and scoring when `lead` is None, else label scoring after `lead` (a label task).
+    Looks the row makers up when called, so tests can wrap them."""
+    if lead is None:
+        return lambda batch: _generate_rows(model, tokenizer, batch, encoded, prompts, records, kind, generation)
+    label_sets = [record_labels(r) for r in records]
+    return lambda batch: _label_rows(model, tokenizer, batch, encoded, prompts, records, label_sets, lead)
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -181,16 +242,20 @@ def evaluate_dataset(
     tokenizer: Any,
     out_dir: Path,
     args: argparse.Namespace,
+    label_scoring: bool = False,
 ) -> tuple[list[Row], int]:
-    """Generate the missing rows of one data set across the ranks: on rank 0, (all its rows in index order, how
-    many were generated now); elsewhere ([], that count).
+    """Make the missing rows of one data set across the ranks: on rank 0, (all its rows in index order, how many
+    were made now); elsewhere ([], that count).
 
-    `args` holds the command's generation options: limit, template, batch_size, max_new_tokens, num_beams.
+    `args` holds the command's options: limit, template, batch_size, max_new_tokens, num_beams, label_lead,
+    compare_label_scoring. `label_scoring` (a label task only): rank the labels instead of generating; under
+    --compare_label_scoring those rows go to the second rows file.
     """
     records = dataset.records[: args.limit] if args.limit else dataset.records
     prompts = [build_prompt(r["instruction"], r["input"], args.template, tokenizer) for r in records]
     answers = [r["answer"] for r in records]
-    path = rows_path(out_dir, dataset.name)
+    second = label_scoring and getattr(args, "compare_label_scoring", False)
+    path = rows_path(out_dir, dataset.name, LABEL_SCORING_SUFFIX if second else "")
     rows: dict[int, Row] = {}  # rank 0: every row of the data set so far, by index
 
     def resume() -> list[int]:
@@ -203,6 +268,8 @@ def evaluate_dataset(
     batches = length_sorted_batches([len(ids) for ids in encoded], args.batch_size)
     pending = [batch for batch in batches if not done_indices.issuperset(batch)]
     generation = _generation_kwargs(args.max_new_tokens, args.num_beams, DEFAULT_STOP_STRINGS, synced=False)
+    lead = _lead(getattr(args, "label_lead", None), dataset.records) if label_scoring else None
+    make_rows = _batch_scorer(model, tokenizer, records, prompts, encoded, dataset.kind, generation, lead)
 
     writer = RowWriter(path) if ranks.is_main else None
     try:
@@ -211,10 +278,7 @@ def evaluate_dataset(
                 k = step * ranks.world_size + ranks.rank
                 mine: list[Row] = []
                 if k < len(pending):
-                    generated = _generate_rows(
-                        model, tokenizer, pending[k], encoded, prompts, records, dataset.multiple_choice, generation
-                    )
-                    mine = [row for row in generated if row["index"] not in done_indices]
+                    mine = [row for row in make_rows(pending[k]) if row["index"] not in done_indices]
                 new = [row for part in ranks.gather(mine) for row in part]
                 if writer is not None:
                     writer.write(new)
@@ -233,6 +297,26 @@ def evaluate_dataset(
     return ordered, generated
 
 
+def _timed(ranks: Ranks, run: Any) -> tuple[list[Row], dict[str, Any]]:
+    """(rows, timing) of `run()` -> (rows, number made now), timed from a common start of the ranks."""
+    ranks.barrier()
+    begin = time.perf_counter()
+    rows, generated = run()
+    seconds = time.perf_counter() - begin
+    return rows, {
+        "generated": generated,
+        "seconds": round(seconds, 2),
+        "questions_per_s": round(generated / seconds, 4) if generated else None,
+    }
+
+
+def label_scoring_mode(args: argparse.Namespace) -> str:
+    """ "off", "on" (label tasks scored by label likelihood) or "compare" (both ways)."""
+    if getattr(args, "compare_label_scoring", False):
+        return "compare"
+    return "on" if getattr(args, "label_scoring", False) else "off"
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """The whole evaluation command (options as `cli.evaluate.parse_args` returns them); returns the summary on
     rank 0, {} elsewhere."""
@@ -248,6 +332,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer, method = load_model(args.base_model, args.adapter_dir, dtype, device, merge=not args.no_merge)
     if args.template == "chat":
         build_prompt("", "", "chat", tokenizer)  # no chat template: fail before any work
+    mode = label_scoring_mode(args)
     settings = eval_settings(
         args.base_model,
         args.adapter_dir,
@@ -258,20 +343,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
         stop_strings=DEFAULT_STOP_STRINGS,
+        label_scoring=mode,
+        label_lead=getattr(args, "label_lead", None),
     )
     ranks.on_main(lambda: start_output(out_dir, settings, args.dataset_names, args.overwrite))
 
-    results, timing = {}, {}
+    results, timing, label_timing, compared = {}, {}, {}, {}
     for dataset in datasets:
-        ranks.barrier()  # time generation only, from a common start
-        begin = time.perf_counter()
-        results[dataset.name], generated = evaluate_dataset(ranks, dataset, model, tokenizer, out_dir, args)
-        seconds = time.perf_counter() - begin
-        timing[dataset.name] = {
-            "generated": generated,
-            "seconds": round(seconds, 2),
-            "questions_per_s": round(generated / seconds, 4) if generated else None,
-        }
+        labels = dataset.kind == "labels"
+        primary = labels and mode == "on"
+        run = functools.partial(evaluate_dataset, ranks, dataset, model, tokenizer, out_dir, args)
+        results[dataset.name], timing[dataset.name] = _timed(ranks, functools.partial(run, label_scoring=primary))
+        if labels and mode == "compare":
+            scored, label_timing[dataset.name] = _timed(ranks, functools.partial(run, label_scoring=True))
+            if ranks.is_main:
+                compared[dataset.name] = _comparison(dataset, results[dataset.name], scored, args)
     if not ranks.is_main:
         return {}
     contaminated = None
@@ -279,16 +365,37 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         contaminated = {
             d.name: contamination(d.records[: args.limit] if args.limit else d.records, train_texts) for d in datasets
         }
-    table, average = summary_rows(results, datasets, contaminated)
+    table, average = summary_rows(results, datasets, contaminated, compared)
+    suites = suite_rows(table, results)
+    timing_summary = {"ranks": ranks.world_size, "torch_threads": torch.get_num_threads(), "datasets": timing}
+    if label_timing:
+        timing_summary["label_scoring"] = label_timing
     summary = {
         "settings": settings,
         "train_data": args.train_data,
         "datasets": table,
         "average": average,
-        "timing": {"ranks": ranks.world_size, "torch_threads": torch.get_num_threads(), "datasets": timing},
+        "suites": suites,
+        "timing": timing_summary,
     }
-    markdown = format_table(table, average)
+    markdown = format_table(table, average, suites)
     write_summary(out_dir, summary, markdown)
     print(markdown, end="", flush=True)
     print(f"wrote {out_dir} in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return summary
+
+
+def _comparison(
+    dataset: EvalDataset, generated: Sequence[Row], scored: Sequence[Row], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The label-scoring accuracy and the two modes' agreement (`results.compare_modes`) of one label task."""
+    records = dataset.records[: args.limit] if args.limit else dataset.records
+    lead = _lead(getattr(args, "label_lead", None), dataset.records)
+    figures = compare_modes(generated, scored, [record_labels(r) for r in records], lead)
+    return {"label_scoring_accuracy": round(accuracy(scored), 2), **figures}
+
+
+def _lead(label_lead: str | None, records: Sequence[Mapping[str, Any]]) -> str:
+    """The text scored before each label: `label_lead` when given, else what the data set's outputs put there (read
+    from all its records, so --limit does not change it)."""
+    return label_lead if label_lead is not None else answer_lead(records)

@@ -2,14 +2,18 @@
 
 Files in an evaluation's output folder:
 - `<name>.jsonl`: one row per example, `{"index", "prompt", "output", "prediction", "answer", "correct"}`
-  (`RESULT_FIELDS`), in index order once the data set is done. While it runs, rows are appended (and flushed to
-  disk) as batches finish (`RowWriter`), so a killed run loses at most the batches in flight; `resume_rows` keeps
-  every complete row already written and drops a line cut short by the kill.
+  (`RESULT_FIELDS`; label-scoring rows add `label_scores`, label to log-likelihood, and their output is the lead
+  plus the chosen label), in index order once the data set is done. With `--compare_label_scoring`, a label task's
+  label-scoring rows go to `<name>.label_scoring.jsonl` beside its generation rows. While it runs, rows are appended
+  (and flushed to disk) as batches finish (`RowWriter`), so a killed run loses at most the batches in flight;
+  `resume_rows` keeps every complete row already written and drops a line cut short by the kill.
 - `eval_settings.json`: what the rows depend on (`eval_settings`); `start_output` refuses to add rows made with
   other settings to a folder, unless told to start over.
 - `summary.json` and `summary.md`: per data set n, correct, accuracy (%) and optionally how many test questions
   occur in the training file; the average row is the mean of the data sets' accuracies (as the LLM-Adapters tables
-  report it).
+  report it). Data sets are grouped by suite, math (numbers, AQuA letters) and commonsense (label tasks), each with
+  its own average: one table when a single suite was evaluated, one per suite otherwise. When both scoring modes
+  ran, a label task also reports the label-scoring accuracy and the agreement of the two modes (`compare_modes`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import torch
 
 from adapters_ds.errors import InputError
 from adapters_ds.evaluation.answers import score
-from adapters_ds.evaluation.datasets import EvalDataset
+from adapters_ds.evaluation.datasets import SUITES, EvalDataset, Kind
+from adapters_ds.evaluation.label_scoring import best_label
+from adapters_ds.evaluation.labels import clean_pick, score_label
 from adapters_ds.fileio import atomic_write_text, read_json, write_json
 from adapters_ds.records import question_text
 
@@ -32,6 +38,7 @@ SETTINGS_FILE = "eval_settings.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 RESULT_FIELDS = ("index", "prompt", "output", "prediction", "answer", "correct")
+LABEL_SCORING_SUFFIX = ".label_scoring"  # rows file of the second mode under --compare_label_scoring
 
 Row = dict[str, Any]
 
@@ -39,9 +46,12 @@ Row = dict[str, Any]
 # ------------------------------------------------------------------------------------------------------- rows
 
 
-def score_row(index: int, record: Mapping[str, Any], prompt: str, output: str, multiple_choice: bool) -> Row:
+def score_row(index: int, record: Mapping[str, Any], prompt: str, output: str, kind: Kind) -> Row:
     """The result row of one generated `output` for `record` (validated, with its gold "answer")."""
-    prediction, correct = score(output, record["answer"], question_text(record), multiple_choice)
+    if kind == "labels":
+        prediction, correct = score_label(output, record["answer"], question_text(record))
+    else:
+        prediction, correct = score(output, record["answer"], question_text(record), kind == "multiple_choice")
     return {
         "index": index,
         "prompt": prompt,
@@ -52,15 +62,50 @@ def score_row(index: int, record: Mapping[str, Any], prompt: str, output: str, m
     }
 
 
+def label_row(
+    index: int, record: Mapping[str, Any], prompt: str, lead: str, labels: Sequence[str], scores: Sequence[float]
+) -> Row:
+    """The result row of label scoring: the best label (`label_scoring.best_label`'s rule) and every label's score."""
+    best = best_label(labels, scores)
+    return {
+        "index": index,
+        "prompt": prompt,
+        "output": lead + best,
+        "prediction": best,
+        "answer": record["answer"],
+        "correct": best.lower() == record["answer"].strip().lower(),
+        "label_scores": dict(zip(labels, scores, strict=True)),
+    }
+
+
+def compare_modes(
+    generated: Sequence[Mapping[str, Any]],
+    scored: Sequence[Mapping[str, Any]],
+    label_sets: Sequence[Sequence[str]],
+    lead: str,
+) -> dict[str, Any]:
+    """How often generation and label scoring chose the same label, in percent of all items (`agreement`; no label
+    extracted from the generation counts as a disagreement), and among the items whose generation is exactly lead +
+    a label (`clean`: their number; `clean_agreement`: None when there is none)."""
+    same = [g["prediction"] == s["prediction"] for g, s in zip(generated, scored, strict=True)]
+    picks = [clean_pick(g["output"], labels, lead) for g, labels in zip(generated, label_sets, strict=True)]
+    clean = [agree for agree, pick in zip(same, picks, strict=True) if pick is not None]
+    return {
+        "agreement": round(100.0 * sum(same) / len(same), 2) if same else 0.0,
+        "clean": len(clean),
+        "clean_agreement": round(100.0 * sum(clean) / len(clean), 2) if clean else None,
+    }
+
+
 def accuracy(rows: Iterable[Mapping[str, Any]]) -> float:
     """Share of rows marked correct, in percent (0.0 for no rows)."""
     flags = [bool(row["correct"]) for row in rows]
     return 100.0 * sum(flags) / len(flags) if flags else 0.0
 
 
-def rows_path(out_dir: Path, name: str) -> Path:
-    """The rows file of data set `name`."""
-    return out_dir / f"{name}.jsonl"
+def rows_path(out_dir: Path, name: str, suffix: str = "") -> Path:
+    """The rows file of data set `name` (`suffix`: LABEL_SCORING_SUFFIX for the second mode's rows)."""
+    return out_dir / f"{name}{suffix}.jsonl"
 
 
 def rows_text(rows: Iterable[Row]) -> str:
@@ -158,8 +203,17 @@ def eval_settings(
     max_new_tokens: int,
     num_beams: int,
     stop_strings: Sequence[str],
+    label_scoring: str = "off",
+    label_lead: str | None = None,
 ) -> dict[str, Any]:
-    """What the rows depend on; batch size and limit are not, so a rerun may change them."""
+    """What the rows depend on; batch size and limit are not, so a rerun may change them.
+
+    `label_scoring` ("off", "on", "compare") and an explicit `label_lead` are recorded only when set, so folders
+    written before they existed resume as they were.
+    """
+    optional = {"label_scoring": label_scoring} if label_scoring != "off" else {}
+    if label_lead is not None:
+        optional["label_lead"] = label_lead
     return {
         "base_model": path_or_name(base_model),
         "adapter_dir": None if adapter_dir is None else path_or_name(adapter_dir),
@@ -170,6 +224,7 @@ def eval_settings(
         "max_new_tokens": max_new_tokens,
         "num_beams": num_beams,
         "stop_strings": list(stop_strings),
+        **optional,
     }
 
 
@@ -179,12 +234,14 @@ def start_output(out_dir: Path, settings: dict[str, Any], names: Sequence[str], 
     `settings`. Run it on one rank only."""
     path = out_dir / SETTINGS_FILE
     if overwrite:
-        for stale in [*(rows_path(out_dir, n) for n in names), *(out_dir / f for f in (SUMMARY_JSON, SUMMARY_MD))]:
+        rows_files = [rows_path(out_dir, n, suffix) for n in names for suffix in ("", LABEL_SCORING_SUFFIX)]
+        for stale in [*rows_files, *(out_dir / f for f in (SUMMARY_JSON, SUMMARY_MD))]:
             stale.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
     elif path.is_file():
         previous = read_json(path, "evaluation settings")
-        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        keys = [*settings, *(k for k in previous if k not in settings)]  # a setting dropped is a change too
+        changed = {k: (previous.get(k), settings.get(k)) for k in keys if previous.get(k) != settings.get(k)}
         if changed:
             listed = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
             raise InputError(
@@ -199,42 +256,91 @@ def start_output(out_dir: Path, settings: dict[str, Any], names: Sequence[str], 
 
 
 def summary_rows(
-    results: Mapping[str, list[Row]], datasets: Sequence[EvalDataset], contaminated: Mapping[str, int] | None
+    results: Mapping[str, list[Row]],
+    datasets: Sequence[EvalDataset],
+    contaminated: Mapping[str, int] | None,
+    compared: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per data set {dataset, type, n, correct, accuracy (%), [contaminated]}, then the average row."""
+    """Per data set {dataset, suite, type, n, correct, accuracy (%), [label-scoring columns], [contaminated]}, then
+    the average row over all data sets. `compared[name]`: the label-scoring accuracy and `compare_modes` figures of a
+    label task evaluated both ways."""
     table = []
     for dataset in datasets:
         rows = results[dataset.name]
         entry = {
             "dataset": dataset.name,
-            "type": "multiple_choice" if dataset.multiple_choice else "numeric",
+            "suite": dataset.suite,
+            "type": dataset.kind,
             "n": len(rows),
             "correct": sum(bool(row["correct"]) for row in rows),
             "accuracy": round(accuracy(rows), 2),
+            "_accuracy": accuracy(rows),  # unrounded, for the averages; dropped below
         }
+        if compared is not None and dataset.name in compared:
+            entry.update(compared[dataset.name])
         if contaminated is not None:
             entry["contaminated"] = contaminated[dataset.name]
         table.append(entry)
-    average = {
-        "dataset": "average",
-        "n": sum(e["n"] for e in table),
-        "correct": sum(e["correct"] for e in table),
-        "accuracy": round(sum(accuracy(results[d.name]) for d in datasets) / len(datasets), 2),
+    average = _average_row("average", table)
+    return [{k: v for k, v in e.items() if k != "_accuracy"} for e in table], average
+
+
+def suite_rows(table: Sequence[Mapping[str, Any]], results: Mapping[str, list[Row]]) -> list[dict[str, Any]]:
+    """The average row of each suite present, in `SUITES` order: {suite, datasets, n, correct, accuracy, ...}."""
+    rows = []
+    for suite in SUITES:
+        entries = [{**e, "_accuracy": accuracy(results[e["dataset"]])} for e in table if e["suite"] == suite]
+        if entries:
+            rows.append({"suite": suite, "datasets": [e["dataset"] for e in entries], **_average_row(suite, entries)})
+    return rows
+
+
+def _average_row(name: str, entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Sums of n and correct, means of the data sets' percentages (not of the examples), as the reference reports."""
+    average: dict[str, Any] = {
+        "dataset": name,
+        "n": sum(e["n"] for e in entries),
+        "correct": sum(e["correct"] for e in entries),
+        "accuracy": round(sum(e["_accuracy"] for e in entries) / len(entries), 2),
     }
-    if contaminated is not None:
-        average["contaminated"] = sum(contaminated.values())
-    return table, average
+    for key in ("label_scoring_accuracy", "agreement"):
+        values = [e[key] for e in entries if e.get(key) is not None]
+        if values:
+            average[key] = round(sum(values) / len(values), 2)
+    if any("contaminated" in e for e in entries):
+        average["contaminated"] = sum(e.get("contaminated", 0) for e in entries)
+    return average
 
 
-def format_table(table: Sequence[Mapping[str, Any]], average: Mapping[str, Any]) -> str:
-    """A Markdown table: dataset, n, accuracy (%), [contaminated]; the average row last."""
+def format_table(
+    table: Sequence[Mapping[str, Any]], average: Mapping[str, Any], suites: Sequence[Mapping[str, Any]] = ()
+) -> str:
+    """Markdown: one table (dataset, n, accuracy (%), [label scoring (%), agreement (%)], [contaminated]) with the
+    average row last; with two or more `suites` (`suite_rows`), one titled table per suite with its own average."""
+    if len(suites) < 2:
+        return _markdown_table(table, average)
+    sections = []
+    for suite in suites:
+        entries = [e for e in table if e["dataset"] in suite["datasets"]]
+        sections.append(f"**{suite['suite']}**\n\n" + _markdown_table(entries, suite))
+    return "\n".join(sections)
+
+
+def _markdown_table(table: Sequence[Mapping[str, Any]], average: Mapping[str, Any]) -> str:
     with_contamination = "contaminated" in average
-    header = "| dataset | n | accuracy (%) |" + (" contaminated |" if with_contamination else "")
-    rule = "|---|---:|---:|" + ("---:|" if with_contamination else "")
+    compared = any("label_scoring_accuracy" in e for e in table)
+    header = "| dataset | n | accuracy (%) |" + (" label scoring (%) | agreement (%) |" if compared else "")
+    header += " contaminated |" if with_contamination else ""
+    rule = "|---|---:|---:|" + ("---:|---:|" if compared else "") + ("---:|" if with_contamination else "")
     lines = [header, rule]
     for entry in [*table, average]:
         name = "**average**" if entry is average else entry["dataset"]
         line = f"| {name} | {entry['n']} | {entry['accuracy']:.2f} |"
+        if compared:
+            line += "".join(
+                f" {entry[k]:.2f} |" if entry.get(k) is not None else " – |"
+                for k in ("label_scoring_accuracy", "agreement")
+            )
         if with_contamination:
             line += f" {entry['contaminated']} |"
         lines.append(line)

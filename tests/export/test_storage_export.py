@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from adapters.test_adapters import CASES, adapted, logits, randomize_adapters
-from adapters.test_lora_variants import VARIANTS, randomize_variant, variant_model
+from adapters.test_lora_variants import VARIANTS, base_model, randomize_variant, variant_model
 from conftest import REPO
 from tiny_models import FAMILIES, make_model
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -239,7 +239,7 @@ def saved_variant(tmp_path):
 
     def make(family: str, variant: str):
         base_dir, adapter_dir = tmp_path / f"{family}-base", tmp_path / f"{family}-{variant}"
-        make_model(family).save_pretrained(base_dir)
+        base_model(family).save_pretrained(base_dir)  # biases not zero, so their (un)scaling is checked too
         model, config = variant_model(family, variant)
         randomize_variant(model)
         save_adapter(model, config, adapter_dir)
@@ -254,7 +254,7 @@ def test_variant_save_load_round_trip_is_exact(tmp_path, family, variant):
     model, config = variant_model(family, variant)
     randomize_variant(model)
     save_adapter(model, config, tmp_path / "adapter")
-    fresh = make_model(family)
+    fresh = base_model(family)
     loaded_config = load_adapter(fresh, tmp_path / "adapter")
     assert loaded_config == read_adapter_config(tmp_path / "adapter")[0]
     assert (loaded_config.use_dora, loaded_config.use_rslora) == (config.use_dora, config.use_rslora)

@@ -1,0 +1,255 @@
+"""Prefix tuning: trainable keys and values in front of every attention layer's own (Li & Liang 2021,
+arXiv 2101.00190, section 4).
+
+    layer l:  K = [K_l ; W_k h],  V = [V_l ; W_v h],   K_l, V_l: (kv_heads, num_virtual_tokens, head_dim)
+
+Every query of layer l attends to the num_virtual_tokens prefix positions and, as before, to its own causal past.
+The prefix is the same for all inputs, so nothing of it reaches the KV cache: it is added at every attention call,
+which makes padded batches, packed rows (each packed example sees the prefix and only its own tokens) and the
+evaluation harness's cached generation with left padding all work the same way. Semantics are Hugging Face PEFT's
+PREFIX_TUNING, whose prefix is a pre-filled cache: the prefix keys get no rotary embedding, they carry
+grouped-query attention's kv_heads (no repetition stored), and the real tokens' positions start at
+num_virtual_tokens (also explicit `position_ids` are shifted by it), so `export --peft` gives the same logits.
+
+Parameters: one (num_virtual_tokens, 2 · kv_heads · head_dim) tensor per layer, `prefix_<l>`, laid out
+[K | V] with each half (kv_heads, head_dim) row-major: concatenated over layers, that is PEFT's `prompt_embeddings`.
+With `--prefix_projection` (the paper's reparameterisation, section 4.3) they are an MLP's output instead,
+
+    prefix_l = Linear_l(tanh(Linear(E))),   E: (num_virtual_tokens, hidden),  Linear: hidden → encoder_hidden_size,
+
+which is PEFT's `prefix_projection` MLP with its output layer cut per layer (the same function; tensors small
+enough to stay whole under ZeRO-3). Only the MLP's output matters after training: the export folds it away.
+Initialisation is PEFT's (N(0, 1) prefixes, or E ~ N(0, 1) and PyTorch's Linear initialisation): prefix tuning
+cannot be the identity at step 0, since every query attends to the prefix from the first step.
+
+How: the adapter switches the model to `PREFIX_ATTENTION`, transformers' sdpa attention with the layer's prefix
+put in front of key and value (registered under transformers' attention interface like `training.packing`'s, whose
+packed rows it handles itself), and a pre-hook on the transformer computes the prefixes once per forward and shifts
+the positions. Families whose attention does not go through that interface cannot take a prefix: BLOOM (ALiBi in
+its own attention code) is refused with an error, as are families of unknown layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from adapters_ds.adapters.base import Adapter, option
+from adapters_ds.adapters.registry import register
+from adapters_ds.adapters.virtual_tokens import (
+    ENCODER_HIDDEN_SIZE_HELP,
+    ModelDims,
+    VirtualTokensConfig,
+    as_kwargs,
+    cache_length,
+    check_count,
+    transformer_of,
+)
+from adapters_ds.errors import InputError
+from adapters_ds.families import LAYOUTS
+
+PREFIX_ATTENTION = "adapters_ds_prefix_sdpa"
+SLOT_ATTR = "_adapters_ds_prefix"  # on each attention module: its layer's current prefix (a `_Slot`)
+POSITIONS_FROM_MASK = frozenset({"opt"})  # families that derive default positions from the attention mask
+REFUSED = {"bloom": "its ALiBi attention is its own code, outside transformers' attention interface"}
+
+
+@dataclass
+class PrefixConfig(VirtualTokensConfig):
+    method: ClassVar[str] = "prefix"
+
+    projection: bool = option(
+        False, "prefix: train the prefixes through an MLP (folded away on export)", flag="prefix_projection"
+    )
+    encoder_hidden_size: int = option(128, ENCODER_HIDDEN_SIZE_HELP, flag="encoder_hidden_size")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.projection, bool):
+            raise InputError(f"prefix projection must be true or false, found {self.projection!r}")
+        check_count("prefix encoder_hidden_size", self.encoder_hidden_size)
+
+    def layer_dims(self, name: str, module: nn.Module) -> ModelDims:
+        dims = super().layer_dims(name, module)
+        if dims.model_type in REFUSED:
+            raise InputError(f"prefix tuning cannot be applied to {dims.model_type} models: {REFUSED[dims.model_type]}")
+        if dims.model_type not in LAYOUTS:
+            known = sorted(set(LAYOUTS) - set(REFUSED))
+            raise InputError(f"prefix tuning supports the model types {known}; this model is {dims.model_type!r}")
+        return dims
+
+
+class _Slot:
+    """The prefix of one attention layer for the current forward: (key, value), each (1, kv_heads, n, head_dim).
+    Kept until the next forward, so that gradient checkpointing's recomputation in backward sees the same one."""
+
+    __slots__ = ("kv",)
+
+    def __init__(self) -> None:
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class _Restore:
+    """The undo of `PrefixTuning.hooks` beyond its pre-hook: a handle `detach` removes like the others."""
+
+    def __init__(self, model: nn.Module, implementation: str, attentions: list[nn.Module]) -> None:
+        self.model, self.implementation, self.attentions = model, implementation, attentions
+
+    def remove(self) -> None:
+        for attention in self.attentions:
+            if hasattr(attention, SLOT_ATTR):
+                delattr(attention, SLOT_ATTR)
+        self.model.set_attn_implementation(self.implementation)
+
+
+class PrefixTuning(Adapter):
+    def __init__(self, config: PrefixConfig, dims: ModelDims, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.num_virtual_tokens, self.dims = config.num_virtual_tokens, dims
+        width = 2 * dims.kv_heads * dims.head_dim  # [K | V] of one layer
+        factory = {"dtype": dtype, "device": device}
+        self.projection = config.projection
+        if config.projection:
+            self.embedding = nn.Parameter(torch.randn(config.num_virtual_tokens, dims.hidden, **factory))
+            self.proj_in = nn.Linear(dims.hidden, config.encoder_hidden_size, **factory)
+            self.proj_out = nn.ModuleList(
+                nn.Linear(config.encoder_hidden_size, width, **factory) for _ in range(dims.layers)
+            )
+        else:
+            for layer in range(dims.layers):
+                self.register_parameter(
+                    f"prefix_{layer}", nn.Parameter(torch.randn(config.num_virtual_tokens, width, **factory))
+                )
+        self._slots: list[_Slot] = []
+
+    def trainable_names(self) -> tuple[str, ...]:
+        if not self.projection:
+            return tuple(f"prefix_{layer}" for layer in range(self.dims.layers))
+        outs = [f"proj_out.{layer}.{p}" for layer in range(self.dims.layers) for p in ("weight", "bias")]
+        return ("embedding", "proj_in.weight", "proj_in.bias", *outs)
+
+    def forward(self) -> tuple[torch.Tensor, ...]:  # type: ignore[override]  (the prefix does not depend on input)
+        """Each layer's prefix, (num_virtual_tokens, 2 · kv_heads · head_dim), as new tensors: ZeRO-3 may release
+        the parameters' storage once this call returns."""
+        if not self.projection:
+            return tuple(getattr(self, f"prefix_{layer}").clone() for layer in range(self.dims.layers))
+        hidden = torch.tanh(self.proj_in(self.embedding))  # (num_virtual_tokens, encoder_hidden_size)
+        return tuple(out(hidden) for out in self.proj_out)
+
+    @torch.no_grad()
+    def peft_embeddings(self) -> torch.Tensor:
+        """PEFT's `prompt_embeddings` (num_virtual_tokens, layers · 2 · kv_heads · head_dim), the layers' [K | V]
+        side by side, computed in fp32 (the projection folded away)."""
+        if not self.projection:
+            return torch.cat([getattr(self, f"prefix_{layer}").float() for layer in range(self.dims.layers)], 1)
+
+        def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, module.weight.float(), module.bias.float())
+
+        hidden = torch.tanh(linear(self.proj_in, self.embedding.float()))
+        return torch.cat([linear(out, hidden) for out in self.proj_out], dim=1)
+
+    def hooks(self, base: nn.Module) -> list[Any]:
+        layout = LAYOUTS[self.dims.model_type]
+        attentions = [block.get_submodule(layout.attention) for block in base.get_submodule(layout.blocks)]
+        if len(attentions) != self.dims.layers:
+            raise InputError(
+                f"prefix tuning: found {len(attentions)} attention layers, the config has {self.dims.layers}"
+            )
+        self._slots = [_Slot() for _ in attentions]
+        for attention, slot in zip(attentions, self._slots, strict=True):
+            setattr(attention, SLOT_ATTR, slot)
+        restore = _Restore(base, base.config._attn_implementation, attentions)
+        base.set_attn_implementation(PREFIX_ATTENTION)
+        n, dims = self.num_virtual_tokens, self.dims
+
+        def inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+            kwargs = as_kwargs(module, args, kwargs)
+            positions = kwargs.get("position_ids")
+            if positions is None:
+                positions = default_positions(kwargs, dims.model_type)
+            kwargs["position_ids"] = torch.where(positions >= 0, positions + n, positions)  # OPT's pads stay at -1
+            for slot, prefix in zip(self._slots, self(), strict=True):  # __call__: ZeRO-3 fetches the parameters
+                key, value = prefix.view(n, 2, dims.kv_heads, dims.head_dim).permute(1, 2, 0, 3)  # (kv_heads, n, hd)
+                slot.kv = (key.unsqueeze(0), value.unsqueeze(0))
+            return (), kwargs
+
+        return [transformer_of(base).register_forward_pre_hook(inputs, with_kwargs=True), restore]
+
+
+def default_positions(kwargs: dict[str, Any], model_type: str) -> torch.Tensor:
+    """The positions the model would give the call's tokens without a prefix (batch or 1, seq)."""
+    source = kwargs.get("input_ids")
+    source = source if source is not None else kwargs["inputs_embeds"]
+    batch, length, past = source.shape[0], source.shape[1], cache_length(kwargs)
+    mask = kwargs.get("attention_mask")
+    if model_type in POSITIONS_FROM_MASK:  # as OPT's decoder does: count the unpadded tokens
+        if mask is None or mask.ndim != 2:
+            mask = torch.ones(batch, past + length, dtype=torch.long, device=source.device)
+        return ((torch.cumsum(mask, dim=1) * mask - 1)[:, past:]).long()
+    return torch.arange(past, past + length, device=source.device).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+def with_prefix_columns(mask: torch.Tensor | None, q_len: int, kv_len: int, n: int, device: torch.device):
+    """The attention mask over [prefix ; keys]: the prefix visible to every query, the keys as `mask` says (None:
+    causal, the queries being the last q_len of kv_len positions). Boolean (True: attend) or additive float."""
+    if mask is None:
+        query_end = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        mask = (torch.arange(kv_len, device=device)[None, :] <= query_end)[None, None]  # (1, 1, q, kv)
+    columns = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+    return torch.cat([columns((*mask.shape[:-1], n)), mask], dim=-1)
+
+
+def prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention over [the layer's prefix ; key/value]. (batch, heads, seq, head_dim) in,
+    (batch, seq, heads, head_dim) out. A module without a prefix gets plain sdpa."""
+    slot = getattr(module, SLOT_ATTR, None)
+    if slot is None or slot.kv is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, _, q_len, _ = query.shape
+    prefix_key, prefix_value = (t.to(key.dtype).expand(batch, -1, -1, -1) for t in slot.kv)
+    n = prefix_key.shape[2]
+    position_ids = kwargs.get("position_ids")
+    if batch == 1 and position_ids is not None and key.shape[2] == q_len:
+        positions = position_ids.reshape(-1)
+        restarts = ((positions[1:] - positions[:-1]) != 1).nonzero().flatten() + 1
+        if len(restarts):  # a packed row: each example attends to the prefix and, causally, to itself
+            bounds = [0, *restarts.tolist(), q_len]
+            outputs = [
+                sdpa_attention_forward(
+                    module,
+                    query[:, :, s:e],
+                    torch.cat([prefix_key, key[:, :, s:e]], dim=2),
+                    torch.cat([prefix_value, value[:, :, s:e]], dim=2),
+                    with_prefix_columns(None, e - s, e - s, n, query.device),
+                    **kwargs,
+                )[0]
+                for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
+            return torch.cat(outputs, dim=1), None
+    mask = with_prefix_columns(attention_mask, q_len, key.shape[2], n, query.device)
+    key, value = torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2)
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+
+register(PrefixConfig, PrefixTuning)

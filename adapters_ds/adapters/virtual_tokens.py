@@ -1,0 +1,227 @@
+"""What prompt tuning, P-tuning and prefix tuning share: virtual tokens in front of the input, one adapter for the
+whole model, the model geometry they are built from, and the rewriting of a forward call's inputs.
+
+These methods do not adapt linear layers: their config sets `model_level`, so one adapter is attached to the model
+itself (its tensors are named `adapter.<name>`) and acts through forward pre-hooks (`Adapter.hooks`). Two modules
+are hooked: the causal-LM model, for the arguments only its head reads (`labels`, `logits_to_keep`), and the
+transformer inside it (`transformer_of`), for the inputs (`input_ids` / `inputs_embeds`, `attention_mask`,
+`position_ids`). The work that calls modules (the embedding, the adapter itself) happens in the inner hook, that is
+inside the model's forward, where DeepSpeed's ZeRO-3 hooks expect submodules to run.
+
+Where the virtual tokens go (`virtual_starts`): in front of every row of a padded batch; in a packed row (one row of
+several examples whose `position_ids` restart, no attention mask: `training.data.collate_packed`) in front of every
+example, so each packed example sees them as if it were alone. Positions count the virtual tokens: a real token
+that had position p gets p + n (n virtual tokens at 0..n-1), as PEFT's models see them; a decoding step (the cache
+already holds the prompt) only shifts the new token's position and extends the attention mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import Cache
+
+from adapters_ds.adapters.base import Adapter, AdapterConfig, option
+from adapters_ds.errors import InputError
+
+IGNORE_INDEX = -100  # the label value cross-entropy skips (training.data's, which this layer cannot import)
+NUM_VIRTUAL_TOKENS_HELP = "prompt, ptuning and prefix: virtual tokens per input (default 30, as in LLM-Adapters)"
+ENCODER_HIDDEN_SIZE_HELP = (
+    "ptuning: hidden width of the prompt encoder; prefix with --prefix_projection: width of its reparameterisation MLP"
+)
+
+
+def check_count(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name} must be a positive integer, found {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The geometry a model-level method is built from, read from the model's config (works on ZeRO-3 partitions)."""
+
+    model_type: str
+    hidden: int  # width of the input embeddings, which soft prompts stand in for
+    layers: int
+    kv_heads: int  # key/value heads: fewer than query heads under grouped-query attention
+    head_dim: int
+
+
+def model_dims(model: nn.Module) -> ModelDims:
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    return ModelDims(
+        model_type=config.model_type,
+        hidden=model.get_input_embeddings().embedding_dim,
+        layers=config.num_hidden_layers,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+@dataclass
+class VirtualTokensConfig(AdapterConfig):
+    """Fields of every virtual-token method (`prompt`, `ptuning`, `prefix`)."""
+
+    model_level: ClassVar[bool] = True
+
+    num_virtual_tokens: int = option(30, NUM_VIRTUAL_TOKENS_HELP, flag="num_virtual_tokens")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_modules is not None:
+            raise InputError(
+                f"{self.method} adapts the whole model, not chosen modules: --target_modules does not apply "
+                f"(found {','.join(self.target_modules)})"
+            )
+        check_count(f"{self.method} num_virtual_tokens", self.num_virtual_tokens)
+
+    def layer_dims(self, name: str, module: nn.Module) -> ModelDims:
+        return model_dims(module)
+
+
+# ---------------------------------------------------------------------------------------------------- call inputs
+
+
+def transformer_of(model: nn.Module) -> nn.Module:
+    """The module whose forward takes the token inputs and runs the blocks: the input embedding's parent (LLaMA's
+    `model`, GPT-2's `transformer`, OPT's `model.decoder`, which its head calls directly)."""
+    embedding = model.get_input_embeddings()
+    path = next(name for name, module in model.named_modules() if module is embedding)
+    return model.get_submodule(path.rpartition(".")[0])
+
+
+
+def as_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A forward call's arguments all by name (GPT-2's head passes `input_ids` positionally)."""
+    if not args:
+        return dict(kwargs)
+    signature = inspect.signature(module.forward)
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    var_keyword = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    extra = bound.pop(var_keyword[0], {}) if var_keyword else {}
+    return {**bound, **extra}
+
+
+def cache_length(kwargs: dict[str, Any]) -> int:
+    """Tokens already in the call's KV cache (0 without one): > 0 means a decoding step."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    if isinstance(cache, Cache):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value) per layer
+
+
+def virtual_starts(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> list[int]:
+    """Indices before which the virtual tokens go: [0] for a padded batch; for a packed row (batch 1, no attention
+    mask, positions restarting with each example) the start of every example."""
+    if attention_mask is not None or position_ids is None or position_ids.ndim != 2 or position_ids.shape[0] != 1:
+        return [0]
+    restarts = (position_ids[0, 1:] - position_ids[0, :-1] != 1).nonzero().flatten() + 1
+    return [0, *restarts.tolist()]
+
+
+def spread(x: torch.Tensor, starts: Sequence[int], filler: torch.Tensor) -> torch.Tensor:
+    """`x` (batch, seq, ...) with `filler` (batch, n, ...) inserted before each index of `starts` (along dim 1)."""
+    bounds = [*starts, x.shape[1]]
+    pieces = [x[:, : starts[0]]]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        pieces += [filler, x[:, start:end]]
+    return torch.cat(pieces, dim=1)
+
+
+def moved_positions(positions: torch.Tensor, starts: Sequence[int], n: int) -> torch.Tensor:
+    """Where sequence indices `positions` land once `n` virtual tokens are inserted before each of `starts`."""
+    boundaries = torch.tensor(list(starts), device=positions.device)
+    return positions + n * torch.searchsorted(boundaries, positions, right=True)
+
+
+def extend_head_arguments(kwargs: dict[str, Any], n: int) -> dict[str, Any] | None:
+    """The causal-LM head's own arguments with `n` virtual tokens inserted (see the module docstring): `labels` get
+    -100 there (no loss on a virtual token), a boolean `logits_to_keep` False, index tensors are moved. None: no
+    change (a decoding step, or neither argument given)."""
+    if cache_length(kwargs) > 0:
+        return None
+    starts = virtual_starts(kwargs.get("position_ids"), kwargs.get("attention_mask"))
+    changes: dict[str, Any] = {}
+    labels = kwargs.get("labels")
+    if labels is not None:
+        changes["labels"] = spread(labels, starts, labels.new_full((labels.shape[0], n), IGNORE_INDEX))
+    keep = kwargs.get("logits_to_keep")
+    if isinstance(keep, torch.Tensor):
+        if keep.dtype == torch.bool:  # (batch, seq) mask
+            changes["logits_to_keep"] = spread(keep, starts, keep.new_zeros((keep.shape[0], n)))
+        else:  # positions, (k,) or (batch, k)
+            changes["logits_to_keep"] = moved_positions(keep, starts, n)
+    return {**kwargs, **changes} if changes else None
+
+
+def prepend_virtual_tokens(
+    module: nn.Module, kwargs: dict[str, Any], prompt: torch.Tensor | None, n: int
+) -> dict[str, Any]:
+    """The inner model's inputs with `prompt` (n, hidden) inserted as embeddings (see the module docstring); `prompt`
+    None: a decoding step, whose cache holds them already."""
+    mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is not None and mask.ndim != 2:
+        raise ValueError(f"virtual tokens need a 2-D attention mask (batch, seq), found shape {tuple(mask.shape)}")
+    if prompt is None:
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], n)), mask], dim=1)
+        if positions is not None:
+            kwargs["position_ids"] = positions + n
+        return kwargs
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = module.get_input_embeddings()(kwargs["input_ids"])  # (batch, seq, hidden)
+    starts = virtual_starts(positions, mask)
+    batch = embeds.shape[0]
+    kwargs["input_ids"] = None
+    kwargs["inputs_embeds"] = spread(embeds, starts, prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1))
+    if mask is not None:
+        kwargs["attention_mask"] = spread(mask, starts, mask.new_ones((batch, n)))
+    if positions is not None:
+        virtual = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], n)
+        kwargs["position_ids"] = spread(positions + n, starts, virtual)
+    return kwargs
+
+
+class VirtualTokens(Adapter):
+    """Base of the prompt-tuning and P-tuning layers: `forward()` returns the virtual tokens' embeddings
+    (num_virtual_tokens, hidden), put in front of the input embeddings by this class's hooks."""
+
+    def __init__(self, num_virtual_tokens: int) -> None:
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+
+    def forward(self) -> torch.Tensor:  # type: ignore[override]  (no input: the prompt does not depend on it)
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def peft_embeddings(self) -> torch.Tensor:
+        """PEFT's `prompt_embeddings` (num_virtual_tokens, hidden): the embeddings the model sees, any encoder folded
+        away, computed in fp32 whatever the training dtype."""
+        return copy.deepcopy(self).float()()
+
+    def hooks(self, base: nn.Module) -> list[Any]:
+        n = self.num_virtual_tokens
+
+        def head_arguments(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            changed = extend_head_arguments(as_kwargs(module, args, kwargs), n)
+            return None if changed is None else ((), changed)
+
+        def inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+            kwargs = as_kwargs(module, args, kwargs)
+            prompt = self() if cache_length(kwargs) == 0 else None  # __call__: ZeRO-3 fetches the parameters
+            return (), prepend_virtual_tokens(module, kwargs, prompt, n)
+
+        return [
+            base.register_forward_pre_hook(head_arguments, with_kwargs=True),
+            transformer_of(base).register_forward_pre_hook(inputs, with_kwargs=True),  # may be `base` itself
+        ]

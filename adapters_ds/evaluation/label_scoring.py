@@ -1,0 +1,99 @@
+"""Label scoring: rank a label task's allowed labels by the model's log-likelihood after the prompt, without generating.
+
+For one item with prompt p, lead l ("the correct answer is ", `labels.answer_lead`) and labels y_1..y_k, the score of
+y_j is log P(l + y_j | p) = sum of the log-probabilities of its tokens, and the prediction is the best-scoring label
+(the first in format order on a tie). The lead's tokens are shared by every label, so they shift every score alike
+and do not change the ranking; they are in the continuation so the label is scored where a model trained on
+"<lead><label>" outputs writes it. No length normalisation and no end-of-sequence token: the score is the exact
+likelihood of the model writing that text next, so when greedy decoding writes lead + label and the labels'
+tokens differ only in their last one (true/false, answer1..answer5 and the other numbered formats in the usual
+tokenizers), the top label is exactly the generated one.
+
+Tokens: a continuation's ids are those of the full text prompt + lead + label after the prompt's ids, encoded as
+training encodes prompt + output (`training.data`), so the scored tokens are the ones the model was trained on.
+
+One forward per batch of items: every (item, label) pair is a row holding the prompt and one continuation, rows
+left-padded with an attention mask and position ids counted from the first real token, so each row is computed as
+it would be alone (the tests compare against unpadded single rows). Only the logits of the last
+(longest continuation + 1) positions are computed when the model accepts `logits_to_keep`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from adapters_ds.errors import InputError
+from adapters_ds.evaluation.generation import eos_token_ids, left_pad
+from adapters_ds.prompts import encode_texts, tokenizer_adds_bos
+
+
+def continuation_ids(
+    tokenizer: Any, prompts: Sequence[str], prompt_ids: Sequence[Sequence[int]], texts: Sequence[Sequence[str]]
+) -> list[list[list[int]]]:
+    """For item i, the token ids of each continuation texts[i][j] after prompts[i] (encoded as `prompt_ids[i]`).
+
+    The full text prompt + continuation is encoded and the prompt's ids cut off; where the prompt's ids are not a
+    prefix of the full text's (a tokenizer merging across the boundary), the continuation is encoded alone.
+    """
+    bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    fulls = encode_texts(tokenizer, [p + t for p, conts in zip(prompts, texts, strict=True) for t in conts], bos_id)
+    result: list[list[list[int]]] = []
+    position = 0
+    for ids, conts in zip(prompt_ids, texts, strict=True):
+        item = []
+        for text in conts:
+            full = fulls[position]
+            position += 1
+            if full[: len(ids)] == list(ids) and len(full) > len(ids):
+                item.append(full[len(ids) :])
+            else:
+                item.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not item[-1]:
+                raise InputError(f"label scoring: expected tokens for the continuation {text!r}; found none")
+        result.append(item)
+    return result
+
+
+def _accepts(model: Any, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def continuation_log_likelihoods(
+    model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]]
+) -> list[list[float]]:
+    """log P(continuation | prompt) for every continuation of every item, in one forward of the whole batch."""
+    rows = [list(p) + list(c) for p, conts in zip(prompt_ids, continuations, strict=True) for c in conts]
+    lengths = [len(c) for conts in continuations for c in conts]
+    if not rows:
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(model, tokenizer)[0]
+    input_ids, attention_mask = left_pad(rows, pad_id, next(model.parameters()).device)  # (rows, width)
+    keep = max(lengths) + 1  # logits of the last `keep` positions predict every continuation token
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if _accepts(model, "position_ids"):  # left padding: positions count from each row's first real token
+        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -keep:]  # (rows, keep, V)
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
+    targets = input_ids[:, -(keep - 1) :]  # (rows, keep - 1)
+    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows, keep - 1)
+    steps = torch.arange(keep - 1, device=token_logprobs.device)
+    counts = torch.tensor(lengths, device=token_logprobs.device)
+    in_continuation = steps.unsqueeze(0) >= (keep - 1 - counts).unsqueeze(1)  # (rows, keep - 1)
+    flat = torch.where(in_continuation, token_logprobs, 0.0).sum(-1).tolist()
+    scores, position = [], 0
+    for conts in continuations:
+        scores.append(flat[position : position + len(conts)])
+        position += len(conts)
+    return scores
+
+
+def best_label(labels: Sequence[str], scores: Sequence[float]) -> str:
+    """The label of the highest score; the first in format order among equals."""
+    return labels[max(range(len(labels)), key=lambda j: (scores[j], -j))]
