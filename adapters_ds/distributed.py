@@ -10,14 +10,26 @@ The backend comes from DeepSpeed's accelerator (NCCL on GPUs, gloo on CPU): neve
 `Ranks` is the project's one rank helper: this process's rank among the others and the collectives the project
 uses (broadcast, gather, sum, barrier, "rank 0 does it, every rank learns the outcome"); with a single process
 each of them is a no-op, so code written for several ranks runs unchanged in one.
+
+The end is explicit too (`closing_distributed`, around every command's main): the ranks meet at a barrier, the
+process groups are destroyed, and a command that is its process's program ends the process right there, with its
+own exit code, instead of in the interpreter's finalization. That finalization frees the modules' objects for
+seconds while gloo's and DeepSpeed's communication threads still run (ZeRO parameters and DeepSpeed's group cache
+keep the process groups alive to the last moment); a thread that then needs the interpreter is ended under it,
+and the C++ runtime aborts the process: "terminate called without an active exception", exit code 134, after
+the adapter was saved.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import socket
 import subprocess
-from collections.abc import Callable
+import sys
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,10 +38,13 @@ from typing import Any, TypeVar
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import groups as deepspeed_groups
 
 from adapters_ds.errors import InputError
 
 T = TypeVar("T")
+
+EXIT_PREEMPTED = 75  # a training run's "checkpoint saved, continue later" (sysexits' EX_TEMPFAIL)
 
 
 @dataclass(frozen=True)
@@ -194,3 +209,90 @@ class Ranks:
         if error is not None:
             raise InputError(error)
         return result
+
+
+# ------------------------------------------------------------------------------------------------------ the end
+
+
+def shutdown(wait: bool = True) -> None:
+    """End this process's distributed state: with `wait`, a barrier first (no rank leaves while another still needs
+    it: a peer that has died already only makes the barrier fail, which is ignored), then every process group is
+    destroyed and DeepSpeed's cached groups are forgotten, so a later `init_distributed` in this process starts
+    afresh. A no-op without a process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        with contextlib.suppress(RuntimeError):  # DistBackendError and the timeout errors derive from it
+            dist.barrier()
+    dist.destroy_process_group()
+    _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches the groups it creates in module globals (the world group it clones for ZeRO, above all):
+    left there, the next engine of this process would communicate on a destroyed group."""
+    pg_type = torch.distributed.ProcessGroup
+    for name, value in vars(deepspeed_groups).items():
+        if isinstance(value, pg_type):
+            setattr(deepspeed_groups, name, None)
+        elif isinstance(value, dict) and any(isinstance(v, pg_type) for v in value.values()):
+            value.clear()
+
+
+def _exit_code(error: BaseException | None) -> int:
+    """The exit code Python would give for `error` (None: success)."""
+    if error is None:
+        return 0
+    if isinstance(error, SystemExit):
+        return error.code or 0 if error.code is None or isinstance(error.code, int) else 1  # sys.exit("message"): 1
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return 1
+
+
+@contextlib.contextmanager
+def closing_distributed(exit_process: bool = False) -> Iterator[None]:
+    """Around a command's main: end the distributed state the command started, however the command ends.
+
+    - Success, and exit code 75 (a checkpoint before preemption: every rank leaves at the same step): every rank
+      waits for the others at a barrier, then the process groups are destroyed (`shutdown`).
+    - Other exits (`error: ...` with exit code 2, or a crash): no barrier, since the other ranks may never get
+      there; the process groups are destroyed all the same.
+    - A process group that existed before the command (a caller running commands in its own process) is left as
+      it is.
+
+    With `exit_process` (the command is its process's program: `main()` reading `sys.argv`) and a process group
+    to end, the process then ends at once with the command's exit code, as Python's multiprocessing ends its
+    children: `atexit` handlers run (logging and other writers flush), the standard streams are flushed, an
+    uncaught exception's traceback is printed as Python would print it, and `os._exit` skips the interpreter's
+    finalization, where the abort described in this module's docstring happens and which also kept the ranks of a
+    finished run alive for seconds.
+    """
+    dist = torch.distributed
+    started_here = not (dist.is_available() and dist.is_initialized())
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:  # re-raised below unless the process ends here with the code it implies
+        error = exc
+    running = dist.is_available() and dist.is_initialized()
+    code = _exit_code(error)
+    if running and (started_here or exit_process):
+        shutdown(wait=code in (0, EXIT_PREEMPTED))
+        if exit_process:
+            if isinstance(error, SystemExit) and not (error.code is None or isinstance(error.code, int)):
+                print(error.code, file=sys.stderr)  # as Python prints sys.exit("message")
+            elif error is not None and not isinstance(error, SystemExit):
+                traceback.print_exception(error)
+            _end_process(code)
+    if error is not None:
+        raise error
+
+
+def _end_process(code: int) -> None:
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging.shutdown, progress bars, writers
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe must not change the exit code
+            stream.flush()
+    os._exit(code)

@@ -249,4 +249,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from adapters_ds.distributed import closing_distributed
+
+    with closing_distributed(exit_process=True):  # training in this process started a process group
+        main()

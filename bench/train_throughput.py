@@ -471,4 +471,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from adapters_ds.distributed import closing_distributed
+
+    with closing_distributed(exit_process=True):  # --profile trains in this process: its process group ends here
+        main()

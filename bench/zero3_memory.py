@@ -180,7 +180,10 @@ def main() -> None:
     spec["seq_len"] = args.seq_len
     spec["max_live_parameters"] = int(args.max_live_parameters) if args.max_live_parameters else None
     if args._rank:
-        rank_main(json.loads(args._rank))
+        from adapters_ds.distributed import closing_distributed
+
+        with closing_distributed(exit_process=True):  # a rank ends its process group, and then its process
+            rank_main(json.loads(args._rank))
         return
 
     result: dict = {"model": {"shape": "LLaMA", **spec}, "load_avg_1min_before": os.getloadavg()[0], "runs": {}}

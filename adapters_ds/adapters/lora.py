@@ -51,7 +51,9 @@ class LoRAConfig(AdapterConfig):
     target_roles = ("q", "k", "v", "mlp_up", "mlp_down")
 
     r: int = option(32, "LoRA rank", flag="lora_r")
-    alpha: float = option(64.0, "LoRA alpha (the update is scaled by alpha / r)", flag="lora_alpha")
+    alpha: float = option(
+        64.0, "LoRA alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with --use_rslora)", flag="lora_alpha"
+    )
     dropout: float = option(0.05, "dropout on the LoRA branch (the base path never sees it)", flag="lora_dropout")
     use_dora: bool = option(
         False,
@@ -65,7 +67,7 @@ class LoRAConfig(AdapterConfig):
     lora_plus_ratio: float = option(
         1.0,
         "LoRA+: learning rate of B (and of the DoRA magnitude) = ratio x --learning_rate, A keeps --learning_rate; "
-        "1 is plain LoRA; the LoRA+ paper recommends 16, with a learning rate about half of plain LoRA's",
+        "1 is plain LoRA; the LoRA+ authors recommend 16, with a learning rate somewhat below plain LoRA's (e.g. half)",
         flag="lora_plus_ratio",
     )
 
@@ -78,7 +80,7 @@ class LoRAConfig(AdapterConfig):
         for name in ("use_dora", "use_rslora"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"lora {name} must be true or false, found {getattr(self, name)!r}")
-        check_range("lora lora_plus_ratio", self.lora_plus_ratio, 0, low_inclusive=False)
+        check_range("lora_plus_ratio", self.lora_plus_ratio, 0, low_inclusive=False)
 
     @property
     def scaling(self) -> float:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from adapters_ds.distributed import closing_distributed
 from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.evaluation.harness import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, evaluate
 from adapters_ds.hardware import DTYPE_NAMES
@@ -86,5 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The evaluation command: exit code 0, or 2 with one `error: ...` line on bad input."""
-    run_main(lambda: evaluate(parse_args(argv)))
+    """The evaluation command: exit code 0, or 2 with one `error: ...` line on bad input. Without `argv` (the
+    process's own command line) and with a process group started (under a launcher), the process ends here, the
+    group ended first (`distributed.closing_distributed`)."""
+    with closing_distributed(exit_process=argv is None):
+        run_main(lambda: evaluate(parse_args(argv)))

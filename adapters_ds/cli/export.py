@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from adapters_ds.distributed import closing_distributed
 from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.export.merged import export_merged
 from adapters_ds.export.peft import export_peft
@@ -50,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Exit code 0, or 2 with one `error: ...` line on bad input. Without `argv` (the process's own command line)
+    and with a process group started (under a launcher), the process ends here, the group ended first
+    (`distributed.closing_distributed`)."""
+
     def run() -> None:
         args = parse_args(argv)
         out = Path(args.output_dir)
@@ -70,4 +75,5 @@ def main(argv: list[str] | None = None) -> None:
             (export_peft if args.peft else export_merged)(args.base_model, args.adapter_dir, args.output_dir)
         print(f"wrote {out}")
 
-    run_main(run)
+    with closing_distributed(exit_process=argv is None):
+        run_main(run)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from adapters_ds.cli.output import quiet_third_party
 from adapters_ds.demo.default_model import prepare_default_model
 from adapters_ds.demo.gain import demo_options, report_gain, training_records
+from adapters_ds.distributed import closing_distributed
 from adapters_ds.errors import run_main
 from adapters_ds.training.args import parse_train_args
 from adapters_ds.training.trainer import train
@@ -33,4 +34,8 @@ def run(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_main(lambda: run(argv))
+    """Exit code 0, 2 with one `error: ...` line on bad input, 75 after a checkpoint on SIGUSR1/SIGTERM. Without
+    `argv` (the process's own command line) the process ends here, its process group ended first
+    (`distributed.closing_distributed`)."""
+    with closing_distributed(exit_process=argv is None):
+        run_main(lambda: run(argv))

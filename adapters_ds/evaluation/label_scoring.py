@@ -12,10 +12,12 @@ tokenizers), the top label is exactly the generated one.
 Tokens: a continuation's ids are those of the full text prompt + lead + label after the prompt's ids, encoded as
 training encodes prompt + output (`training.data`), so the scored tokens are the ones the model was trained on.
 
-One forward per batch of items: every (item, label) pair is a row holding the prompt and one continuation, rows
-left-padded with an attention mask and position ids counted from the first real token, so each row is computed as
-it would be alone (the tests compare against unpadded single rows). Only the logits of the last
-(longest continuation + 1) positions are computed when the model accepts `logits_to_keep`.
+Batched, the prompt computed once per item: the batch's prompts run once (left-padded, an attention mask and position
+ids counted from the first real token), their key/value cache is repeated once per label, and all continuations run
+in one more forward after it (right-padded), as a generation step would: per item, the prompt's tokens plus k short
+continuations instead of k copies of the prompt. Models whose cache cannot be repeated that way get the plain form,
+one forward with a row per (item, label). Either way each row comes out as it would alone (the tests compare both
+against unpadded single rows).
 """
 
 from __future__ import annotations
@@ -62,17 +64,40 @@ def _accepts(model: Any, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def _pad_id(model: Any, tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(model, tokenizer)[0]
+
+
 @torch.inference_mode()
 def continuation_log_likelihoods(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    shared_prefix: bool = True,
+) -> list[list[float]]:
+    """log P(continuation | prompt) for every continuation of every item of a batch.
+
+    `shared_prefix` (where the model returns a cache that can select rows): the prompts run once, left-padded, and
+    their key/value cache is repeated for each continuation, which then runs right-padded after it, as a generation
+    step would; the prompt is computed once per item instead of once per label. Otherwise every (prompt,
+    continuation) pair is one row of a single forward. Both give each row's log-likelihood as if it ran alone.
+    """
+    if not prompt_ids:
+        return []
+    if shared_prefix:
+        scores = _shared_prefix_scores(model, tokenizer, prompt_ids, continuations)
+        if scores is not None:
+            return scores
+    return _row_scores(model, tokenizer, prompt_ids, continuations)
+
+
+def _row_scores(
     model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]]
 ) -> list[list[float]]:
-    """log P(continuation | prompt) for every continuation of every item, in one forward of the whole batch."""
     rows = [list(p) + list(c) for p, conts in zip(prompt_ids, continuations, strict=True) for c in conts]
     lengths = [len(c) for conts in continuations for c in conts]
-    if not rows:
-        return []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(model, tokenizer)[0]
-    input_ids, attention_mask = left_pad(rows, pad_id, next(model.parameters()).device)  # (rows, width)
+    input_ids, attention_mask = left_pad(rows, _pad_id(model, tokenizer), next(model.parameters()).device)
     keep = max(lengths) + 1  # logits of the last `keep` positions predict every continuation token
     kwargs: dict[str, Any] = {"use_cache": False}
     if _accepts(model, "position_ids"):  # left padding: positions count from each row's first real token
@@ -86,7 +111,48 @@ def continuation_log_likelihoods(
     steps = torch.arange(keep - 1, device=token_logprobs.device)
     counts = torch.tensor(lengths, device=token_logprobs.device)
     in_continuation = steps.unsqueeze(0) >= (keep - 1 - counts).unsqueeze(1)  # (rows, keep - 1)
-    flat = torch.where(in_continuation, token_logprobs, 0.0).sum(-1).tolist()
+    return _per_item(torch.where(in_continuation, token_logprobs, 0.0).sum(-1).tolist(), continuations)
+
+
+def _shared_prefix_scores(
+    model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]]
+) -> list[list[float]] | None:
+    """The shared-prefix computation; None when the model's cache cannot be repeated per continuation."""
+    if not (_accepts(model, "position_ids") and _accepts(model, "past_key_values")):
+        return None
+    device = next(model.parameters()).device
+    pad_id = _pad_id(model, tokenizer)
+    input_ids, prompt_mask = left_pad(prompt_ids, pad_id, device)  # (items, width)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **kwargs)
+    cache = out.past_key_values
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (items, V): predicts each continuation's 1st token
+    owner = torch.tensor([i for i, conts in enumerate(continuations) for _ in conts], device=device)  # (rows,)
+    cache.batch_select_indices(owner)
+    rows = [list(c) for conts in continuations for c in conts]
+    lengths = torch.tensor([len(c) for c in rows], device=device)
+    width = int(lengths.max())
+    cont_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)  # right-padded
+    for r, row in enumerate(rows):
+        cont_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+    steps = torch.arange(width, device=device)
+    cont_mask = (steps.unsqueeze(0) < lengths.unsqueeze(1)).long()  # (rows, width)
+    mask = torch.cat([prompt_mask[owner], cont_mask], dim=1)
+    cont_positions = prompt_mask.sum(-1)[owner].unsqueeze(1) + steps.unsqueeze(0)  # after each prompt's last token
+    logits = model(
+        input_ids=cont_ids, attention_mask=mask, position_ids=cont_positions, past_key_values=cache, use_cache=True
+    ).logits  # (rows, width, V): position t predicts continuation token t + 1
+    scores = first[owner].gather(-1, cont_ids[:, :1]).squeeze(-1)  # (rows,)
+    if width > 1:
+        later = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, cont_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        scores = scores + torch.where(cont_mask[:, 1:].bool(), later, 0.0).sum(-1)
+    return _per_item(scores.tolist(), continuations)
+
+
+def _per_item(flat: list[float], continuations: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
     scores, position = [], 0
     for conts in continuations:
         scores.append(flat[position : position + len(conts)])

@@ -5,7 +5,7 @@ The flow a trainer follows::
     ds = load_records(path)                                   # validated {"instruction", "input", "output", ...}
     ds = tokenize_records(ds, tokenizer, cutoff_len, train_on_inputs)   # input_ids, labels, length
     train, val = split_validation(ds, val_set_size, seed)
-    plan = BatchPlan(train["length"], micro_batch_size, world_size, rank, seed, group_by_length)
+    plan = BatchPlan(train["length"], micro_batch_size, world_size, rank, seed, group_by_length, accumulation)
     loader = DataLoader(train, batch_sampler=plan.micro_batches(epoch)[skip:], collate_fn=partial(collate, ...))
 
 Everything here is a pure function of its arguments (and the data), so every rank computes the same thing and a
@@ -252,20 +252,24 @@ def split_validation(
 class BatchPlan:
     """Which dataset indices each rank reads in each micro-step of an epoch: a pure function of its fields.
 
-    The order, exactly (m = `micro_batch_size`, W = `world_size`, G = m·W the global micro-batch, N = len(lengths)):
+    The order, exactly (m = `micro_batch_size`, W = `world_size`, a = `gradient_accumulation_steps`, G = m·W the
+    global micro-batch, B = G·a the global batch of one optimizer step, N = len(lengths)):
 
     1. `perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed + epoch))`: the same on every rank,
-       independent of m, W and rank (as torch's DistributedSampler seeds by seed + epoch).
-    2. Keep `perm[: (N // G) · G]`: the last incomplete global micro-step is dropped, not padded, so every rank
-       runs the same number of micro-steps and no example is seen twice in an epoch.
-    3. With `group_by_length`: cut that order into megabatches of 50·G consecutive indices and sort each by length,
+       independent of m, W, a and rank (as torch's DistributedSampler seeds by seed + epoch).
+    2. Keep `perm[: (N // B) · B]`: the last incomplete optimizer step is dropped, not padded, so every rank runs
+       the same number of micro-steps and no example is seen twice in an epoch.
+    3. With `group_by_length`: cut that order into megabatches of 50·B consecutive indices and sort each by length,
        longest first (stable, so ties keep the shuffled order), as Hugging Face's `LengthGroupedSampler` does:
        batches of similar lengths waste less padding, and the shuffle keeps the megabatches random.
-    4. Global micro-step s is `order[s·G : (s+1)·G]`; rank r takes its slice `[s·G + r·m, s·G + (r+1)·m)`.
+    4. Optimizer step t reads `order[t·B : (t+1)·B]`; its micro-step k is global micro-step s = t·a + k, which is
+       `order[s·G : (s+1)·G]`, of which rank r takes `[s·G + r·m, s·G + (r+1)·m)`.
 
-    Hence one rank with micro-batch 2m sees, at every step, exactly the examples two ranks with micro-batch m see
-    together (rank 0's batch then rank 1's), since steps 1–3 depend on G, not on how it factors. To resume an
-    epoch after k micro-batches, take `micro_batches(epoch)[k:]`.
+    Steps 1–3 depend on the global batch B, never on how it is split into ranks, micro-batches and accumulation
+    steps: every optimizer step trains on the same examples whatever the split. One rank with micro-batch 2m sees,
+    at every step, exactly the examples two ranks with micro-batch m see together (rank 0's batch then rank 1's),
+    and a run resumed on another number of ranks continues with the examples it would have read next. To resume
+    an epoch after k micro-batches, take `micro_batches(epoch)[k:]`.
     """
 
     lengths: Sequence[int] = field(repr=False)
@@ -274,19 +278,20 @@ class BatchPlan:
     rank: int = 0
     seed: int = 0
     group_by_length: bool = False
+    gradient_accumulation_steps: int = 1
 
     MEGABATCH_MULT: ClassVar[int] = 50
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(length) for length in self.lengths))
-        if self.micro_batch_size < 1 or self.world_size < 1:
+        if self.micro_batch_size < 1 or self.world_size < 1 or self.gradient_accumulation_steps < 1:
             raise InputError(
-                f"batch plan: expected micro_batch_size >= 1 and world_size >= 1; found "
-                f"{self.micro_batch_size} and {self.world_size}"
+                f"batch plan: expected micro_batch_size >= 1, world_size >= 1 and gradient_accumulation_steps >= 1; "
+                f"found {self.micro_batch_size}, {self.world_size} and {self.gradient_accumulation_steps}"
             )
         if not 0 <= self.rank < self.world_size:
             raise InputError(f"batch plan: expected 0 <= rank < world_size={self.world_size}; found rank {self.rank}")
-        if self.micro_batches_per_epoch == 0:
+        if len(self.lengths) < self.global_micro_batch_size:
             raise InputError(
                 f"batch plan: expected at least micro_batch_size x world_size = "
                 f"{self.global_micro_batch_size} examples for one step; found {len(self.lengths)}"
@@ -297,9 +302,15 @@ class BatchPlan:
         return self.micro_batch_size * self.world_size
 
     @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step, over all ranks and accumulated micro-batches."""
+        return self.global_micro_batch_size * self.gradient_accumulation_steps
+
+    @property
     def micro_batches_per_epoch(self) -> int:
-        """Micro-steps per epoch; every rank has exactly this many micro-batches."""
-        return len(self.lengths) // self.global_micro_batch_size
+        """Micro-steps per epoch (a multiple of the accumulation steps; 0 when the data holds less than one global
+        batch); every rank has exactly this many micro-batches."""
+        return len(self.lengths) // self.global_batch_size * self.gradient_accumulation_steps
 
     def global_order(self, epoch: int) -> list[int]:
         """All ranks' indices for `epoch` in step order (steps 1–3 of the class docstring)."""
@@ -310,7 +321,7 @@ class BatchPlan:
         order = torch.randperm(len(self.lengths), generator=generator)[:kept].tolist()
         if not self.group_by_length:
             return order
-        megabatch = self.MEGABATCH_MULT * self.global_micro_batch_size
+        megabatch = self.MEGABATCH_MULT * self.global_batch_size
         return [
             index
             for start in range(0, kept, megabatch)

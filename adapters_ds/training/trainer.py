@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -175,6 +176,7 @@ class Trainer:
             rank=self.info.rank,
             seed=args.seed,
             group_by_length=args.group_by_length,
+            gradient_accumulation_steps=self.ga,  # the order depends on the global batch, not on its split
         )
         self.steps_per_epoch = self.plan.micro_batches_per_epoch // self.ga
         if self.steps_per_epoch == 0:
@@ -347,6 +349,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start, disable=not info.is_main, desc="train", dynamic_ncols=True)
         log_file = (self.out / "train_log.jsonl").open("a") if info.is_main else None
         self.window = Window()
+        loop_start = time.perf_counter()  # train_log.jsonl's elapsed_s: seconds of this run's loop (no start-up)
         skipped, in_a_row = 0, 0  # steps skipped for a non-finite loss: in all, and the current streak
         try:
             for step in range(start, self.total_steps):
@@ -362,6 +365,7 @@ class Trainer:
                 else:
                     in_a_row = 0
                     entry = {"step": done, "loss": result["loss"], "lr": lr, "grad_norm": grad_norm}
+                entry.update(tokens=int(result["tokens"]), elapsed_s=round(time.perf_counter() - loop_start, 3))
                 if log_file:
                     log_file.write(json.dumps(entry) + "\n")
                     log_file.flush()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from launch import losses, run, write_train_assets
 from tiny_models import FAMILIES, LAYERS, make_model, sample_batch, target_shapes
 
+from adapters.test_adapters import llama7b
 from adapters_ds import (
     InputError,
     LoRAConfig,
@@ -105,13 +106,7 @@ def test_trainable_parameter_counts(family, variant):
 
 
 def test_llama7b_dora_count_on_meta_device():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
-    )
-    with torch.device("meta"):  # shapes only; DoRA's magnitude initialisation runs on meta tensors too
-        model = AutoModelForCausalLM.from_config(config)
+    model = llama7b()  # meta device: DoRA's magnitude initialisation runs on meta tensors too
     inject_adapters(model, LoRAConfig(r=32, use_dora=True))
     freeze_base(model)
     lora = 32 * (3 * 32 * (4096 + 4096) + 2 * 32 * (4096 + 11008))  # 56,098,816
