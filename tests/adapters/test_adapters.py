@@ -255,7 +255,7 @@ def test_gpt2_mlp_targets_do_not_hit_attention_projection():
         ({"method": "series", "non_linearity": "swishy"}, "non_linearity must be one of"),
         ({"method": "series", "scaling": "big"}, "scaling must be a number or 'learned'"),
         ({"method": "parallel", "bottleneck_size": -1}, "bottleneck_size must be a positive integer"),
-        ({"method": "prefix"}, "unknown adapter method 'prefix'"),
+        ({"method": "ia3"}, "unknown adapter method 'ia3'"),
         ({"r": 8}, "must be an object with a 'method' key"),
     ],
 )
