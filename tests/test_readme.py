@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 
 import torch
 from launch import REPO
 from tiny_models import make_model
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import adapters_ds
+from adapters_ds.training.args import adapter_config, parse_train_args
+from adapters_ds.training.persistence import check_share, plan_persistence
+
+
+def SMOLLM2() -> LlamaConfig:  # the embedded model's published sizes
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                       num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True)  # fmt: skip
 
 
 def readme_python_blocks() -> list[str]:
@@ -34,3 +44,29 @@ def test_the_library_example_runs_as_written(tmp_path, monkeypatch, capsys):
 def test_the_public_api_names_exist():
     assert set(adapters_ds.__all__) <= set(dir(adapters_ds))
     assert {"lora", "series", "parallel", "gates"} <= set(adapters_ds.METHODS)
+
+
+def readme_train_commands() -> list[list[str]]:
+    """Every training command the README prints (in code spans or blocks), as argument lists after the script."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    found = re.findall(r"deepspeed launcher/train\.py ([^`\n]*)", text)
+    return [shlex.split(line) for line in found]
+
+
+def test_every_method_trains_under_the_shipped_zero3_config_as_printed():
+    """The README's `--adapter` commands and every registered method with the shipped ZeRO-3 config: the options
+    parse, and on the embedded model's shapes (SmolLM2-135M, grouped-query attention) the adapters stay whole and the
+    base is partitioned within the limit."""
+    commands = [argv for argv in readme_train_commands() if "--adapter" in argv]
+    assert commands, "the README shows no --adapter command"
+    commands += [["--ds_config", "ds_configs/zero3.json", "--adapter", name] for name in sorted(adapters_ds.METHODS)]
+    for argv in commands:
+        args = parse_train_args(argv)
+        assert json.loads((REPO / args.ds_config).read_text())["zero_optimization"]["stage"] == 3
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(SMOLLM2())
+        adapters_ds.inject_adapters(model, adapter_config(args))
+        adapters_ds.freeze_base(model)
+        plan = plan_persistence(model)
+        check_share(plan, args.max_replicated_base_share)
+        assert plan.base_replicated_share < 0.001 and plan.adapters, argv
