@@ -1,28 +1,31 @@
-"""Stochastic-gates pruning: how much of the base goes, how much faster the pruned model runs, at what accuracy.
+"""Stochastic-gates pruning: accuracy and speed of the pruned model at several removed shares, against LoRA and the
+base, on the embedded model and the built-in problems, in one run (resumable).
 
-    python bench/prune_speed.py [--adapter_dir DIR] [--steps 150] [--gate_lr 0.05] [--gate_lora_r 8] [--gate_scope mlp]
-                                [--gate_penalty_steps N]
-                                [--target_sparsity 0.3] [--gate_lambda 50] [--lora_steps N] [--eval_n 200]
-                                [--batch 8] [--seq 256] [--reps 3] [--bf16_reps 2] [--bf16_batch B] [--gen_tokens 32]
-                                [--out_dir outputs/bench_prune]
+    python bench/prune_speed.py [--sparsities 0.2,0.3,0.4] [--steps 200] [--lora_steps N] [--floor]
+                                [--gate OPTION=VALUE ...] [--eval_n 200] [--val_n 48] [--batch 8] [--seq 256]
+                                [--reps 3] [--bf16_reps 2] [--bf16_batch B] [--gen_tokens 32]
+                                [--out_dir outputs/bench_prune] [--fresh]
 
-1. Without --adapter_dir: trains a gates adapter on the embedded SmolLM2-135M-Instruct
-   (`default_model.prepare_default_model()`) and the built-in arithmetic problems (`mathdata.default_splits`)
-   with the real trainer in this process (one rank, ZeRO-2, the shipped config's precision: fp32 where bf16 is
-   emulated). With --lora_steps N > 0 it also trains LoRA (r 32) for N steps on the same data, the issue's
-   accuracy reference ("at most 2 points below LoRA with the same budget"; give N = --steps for that).
-2. Exports the pruned model (`prune.export_pruned`, per-layer shapes: the fastest; fp32 weights, so that the
-   pruned model's outputs are the gated model's).
-3. Forward latency of the dense base and the pruned model on the same random batch (--batch × --seq), median of
-   --reps runs after one warm-up each, the two models' runs alternating (a shared machine's load drifts), in fp32
-   and in bf16 (same run; on CPUs without AMX or AVX512-BF16, bf16 is emulated and far slower than fp32: reported
-   anyway, with fewer runs and --bf16_batch 1 unless told otherwise).
-4. Generation throughput (greedy, KV cache, exactly --gen_tokens new tokens for --batch held-out prompts), fp32,
-   median of --reps, the models alternating.
-5. Held-out accuracy (`evaluation.evaluate_records` on the first --eval_n test problems, max 64 new tokens) of the
-   base, the gated (adapter attached, evaluation mode) and the pruned model, and of LoRA when trained.
+1. Trains, with the real trainer in this process (one rank, ZeRO-2, the shipped config's precision), on the
+   built-in problems' training split (`demo.gain.training_records`) less `--val_n` held-out problems (the run's
+   validation split: its eval/answer_loss and eval/digit_loss are logged every 10 steps and reported here):
+   LoRA (the defaults of `--adapter lora`, r 32) for `--lora_steps` (default `--steps`), and `--adapter gates` with
+   its defaults and `--gate_target_sparsity` s for every s of `--sparsities`, `--steps` each; `--gate K=V` passes
+   `--gate_K V` to the gates runs. `--floor` adds, at every s, a gates run that closes random units
+   (`--gate_importance random`): what the same schedule and recovery give without the importance estimates.
+2. Exports each gates adapter (`export.pruned.export_pruned`, per-layer shapes, fp32 weights) and checks that the
+   pruned model's logits equal the gated model's (evaluation mode) on a batch of held-out prompts.
+3. Forward latency of the dense base and each pruned model on the same random batch (--batch × --seq), median of
+   --reps runs after one warm-up, the two models alternating (a shared machine's load drifts), in fp32 and bf16
+   (on CPUs without AMX or AVX512-BF16, bf16 is emulated and far slower: reported anyway, with fewer runs and
+   --bf16_batch 1 unless told otherwise); with --gen_tokens > 0 also greedy generation throughput (KV cache).
+4. Held-out accuracy (`evaluation.evaluate_records`, the first --eval_n test problems, max 64 new tokens, fp32) of
+   the base, LoRA and each pruned model.
 
-Prints one JSON object (also written to <out_dir>/prune_speed.json).
+Every finished stage is kept in <out_dir>/stages.json, so a rerun with the same settings continues where the last one
+stopped (--fresh starts over). Prints one JSON object (also written to <out_dir>/prune_speed.json), with `curve`:
+one entry per removed share, and `targets`: the issue's bar at 30 % (≥ 30 % of block parameters removed, fp32
+forward ≥ 1.3× faster, accuracy at most 2 points below LoRA's).
 """
 
 from __future__ import annotations
@@ -44,20 +47,16 @@ EVAL_MAX_NEW_TOKENS = 64  # the built-in rationales are one or two short sentenc
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter_dir", help="a trained gates adapter (skips training)")
     parser.add_argument("--base_model", help="default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="LoRA inside the gates, and --lora_steps")
-    parser.add_argument("--gate_lr", type=float, default=0.05, help="higher than the paper's 1e-2: a short budget")
-    parser.add_argument("--gate_lora_r", type=int, default=8)
+    parser.add_argument("--sparsities", default="0.2,0.3,0.4", help="shares of block parameters to remove")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of each gates run (batch 8)")
+    parser.add_argument("--lora_steps", type=int, help="steps of the LoRA reference (default --steps; 0: skip)")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="LoRA's, and the LoRA inside the gates'")
     parser.add_argument(
-        "--gate_scope", choices=("all", "mlp"), default="mlp", help="mlp: gate only the units export removes"
+        "--gate", action="append", default=[], metavar="OPTION=VALUE", help="for the gates runs: --gate_OPTION VALUE"
     )
-    parser.add_argument("--gate_penalty_steps", type=int, default=0, help="penalty steps, then recovery (0: all)")
-    parser.add_argument("--target_sparsity", type=float, default=0.3)
-    parser.add_argument("--gate_lambda", type=float, default=50.0)
-    parser.add_argument("--lora_steps", type=int, default=0, help="also train LoRA this many steps (0: skip)")
-    parser.add_argument("--lora_dir", help="a LoRA adapter trained with the same budget (instead of --lora_steps)")
+    parser.add_argument("--floor", action="store_true", help="also prune random units at every share")
+    parser.add_argument("--val_n", type=int, default=48, help="held-out training problems for the eval/* losses")
     parser.add_argument("--eval_n", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -69,12 +68,33 @@ def parse_args() -> argparse.Namespace:
         help="batch of the bf16 latency (default: --batch where bf16 is native, else 1: emulated bf16 runs at "
         "about 1 GFLOP/s on an AVX2 CPU, so a batch-8 forward of even a 135M model takes minutes)",
     )
-    parser.add_argument("--gen_tokens", type=int, default=32)
+    parser.add_argument("--gen_tokens", type=int, default=32, help="0: no generation throughput")
     parser.add_argument("--out_dir", default="outputs/bench_prune")
-    return parser.parse_args()
+    parser.add_argument("--fresh", action="store_true", help="ignore the stages a previous run finished")
+    args = parser.parse_args()
+    args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    args.lora_steps = args.steps if args.lora_steps is None else args.lora_steps
+    return args
 
 
-def train_adapter(base: str, out: Path, args: argparse.Namespace, method: str, steps: int) -> tuple[str, float]:
+class Stages:
+    """Finished stages' results in <out_dir>/stages.json, keyed by name and the settings they depend on."""
+
+    def __init__(self, path: Path, fresh: bool) -> None:
+        self.path = path
+        self.done = {} if fresh or not path.is_file() else json.loads(path.read_text())
+
+    def run(self, name: str, settings: dict, compute) -> dict:
+        key = f"{name} {json.dumps(settings, sort_keys=True)}"
+        if key not in self.done:
+            start = time.perf_counter()
+            self.done[key] = {**compute(), "stage_seconds": round(time.perf_counter() - start, 1)}
+            self.path.write_text(json.dumps(self.done, indent=1) + "\n")
+        print(json.dumps({name: self.done[key]}), flush=True)
+        return self.done[key]
+
+
+def train_adapter(base: str, out: Path, args: argparse.Namespace, method: str, steps: int, extra: list[str]) -> dict:
     from adapters_ds.demo.gain import training_records
     from adapters_ds.training.args import parse_train_args
     from adapters_ds.training.trainer import train
@@ -83,29 +103,30 @@ def train_adapter(base: str, out: Path, args: argparse.Namespace, method: str, s
         "--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--base_model", base, "--output_dir", str(out),
         "--adapter", method, "--max_steps", str(steps), "--learning_rate", str(args.learning_rate),
         "--micro_batch_size", "8", "--batch_size", "8", "--cutoff_len", "128", "--warmup_ratio", "0.03",
-        "--logging_steps", "10", "--save_steps", "0", "--overwrite_output_dir",
-        "--gate_lr", str(args.gate_lr), "--gate_lora_r", str(args.gate_lora_r),
-        "--gate_target_sparsity", str(args.target_sparsity), "--gate_lambda", str(args.gate_lambda),
-        "--gate_scope", args.gate_scope, "--gate_penalty_steps", str(args.gate_penalty_steps),
+        "--logging_steps", "10", "--save_steps", "0", "--overwrite_output_dir", "--val_set_size", str(args.val_n),
+        "--eval_steps", "10", *extra,
     ]  # fmt: skip
     start = time.perf_counter()
     adapter_dir = train(parse_train_args(argv), base, training_records())
-    return str(adapter_dir), time.perf_counter() - start
+    return {"adapter_dir": str(adapter_dir), "train": training_summary(out, time.perf_counter() - start)}
 
 
-def training_summary(run_dir: Path, seconds: float | None) -> dict | None:
-    """The run's settings and first / last loss, from the training folder beside the adapter (when there)."""
-    if not (run_dir / "train_args.json").is_file():
-        return None
+def training_summary(run_dir: Path, seconds: float) -> dict:
+    """The run's method options, first / last loss and the last logged scalars of interest."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     train_args = json.loads((run_dir / "train_args.json").read_text())["args"]
-    keys = ("adapter", "max_steps", "batch_size", "learning_rate", "gate_lr", "gate_lora_r", "gate_target_sparsity",
-            "gate_lambda", "gate_scope", "gate_penalty_steps", "cutoff_len")  # fmt: skip
-    gates = train_args["adapter"] == "gates"  # a LoRA run's gate_* options are unused defaults
-    summary = {k: train_args[k] for k in keys if k in train_args and (gates or not k.startswith("gate_"))}
+    prefix = "gate_" if train_args["adapter"] == "gates" else "lora_"
+    summary = {k: v for k, v in train_args.items() if k.startswith(prefix) or k in ("adapter", "max_steps")}
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     summary["loss_first_last"] = [round(log[0]["loss"], 4), round(log[-1]["loss"], 4)]
-    if seconds is not None:
-        summary["seconds"] = round(seconds, 1)
+    events = EventAccumulator(str(run_dir / "tensorboard" / "train"))
+    events.Reload()
+    for tag in sorted(events.Tags()["scalars"]):
+        if tag.startswith(("eval/", "gates/", "train/answer_loss")):
+            summary[tag] = round(events.Scalars(tag)[-1].value, 4)
+    summary["digit_loss_curve"] = [[e.step, round(e.value, 4)] for e in events.Scalars("eval/digit_loss")]
+    summary["seconds"] = round(seconds, 1)
     return summary
 
 
@@ -155,101 +176,132 @@ def accuracy_of(base: str, adapter_dir: str | None, records: list[dict]) -> floa
     return accuracy(evaluate_records(model, tokenizer, records, max_new_tokens=EVAL_MAX_NEW_TOKENS))
 
 
+@torch.no_grad()
+def gated_vs_pruned(base: str, adapter_dir: str, pruned: str, prompts: list[str]) -> float:
+    """Largest |logit difference| between the gated model (evaluation mode) and the pruned export, fp32."""
+    from adapters_ds.evaluation.harness import load_model
+    from adapters_ds.modeling import load_base_model
+
+    gated, tokenizer, _ = load_model(base, adapter_dir, torch.float32, torch.device("cpu"))
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    expected = gated(**batch).logits
+    return (load_base_model(pruned, dtype=torch.float32).eval()(**batch).logits - expected).abs().max().item()
+
+
+def speed(base: str, pruned: str, args: argparse.Namespace, prompts: list[str]) -> dict:
+    """fp32 and bf16 forward latency, and generation throughput, of the dense base and the pruned model."""
+    from adapters_ds.hardware import native_bf16
+    from adapters_ds.modeling import load_base_model, load_tokenizer
+
+    bf16_batch = args.bf16_batch or (args.batch if native_bf16() else 1)
+    result: dict = {"seq": args.seq}
+    for name, dtype, reps, batch in (
+        ("fp32", torch.float32, args.reps, args.batch),
+        ("bf16", torch.bfloat16, args.bf16_reps, bf16_batch),
+    ):
+        models = [load_base_model(path, dtype=dtype).eval() for path in (base, pruned)]
+        dense_s, pruned_s = forward_latency(models, batch, args.seq, reps)
+        result[name] = {"batch": batch, "native": dtype == torch.float32 or native_bf16(), "dense_s": round(dense_s, 3),
+                        "pruned_s": round(pruned_s, 3), "speedup": round(dense_s / pruned_s, 3)}  # fmt: skip
+    if args.gen_tokens:
+        models = [load_base_model(path, dtype=torch.float32).eval() for path in (base, pruned)]
+        dense, fast = generation_throughput(models, load_tokenizer(base), prompts, args.gen_tokens, args.reps)
+        result["generation_tokens_per_s"] = {"batch": len(prompts), "new_tokens": args.gen_tokens,
+                                             "dense": round(dense, 1), "pruned": round(fast, 1),
+                                             "speedup": round(fast / dense, 3)}  # fmt: skip
+    return result
+
+
+def gates_point(base: str, args: argparse.Namespace, stages: Stages, sparsity: float, floor: bool, data: dict) -> dict:
+    """Train, export, check, time and score a gates run at `sparsity` (`floor`: random units)."""
+    from adapters_ds.export.pruned import export_pruned
+
+    name = f"gates_{sparsity:g}" + ("_random" if floor else "")
+    run_dir = Path(args.out_dir) / name
+    extra = ["--gate_target_sparsity", str(sparsity), *(["--gate_importance", "random"] if floor else [])]
+    for option in args.gate:
+        key, _, value = option.partition("=")
+        extra += [f"--gate_{key}", value]
+    settings = {"steps": args.steps, "lr": args.learning_rate, "extra": extra, "val_n": args.val_n, "base": base}
+    trained = stages.run(f"train {name}", settings, lambda: train_adapter(base, run_dir, args, "gates", args.steps,
+                                                                          extra))  # fmt: skip
+    pruned = str(run_dir / "pruned")
+
+    def export() -> dict:
+        record = export_pruned(base, trained["adapter_dir"], pruned, dtype="float32")
+        layers = record["layers"]
+        return {**record["parameters"], "heads_kept": sum(s["heads"] for s in layers),
+                "kv_heads_kept": sum(s["kv_heads"] for s in layers),
+                "intermediate_kept": sum(s["intermediate"] for s in layers),
+                "max_abs_logit_diff_gated_vs_pruned": gated_vs_pruned(base, trained["adapter_dir"], pruned,
+                                                                      data["prompts"])}  # fmt: skip
+
+    exported = stages.run(f"export {name}", settings, export)
+    timing = stages.run(f"speed {name}", {**settings, "batch": args.batch, "seq": args.seq},
+                        lambda: speed(base, pruned, args, data["prompts"]))  # fmt: skip
+    scored = stages.run(f"accuracy {name}", {**settings, "eval_n": args.eval_n},
+                        lambda: {"accuracy": accuracy_of(pruned, None, data["records"])})  # fmt: skip
+    return {"target_sparsity": sparsity, "importance": "random" if floor else "fisher",
+            "blocks_removed_fraction": round(exported["blocks_removed_fraction"], 4),
+            "removed_fraction": round(exported["removed_fraction"], 4), "accuracy": scored["accuracy"],
+            "fp32_speedup": timing["fp32"]["speedup"], "bf16_speedup": timing["bf16"]["speedup"],
+            "generation_speedup": timing.get("generation_tokens_per_s", {}).get("speedup"),
+            "max_abs_logit_diff_gated_vs_pruned": exported["max_abs_logit_diff_gated_vs_pruned"],
+            "train": trained["train"], "export": exported, "speed": timing}  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from adapters_ds.demo.default_model import prepare_default_model
     from adapters_ds.demo.problems import default_splits
-    from adapters_ds.export.pruned import export_pruned
-    from adapters_ds.hardware import native_bf16
-    from adapters_ds.modeling import load_base_model, load_tokenizer
+    from adapters_ds.modeling import load_tokenizer
     from adapters_ds.prompts import build_prompt
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = args.base_model or str(prepare_default_model())
-    result: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "base_model": base,
-    }
-    adapter_dir = args.adapter_dir
-    seconds = None
-    if adapter_dir is None:
-        adapter_dir, seconds = train_adapter(base, out / "gates", args, "gates", args.steps)
-    result["adapter_dir"] = adapter_dir
-    result["train"] = training_summary(Path(adapter_dir).parent, seconds)
-
-    record = export_pruned(base, adapter_dir, str(out / "pruned"), dtype="float32")
-    params = record["parameters"]
-    layers = record["layers"]
-    result["parameters"] = {
-        **params,
-        "heads_kept": sum(s["heads"] for s in layers),
-        "kv_heads_kept": sum(s["kv_heads"] for s in layers),
-        "intermediate_kept": sum(s["intermediate"] for s in layers),
-        "layers": len(layers),
-        "loads_with_transformers": record["loads_with_transformers"],
-    }
-
-    bf16_batch = args.bf16_batch or (args.batch if native_bf16() else 1)
-    latency = {"seq": args.seq}
-    for name, dtype, reps, batch in (
-        ("fp32", torch.float32, args.reps, args.batch),
-        ("bf16", torch.bfloat16, args.bf16_reps, bf16_batch),
-    ):
-        models = [load_base_model(path, dtype=dtype).eval() for path in (base, str(out / "pruned"))]
-        dense_s, pruned_s = forward_latency(models, batch, args.seq, reps)
-        del models
-        latency[name] = {
-            "batch": batch,
-            "native": dtype == torch.float32 or native_bf16(),
-            "dense_s": round(dense_s, 3),
-            "pruned_s": round(pruned_s, 3),
-            "speedup": round(dense_s / pruned_s, 3),
-        }
-        print(json.dumps({"latency": {name: latency[name]}}), flush=True)
-    result["forward_latency"] = latency
-
-    train_records, test_records = default_splits(seed=0)
+    stages = Stages(out / "stages.json", args.fresh)
+    _, test_records = default_splits(seed=0)
     tokenizer = load_tokenizer(base)
     prompts = [build_prompt(r["instruction"], r["input"], "alpaca", tokenizer) for r in test_records[: args.batch]]
-    models = [load_base_model(path, dtype=torch.float32).eval() for path in (base, str(out / "pruned"))]
-    dense_tps, pruned_tps = generation_throughput(models, tokenizer, prompts, args.gen_tokens, args.reps)
-    del models
-    result["generation_tokens_per_s"] = {
-        "batch": args.batch,
-        "new_tokens": args.gen_tokens,
-        "dense": round(dense_tps, 1),
-        "pruned": round(pruned_tps, 1),
-        "speedup": round(pruned_tps / dense_tps, 3),
-    }
-    print(json.dumps({"generation_tokens_per_s": result["generation_tokens_per_s"]}), flush=True)
-
-    records = test_records[: args.eval_n]
-    acc = {"n": len(records)}
-    acc["base"] = accuracy_of(base, None, records)
-    acc["gated"] = accuracy_of(base, adapter_dir, records)
-    acc["pruned"] = accuracy_of(str(out / "pruned"), None, records)
-    lora_dir = args.lora_dir
-    if lora_dir is None and args.lora_steps > 0:
-        lora_dir, _ = train_adapter(base, out / "lora", args, "lora", args.lora_steps)
-    if lora_dir is not None:
-        acc["lora"] = accuracy_of(base, lora_dir, records)
-        result["lora_train"] = training_summary(Path(lora_dir).parent, None)
-    result["accuracy_percent"] = acc
-
-    result["targets"] = {
-        "blocks_removed_ge_30pct": params["blocks_removed_fraction"] >= 0.30,
-        "fp32_forward_speedup_ge_1.3": latency["fp32"]["speedup"] >= 1.3,
-        "pruned_within_2_points_of_lora": (acc["pruned"] >= acc["lora"] - 2.0) if "lora" in acc else None,
-    }
+    data = {"records": test_records[: args.eval_n], "prompts": prompts}
+    cpu = platform.processor() or platform.machine()
+    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in Path("/proc/cpuinfo").read_text()] if Path(
+        "/proc/cpuinfo").is_file() else []  # fmt: skip
+    result: dict = {"machine": {"cpu": cpu, "bf16_flags": flags, "threads": torch.get_num_threads()},
+                    "base_model": base, "eval_n": len(data["records"]), "steps": args.steps}  # fmt: skip
+    base_accuracy = stages.run(
+        "accuracy base",
+        {"eval_n": args.eval_n, "base": base},
+        lambda: {"accuracy": accuracy_of(base, None, data["records"])},
+    )
+    accuracy = {"base": base_accuracy["accuracy"]}
+    if args.lora_steps:
+        settings = {"steps": args.lora_steps, "lr": args.learning_rate, "val_n": args.val_n, "base": base}
+        lora = stages.run("train lora", settings,
+                          lambda: train_adapter(base, out / "lora", args, "lora", args.lora_steps, []))  # fmt: skip
+        accuracy["lora"] = stages.run("accuracy lora", {**settings, "eval_n": args.eval_n},
+                                      lambda: {"accuracy": accuracy_of(base, lora["adapter_dir"], data["records"])}
+                                      )["accuracy"]  # fmt: skip
+        result["lora_train"] = lora["train"]
+    result["accuracy_percent"] = accuracy
+    curve = [gates_point(base, args, stages, s, False, data) for s in args.sparsities]
+    if args.floor:
+        curve += [gates_point(base, args, stages, s, True, data) for s in args.sparsities]
+    result["curve"] = curve
+    at_30 = next((p for p in curve if p["target_sparsity"] == 0.3 and p["importance"] == "fisher"), None)
+    if at_30 is not None:
+        result["targets"] = {
+            "blocks_removed_ge_30pct": at_30["blocks_removed_fraction"] >= 0.30,
+            "fp32_forward_speedup_ge_1.3": at_30["fp32_speedup"] >= 1.3,
+            "pruned_within_2_points_of_lora": at_30["accuracy"] >= accuracy["lora"] - 2.0 if "lora" in accuracy
+            else None,
+        }  # fmt: skip
     text = json.dumps(result, indent=2)
     (out / "prune_speed.json").write_text(text + "\n")
     print(text)
 
 
 if __name__ == "__main__":
-    from adapters_ds.distributed import closing_distributed
-
-    with closing_distributed(exit_process=True):  # training in this process started a process group
-        main()
+    main()

@@ -67,6 +67,24 @@ trap 'on_signal TERM' TERM
 
 # ------------------------------------------------------------------------------------------------------ layout
 
+# Tasks per node of this run: from SLURM_TASKS_PER_NODE ("2(x3),1" = 2 on three nodes, 1 on the fourth), which must
+# name one count for every node; outside a started job, from the submission's variables.
+tasks_per_node() {
+    local spec=${SLURM_TASKS_PER_NODE:-} entry count=
+    if [[ -z $spec ]]; then
+        echo "${SLURM_NTASKS_PER_NODE:-$((${SLURM_NTASKS:-1} / NODES))}"
+        return
+    fi
+    local entries
+    IFS=, read -r -a entries <<<"$spec"
+    for entry in "${entries[@]}"; do
+        [[ -z $count || ${entry%%(*} == "$count" ]] || die "the nodes got different numbers of tasks" \
+            "(SLURM_TASKS_PER_NODE=$spec): ask for --ntasks-per-node"
+        count=${entry%%(*}
+    done
+    echo "$count"
+}
+
 setup_job() {
     [[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a SLURM job: submit with sbatch (see slurm/README.md)"
     REPO=$(cd "$REPO" && pwd)
@@ -74,19 +92,28 @@ setup_job() {
     command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found (activate the environment or set PYTHON)"
     MAX_REQUEUES=${MAX_REQUEUES:-20}
 
+    # The allocation as this run of the job got it. A requeued job may come back with another shape (scontrol
+    # update of a held job, a node range): SLURM_JOB_NUM_NODES, SLURM_TASKS_PER_NODE ("4(x2)") and
+    # SLURM_GPUS_ON_NODE are set when the run starts, while SLURM_NTASKS, SLURM_NTASKS_PER_NODE and
+    # SLURM_GPUS_PER_NODE keep the values of the submission.
     NODES=${SLURM_JOB_NUM_NODES:-1}
-    local tasks_per_node=${SLURM_NTASKS_PER_NODE:-$((${SLURM_NTASKS:-1} / NODES))}
-    local gpus=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}}
+    TASKS_PER_NODE=$(tasks_per_node) || exit 2 # die in the subshell: its message is out, its code here
+    # the GPUs per node as sbatch takes them ("a100:4" keeps its type while the count still holds)
+    JOB_GPUS=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
+    if [[ -n ${SLURM_GPUS_PER_NODE:-} && ${SLURM_GPUS_PER_NODE##*:} == "${JOB_GPUS##*:}" ]]; then
+        JOB_GPUS=$SLURM_GPUS_PER_NODE
+    fi
+    local gpus=${GPUS_PER_NODE:-$JOB_GPUS}
     gpus=${gpus##*:} # "a100:8" → 8
     [[ $gpus =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE must be a number, found '$gpus'"
     CPU_MODE=
     if ((gpus > 0)); then
         RANKS_PER_NODE=$gpus
-        ((RANKS_PER_NODE <= tasks_per_node)) || die "one task per GPU: $gpus GPUs per node need" \
-            "--ntasks-per-node=$gpus, the allocation has $tasks_per_node task(s) per node"
+        ((RANKS_PER_NODE <= TASKS_PER_NODE)) || die "one task per GPU: $gpus GPUs per node need" \
+            "--ntasks-per-node=$gpus, the allocation has $TASKS_PER_NODE task(s) per node"
     else
         CPU_MODE=1
-        RANKS_PER_NODE=$tasks_per_node
+        RANKS_PER_NODE=$TASKS_PER_NODE
     fi
     WORLD=$((NODES * RANKS_PER_NODE))
     CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
@@ -123,8 +150,9 @@ run_ranks() {
     shift
     local export_list
     export_list=$(IFS=,; echo "ALL,${RANK_ENV[*]}")
-    local cmd=(srun --nodes="$NODES" --ntasks-per-node="$RANKS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK"
-        --kill-on-bad-exit=0 --wait=120 --export="$export_list" "$@")
+    # --ntasks too: srun would take the submission's SLURM_NTASKS, stale in a requeued job of another shape
+    local cmd=(srun --nodes="$NODES" --ntasks-per-node="$RANKS_PER_NODE" --ntasks="$WORLD"
+        --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=0 --wait=120 --export="$export_list" "$@")
     mkdir -p "$record"
     quote "${cmd[@]}" >"$record/command.sh"
     log "command: $(cat "$record/command.sh")"
@@ -235,7 +263,10 @@ train_main() {
 
 # Submit eval.sh to start once this job has ended successfully (afterok on our own id: the job is running now and
 # completes right after this function). Once per job: a requeued run of a job that already submitted its
-# evaluation (recorded in OUTPUT/slurm/job-<id>/eval_job) does not submit it again.
+# evaluation (recorded in OUTPUT/slurm/job-<id>/eval_job) does not submit it again. The evaluation gets this job's
+# allocation shape (nodes, tasks and GPUs per node, CPUs per task, partition, account) rather than eval.sh's
+# #SBATCH defaults, which need not fit this cluster (4 GPUs per node on a CPU-only one); EVAL_SBATCH_ARGS come after
+# them and win (for sbatch the last occurrence of an option counts). Its log goes beside its results, OUTPUT/eval/.
 chain_eval() {
     local record=$1
     if [[ $CHAIN_EVAL != 1 ]]; then
@@ -246,8 +277,11 @@ chain_eval() {
         log "evaluation job $(cat "$record/eval_job") was submitted by an earlier run of this job: not again"
         return 0
     fi
+    mkdir -p "$OUTPUT/eval" # sbatch does not create the folder of --output
     local args=(--parsable --dependency="afterok:$SLURM_JOB_ID" --kill-on-invalid-dep=yes
-        --job-name="${SLURM_JOB_NAME:-train}-eval" --chdir="${SLURM_SUBMIT_DIR:-$PWD}")
+        --job-name="${SLURM_JOB_NAME:-train}-eval" --chdir="${SLURM_SUBMIT_DIR:-$PWD}" --output="$OUTPUT/eval/%x-%j.out"
+        --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --gpus-per-node="$JOB_GPUS"
+        --cpus-per-task="$CPUS_PER_TASK")
     if [[ -n ${SLURM_JOB_PARTITION:-} ]]; then args+=(--partition="$SLURM_JOB_PARTITION"); fi
     if [[ -n ${SLURM_JOB_ACCOUNT:-} ]]; then args+=(--account="$SLURM_JOB_ACCOUNT"); fi
     local more
@@ -265,7 +299,7 @@ chain_eval() {
     ) || die "could not submit the evaluation job"
     echo "${eval_id%%;*}" >"$record/eval_job"
     log "evaluation job ${eval_id%%;*} submitted: it starts when job $SLURM_JOB_ID ends successfully and writes" \
-        "$OUTPUT/eval/summary.md"
+        "$OUTPUT/eval/summary.md (its log beside it)"
 }
 
 # ------------------------------------------------------------------------------------------------------ evaluation

@@ -95,6 +95,23 @@ class AdapterConfig:
         and scalars to log, or None."""
         return None
 
+    def step_begin(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        """Called on every rank before the first forward of optimizer step `step` (0-based) of `total_steps`, where
+        no forward or backward is in flight: a method that changes its adapters on a schedule (stochastic gates
+        closing units) does it here. Returns scalars to log; nothing by default."""
+        return {}
+
+    def batch_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, logits: torch.Tensor, step: int
+    ) -> dict[str, torch.Tensor] | None:
+        """Extra loss terms of a training micro-batch, from its forward: `inputs` are the model inputs (no labels),
+        `keep` the (batch, seq) mask of the positions that predict a target and `logits` the model's (n_targets,
+        vocab) logits there. Returns {tag: sum over the target positions} (fp32 scalars), which the trainer adds to
+        the task loss's sum before normalising both alike and logs per target token under `tag`; None by default.
+        A method may run more forwards of `model` (e.g. a teacher for distillation); every rank must run the same
+        number (ZeRO-3 gathers collectively)."""
+        return None
+
     def default_targets(self, model_type: str) -> tuple[str, ...]:
         """Module names adapted when `target_modules` is None; an InputError for a family without them."""
         return default_targets(model_type, self.roles(), self.method)

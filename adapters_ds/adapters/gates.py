@@ -3,23 +3,28 @@ layer and learn which of its rows and columns can be removed.
 
     y = z_r ⊙ (W x' + s · B A x' + b),   x' = z_c ⊙ x        (the LoRA term only with lora_r > 0)
 
-z_r (out features) and z_c (in features) are gates in [0, 1], one per row and per column of W:
+z_r (out features) and z_c (in features) are gates in [0, 1]. Two ways to set them (`scope`):
+
+- "units" (the default): one gate per unit that `export --prune` removes (an MLP unit, an attention KV group), on
+  the consumer's input columns, exactly 0 or 1, closed by a schedule that reaches `target_sparsity` (the share of
+  block parameters removed) in the order of the task's importance estimates, with distillation from the dense
+  model and the LoRA inside the gates recovering the task; see `gate_schedule`, which holds that recipe.
+- "all" and "mlp" (the paper's gates): a gate per row and per column of every target ("mlp": only the MLP
+  intermediate units),
 
     mu = tanh(theta)
     training:   z = clamp(mu + eps + 0.5, 0, 1),  eps ~ N(0, 0.1²) drawn afresh at every forward
     evaluation: z = clamp(mu + 0.5, 0, 1)          (deterministic)
 
-theta starts near 1 (N(1, 0.1²) truncated to [0.7, 1.3], so that mu + 0.5 > 1 for *every* gate: z = 1 exactly and
-the model starts exactly as the base; an untruncated normal leaves a few of a large model's 10^5 gates below 1).
-A unit is removed for good when z = 0, i.e. mu <= -0.5. The sparsity penalty pulls the probability that a gate
-is open, P(z > 0) = Φ((mu + 0.5) / 0.5), towards keep = 1 - target_sparsity in every gated layer:
+  theta starts near 1 (N(1, 0.1²) truncated to [0.7, 1.3], so that mu + 0.5 > 1 for *every* gate and the model
+  starts exactly as the base). A unit is removed when z = 0 (mu <= -0.5). The sparsity penalty pulls the probability
+  that a gate is open, P(z > 0) = Φ((mu + 0.5) / 0.5), towards keep = 1 - target_sparsity in every gated layer:
 
     loss = task loss + lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|)
 
-Two choices beyond the paper, both off by default (bench/prune_speed.py measures them on the embedded model): scope
-"mlp" gates only the MLP intermediate units, the one dimension the export removes unit by unit (other targets
-keep their LoRA and no gates), and `penalty_steps` ends the penalty early so the rest of the run recovers accuracy
-with the closed gates staying closed.
+  `penalty_steps` ends the penalty early so the rest of the run recovers. These gates only scale most units (the
+  penalty is met by half-open gates), so what the export removes is far from the target; they are kept for
+  comparison with the paper.
 
 The gated input x' is what both W and the LoRA term read, and z_r multiplies their sum and the bias: a closed row
 or column stays removable with LoRA inside the gates (the reference code applies LoRA outside them). No bias is
@@ -29,11 +34,13 @@ Attachment: the column gates change the base layer's *input*, which the additive
 the adapter sets `transforms_input` (a forward pre-hook calls `adapter(x, None)` → z_c ⊙ x) and
 `replaces_output` (the forward hook calls `adapter(x', out)` → z_r ⊙ (out + LoRA)); see `adapters/base.py`.
 
-Training: the gates get their own optimizer group (`param_groups`, lr `gate_lr`, no weight decay); the trainer adds
-`regularizer(model)` to every micro-batch's loss and logs its scalars (gates/penalty, gates/open_expected/*,
-gates/closed_rows/*, gates/closed_cols/*, with * = all, attn, mlp). Under ZeRO-3 the gates are small enough to stay
-replicated, but DeepSpeed still releases them after use in its first (tracing) step, so each training-mode forward
-records the penalty's inputs while the gates are gathered and the regularizer takes them from there.
+Training: the gates get their own optimizer group (`param_groups`, lr `gate_lr`, no weight decay); the trainer
+calls `step_begin` before each step (unit gates: the schedule's choices), `batch_loss` after each forward
+(distillation) and adds `regularizer(model)` to every micro-batch's loss. TensorBoard: gates/target,
+gates/removed, gates/closed_units/{mlp,attn}, gates/distill (units); gates/penalty, gates/open_expected/*,
+gates/closed_rows/*, gates/closed_cols/* with * = all, attn, mlp (paper). Under ZeRO-3 the gates are small enough
+to stay replicated, but DeepSpeed still releases them after use in its first (tracing) step, so each
+training-mode forward records the loss terms' inputs while the gates are gathered.
 
 `adapters_ds.export.pruned` turns a trained gates adapter into a physically smaller plain `transformers` model.
 """
@@ -43,11 +50,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from adapters_ds.adapters import gate_schedule as schedule
 from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, check_range, option
 from adapters_ds.adapters.lora import add_lora_parameters, lora_delta, lora_update
 from adapters_ds.adapters.registry import register
@@ -59,49 +68,68 @@ NOISE_STD = 0.1  # sigma of the training noise eps
 REG_STD = 0.5  # sigma_reg of the open probability Φ((mu + 0.5) / sigma_reg)
 INIT_MEAN, INIT_STD = 1.0, 0.1
 INIT_LOW, INIT_HIGH = 0.7, 1.3  # 3 sigma: tanh(0.7) = 0.60 > 0.5, so every gate starts at exactly 1
+Scope = Literal["units", "all", "mlp"]
 
 
 @dataclass
 class GatesConfig(AdapterConfig):
-    """Stochastic-gates hyperparameters; defaults are the paper's (lambda 50, target sparsity 0.3)."""
+    """Stochastic-gates hyperparameters. The defaults are the unit-gates recipe (`gate_schedule`); lambda, the
+    penalty steps and the gate noise belong to the paper's gates (scope all / mlp, lambda 50 there)."""
 
     method: ClassVar[str] = "gates"
 
     target_roles = ("q", "k", "v", "o", "mlp_gate", "mlp_up", "mlp_down")
 
     target_sparsity: float = option(
-        0.3, "stochastic gates: share of each layer's rows/columns to close", flag="gate_target_sparsity"
+        0.3,
+        "stochastic gates: share of the block parameters removed at the end (scope units; scope all/mlp: of each "
+        "layer's rows/columns to close)",
+        flag="gate_target_sparsity",
     )
     sparsity_lambda: float = option(
-        50.0, "stochastic gates: weight of the sparsity penalty in the loss", flag="gate_lambda"
+        50.0, "stochastic gates: weight of the sparsity penalty in the loss (scope all/mlp)", flag="gate_lambda"
     )
     gate_lr: float = option(
         1e-2,
         "stochastic gates: learning rate of the gates (the paper uses 1e-3 to 1e-2; LoRA inside them uses "
-        "--learning_rate)",
+        "--learning_rate; scope units: any value closes a chosen unit in one step)",
         flag="gate_lr",
     )
-    lora_r: int = option(0, "stochastic gates: rank of LoRA inside the gates (0: gates only)", flag="gate_lora_r")
+    lora_r: int = option(32, "stochastic gates: rank of LoRA inside the gates (0: gates only)", flag="gate_lora_r")
     lora_alpha: float | None = option(
         None, "stochastic gates: the LoRA term is scaled by alpha / r (default 2 · r)", flag="gate_lora_alpha"
     )
     penalty_steps: int = option(
-        0, "stochastic gates: steps with the sparsity penalty, then task loss only (0: all)", flag="gate_penalty_steps"
+        0,
+        "stochastic gates: steps with the sparsity penalty, then task loss only (0: all; scope all/mlp)",
+        flag="gate_penalty_steps",
     )
     """After `penalty_steps` the task loss alone trains the gates and the LoRA (a recovery phase, as in
-    prune-then-fine-tune): a closed gate gets no gradient through the clamp and stays closed, while the open ones that
-    matter return towards 1. The penalty's pull on the *mean* open probability otherwise leaves many gates hovering
-    half-open, scaling their units down."""
-    scope: Literal["all", "mlp"] = option(
-        "all",
-        "stochastic gates: rows and columns of every target (all), or only the MLP units export removes (mlp)",
+    prune-then-fine-tune): a closed gate gets no gradient through the clamp and stays closed."""
+    scope: Scope = option(
+        "units",
+        "stochastic gates: one 0/1 gate per MLP unit and KV group, closed on a schedule (units); the paper's gates "
+        "on the rows and columns of every target (all) or of the MLP units only (mlp)",
         flag="gate_scope",
     )
-    """"all" (the paper): rows and columns of every target. "mlp": only the MLP intermediate units (rows of the
-    MLP's producers, columns of its consumer), the one dimension `export --prune` removes unit by unit. The
-    hidden-size sides are shared by every block, so closing them zeroes inputs without removing a parameter, and a
-    head goes only when all its dimensions close, which per-dimension gates almost never do; "mlp" spends the whole
-    sparsity budget where it buys speed. Other targets keep only their LoRA."""
+    ramp: str = option(
+        "0.1,0.6",
+        "stochastic gates (scope units): fractions of the run where the removed share starts to rise and where it "
+        "reaches the target; the rest of the run recovers",
+        flag="gate_ramp",
+    )
+    distill: float = option(
+        1.0,
+        "stochastic gates (scope units): weight of KL(dense ‖ gated) per target token, the dense model being the "
+        "same model with every gate open (0: no distillation, no second forward)",
+        flag="gate_distill",
+    )
+    importance: Literal["fisher", "random"] = option(
+        "fisher",
+        "stochastic gates (scope units): which units close first: the least important by the gates' Fisher "
+        "information (fisher), or random ones (random: a floor for comparison)",
+        flag="gate_importance",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,15 +142,34 @@ class GatesConfig(AdapterConfig):
             check_range("gates lora_alpha", self.lora_alpha, 0, low_inclusive=False)
         if not isinstance(self.penalty_steps, int) or isinstance(self.penalty_steps, bool) or self.penalty_steps < 0:
             raise InputError(f"gates penalty_steps must be an integer >= 0, found {self.penalty_steps!r}")
-        if self.scope not in ("all", "mlp"):
-            raise InputError(f"gates scope must be 'all' or 'mlp', found {self.scope!r}")
+        if self.scope not in ("units", "all", "mlp"):
+            raise InputError(f"gates scope must be 'units', 'all' or 'mlp', found {self.scope!r}")
+        if isinstance(self.ramp, (list, tuple)):
+            self.ramp = ",".join(str(v) for v in self.ramp)
+        try:
+            start, end = (float(v) for v in str(self.ramp).split(","))
+        except ValueError:
+            start = end = -1.0
+        if not 0 <= start <= end <= 1:
+            raise InputError(f"gates ramp must be 'start,end' with 0 <= start <= end <= 1, found {self.ramp!r}")
+        check_range("gates distill", self.distill, 0)
+        if self.importance not in ("fisher", "random"):
+            raise InputError(f"gates importance must be 'fisher' or 'random', found {self.importance!r}")
 
     @property
     def keep(self) -> float:
         return 1.0 - self.target_sparsity
 
+    @property
+    def ramp_fractions(self) -> tuple[float, float]:
+        start, end = (float(v) for v in self.ramp.split(","))
+        return start, end
+
     def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
-        """Which sides of the layer at `name` are gated (scope "mlp": only the MLP's intermediate dimension)."""
+        """Which sides of the layer at `name` are gated: scope "units" the unit gates (`gate_schedule.unit_options`),
+        "mlp" only the MLP's intermediate dimension, "all" both sides of every target."""
+        if self.scope == "units":
+            return schedule.unit_options(model, name)
         if self.scope == "all":
             return {}
         layout = layout_of(model.config.model_type)
@@ -133,7 +180,8 @@ class GatesConfig(AdapterConfig):
 
     def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
         """Gate parameters in their own group at `gate_lr` without weight decay (decay would pull theta to 0, a
-        half-open gate); every other trainable parameter in a group at the run's learning rate."""
+        half-open gate; a unit gate's open state must stay exactly 1); every other trainable parameter in a group at
+        the run's learning rate."""
         gates = [theta for _, adapter in gate_layers(model) for theta in adapter.thetas()]
         if not gates:
             raise InputError("the model has no stochastic gates (inject a GatesConfig first)")
@@ -144,13 +192,37 @@ class GatesConfig(AdapterConfig):
             groups.append({"params": others, "lr": learning_rate})
         return groups
 
+    def step_begin(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        """Scope "units": close the units the schedule asks for before step `step` (`gate_schedule.close_on_schedule`:
+        every rank must call it at every step); returns gates/target, gates/removed, gates/closed_units/*."""
+        if self.scope != "units":
+            return {}
+        start, end = self.ramp_fractions
+        target = schedule.scheduled_sparsity(step, total_steps, self.target_sparsity, start, end)
+        return schedule.close_on_schedule(
+            model, unit_layers(model), target, self.target_sparsity, self.importance, seed=step
+        )
+
+    def batch_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, logits: torch.Tensor, step: int
+    ) -> dict[str, torch.Tensor] | None:
+        """Scope "units": {"gates/distill": `distill` · KL(dense ‖ gated) summed over the target positions}
+        (`gate_schedule.distillation`)."""
+        if self.scope != "units" or not self.distill:
+            return None
+        return {"gates/distill": self.distill * schedule.distillation(model, unit_layers(model), inputs, keep, logits)}
+
     def regularizer(self, model: nn.Module, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
-        """lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|), and the scalars
-        to log: the penalty, the expected open fraction and the fraction of rows / columns closed (z = 0 in
+        """Scope "units": the term that moves closed gates' θ down (value 0, see `gate_schedule`), no scalars.
+        Scopes all / mlp: lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|), and the
+        scalars to log: the penalty, the expected open fraction and the fraction of rows / columns closed (z = 0 in
         evaluation mode), overall and per layer type (attn, mlp)."""
         layers = gate_layers(model)
         if not layers:
             raise InputError("the model has no stochastic gates (inject a GatesConfig first)")
+        if self.scope == "units":
+            pushes = [layer._pending.pop("push") for layer in unit_layers(model) if "push" in layer._pending]
+            return (torch.stack(pushes).sum() if pushes else torch.zeros(())), {}
         stats = [(name, adapter.statistics()) for name, adapter in layers if adapter.thetas()]
         terms = [  # ½ (rows + columns) where both sides are gated, the one side's term where one is
             torch.stack([(side.p.mean() - self.keep).abs() for side in sides if side is not None]).mean()
@@ -181,7 +253,7 @@ def _stats(mu: torch.Tensor) -> GateStats:
 
 
 def gate_values(theta: torch.Tensor, training: bool) -> torch.Tensor:
-    """z in fp32: noisy in training mode, deterministic in evaluation mode."""
+    """z of the paper's gates in fp32: noisy in training mode, deterministic in evaluation mode."""
     mu = torch.tanh(theta.float())
     if training:
         mu = mu + torch.randn_like(mu) * NOISE_STD
@@ -200,17 +272,36 @@ class Gates(Adapter):
         device: torch.device,
         gate_rows: bool = True,
         gate_cols: bool = True,
+        col_group: int = 1,
+        unit_cost: int = 0,
+        unit_kind: str = "",
     ) -> None:
         super().__init__()
         self.transposed = dims.transposed
         self.dims = dims
-        for side, size, gated in (("rows", dims.out_features, gate_rows), ("cols", dims.in_features, gate_cols)):
+        self.hard = config.scope == "units"  # unit gates: exactly 0 or 1, one per `col_group` columns
+        if dims.in_features % col_group:
+            raise InputError(f"{col_group} columns per gate do not divide the layer's {dims.in_features} inputs")
+        self.col_group, self.unit_cost, self.unit_kind = col_group, unit_cost, unit_kind
+        for side, size, gated in (
+            ("rows", dims.out_features, gate_rows and not self.hard),
+            ("cols", dims.in_features // col_group, gate_cols),
+        ):
             theta = None  # an ungated side is z = 1: no parameter, no multiply
             if gated:
                 theta = nn.Parameter(torch.empty(size, dtype=dtype, device=device))
-                nn.init.trunc_normal_(theta, INIT_MEAN, INIT_STD, INIT_LOW, INIT_HIGH)
+                if self.hard:
+                    nn.init.ones_(theta)  # open: exactly 1 (see gate_schedule, "closing through the optimizer")
+                else:
+                    nn.init.trunc_normal_(theta, INIT_MEAN, INIT_STD, INIT_LOW, INIT_HIGH)
             self.register_parameter(f"theta_{side}", theta)
-        self._pending: dict[str, GateStats] = {}  # from the latest training forward, until `statistics` takes it
+        self._pending: dict[str, Any] = {}  # from the latest training forward, until the loss terms take it
+        self.force_open = False  # unit gates: all open (the dense teacher)
+        self.closing: torch.Tensor | None = None  # unit gates chosen to close, until their θ has dropped below 1
+        self.any_closed = False  # unit gates: whether any is closed, as of `step_begin` or the latest `close`
+        self.fisher: torch.Tensor | None = None  # (units,) fp32: the importance estimate (not saved: statistics)
+        self.fisher_steps = 0
+        self._fisher_step: torch.Tensor | None = None  # this step's sum over micro-batches
         self.lora_r = config.lora_r
         if self.lora_r:
             self.scaling = (config.lora_alpha if config.lora_alpha is not None else 2.0 * self.lora_r) / self.lora_r
@@ -230,22 +321,60 @@ class Gates(Adapter):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:  # before the base layer: x' = z_c ⊙ x, (..., in)
-            return x if self.theta_cols is None else x * self._gate("cols").to(x.dtype)
+            if self.theta_cols is None:
+                return x
+            gated = x * self._gate("cols").to(x.dtype)
+            if self.hard and self.training and torch.is_grad_enabled() and gated.requires_grad:
+                gated.register_hook(partial(self._record_fisher, gated.detach()))
+            return gated
         if self.lora_r:  # x is already x' here: (..., in) → (..., r) → (..., out)
             out = out + lora_update(x, self.lora_A, self.lora_B, self.scaling).to(out.dtype)
         return out if self.theta_rows is None else out * self._gate("rows").to(out.dtype)
 
     def _gate(self, side: str) -> torch.Tensor:
         theta = getattr(self, f"theta_{side}")
+        if self.hard:
+            if self.force_open:
+                return torch.ones(self.dims.in_features, device=theta.device)
+            shut = self.closed_units()
+            if self.training and torch.is_grad_enabled():  # d(push)/dθ = PUSH on closed units, exactly 0 on open
+                self._pending["push"] = schedule.PUSH * (shut * (theta.float() - theta.detach().float())).sum()
+            return (~shut).float().repeat_interleave(self.col_group)
         if self.training and torch.is_grad_enabled():
             # The penalty's inputs, taken here because this is where ZeRO-3 guarantees the gates are gathered
             # (in the first step and after a trace change it releases even persistent parameters after use).
             self._pending[side] = _stats(torch.tanh(theta.float()))
         return gate_values(theta, self.training)
 
+    def closed_units(self) -> torch.Tensor:
+        """Unit gates: which units are closed (bool, (units,)): θ below 1, or chosen and not yet moved."""
+        shut = self.theta_cols.detach() < 1
+        return shut if self.closing is None else shut | self.closing.to(shut.device)
+
+    def close(self, units: torch.Tensor) -> None:
+        """Unit gates: close `units` (bool) from the next forward on; the optimizer moves their θ below 1."""
+        self.closing = units.clone() if self.closing is None else self.closing | units.to(self.closing.device)
+        self.any_closed = self.any_closed or bool(units.any())
+
+    def _record_fisher(self, gated: torch.Tensor, grad: torch.Tensor) -> None:
+        """Backward hook on x': add (∂L/∂z_u)² = (Σ over tokens and the unit's columns of x'·∂L/∂x')² of this
+        micro-batch to the step's sum."""
+        per_column = (gated.float() * grad.float()).reshape(-1, gated.shape[-1]).sum(0)  # (in,)
+        squared = per_column.view(-1, self.col_group).sum(1).square()  # (units,)
+        self._fisher_step = squared if self._fisher_step is None else self._fisher_step + squared
+
+    def fold_fisher(self) -> None:
+        """Fold the last step's Fisher sum into the moving average (`gate_schedule.FISHER_DECAY` per step)."""
+        if self._fisher_step is None:
+            return
+        decayed = 0 if self.fisher is None else schedule.FISHER_DECAY * self.fisher
+        self.fisher = decayed + (1 - schedule.FISHER_DECAY) * self._fisher_step
+        self._fisher_step = None
+        self.fisher_steps += 1
+
     def statistics(self) -> tuple[GateStats | None, GateStats | None]:
-        """(rows, columns), None for an ungated side: those of the latest training forward (each handed out
-        once), else computed now."""
+        """(rows, columns) of the paper's gates, None for an ungated side: those of the latest training forward
+        (each handed out once), else computed now."""
         sides = self.gated_sides()
         if set(sides) <= self._pending.keys():
             taken = {side: self._pending.pop(side) for side in sides}
@@ -261,13 +390,17 @@ class Gates(Adapter):
 
     @torch.no_grad()
     def eval_gates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_r, z_c) of evaluation mode, fp32 (ones on an ungated side)."""
-        sizes = (self.dims.out_features, self.dims.in_features)
+        """(z_r, z_c) of evaluation mode, fp32, one value per row and column (ones on an ungated side)."""
         device = next((p.device for p in self.parameters()), None)
-        return tuple(  # type: ignore[return-value]
-            torch.ones(size, device=device) if theta is None else gate_values(theta, False)
-            for theta, size in zip((self.theta_rows, self.theta_cols), sizes, strict=True)
-        )
+        rows = torch.ones(self.dims.out_features, device=device)
+        if self.theta_rows is not None:
+            rows = gate_values(self.theta_rows, False)
+        cols = torch.ones(self.dims.in_features, device=device)
+        if self.hard and self.theta_cols is not None:
+            cols = (~self.closed_units()).float().repeat_interleave(self.col_group)
+        elif self.theta_cols is not None:
+            cols = gate_values(self.theta_cols, False)
+        return rows, cols
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor | None:
@@ -292,6 +425,15 @@ def layer_type(name: str) -> str:
 
 def gate_layers(model: nn.Module) -> list[tuple[str, Gates]]:
     return [(name, adapter) for name, _, adapter in adapter_layers(model) if isinstance(adapter, Gates)]
+
+
+def unit_layers(model: nn.Module) -> list[Gates]:
+    """The layers with unit gates (scope "units"), in module order."""
+    layers = [adapter for _, adapter in gate_layers(model) if adapter.hard and adapter.theta_cols is not None]
+    if not layers:
+        raise InputError("the model has no unit gates: scope 'units' needs the MLP down projection or the attention "
+                         "output projection among the targets")  # fmt: skip
+    return layers
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ from adapters_ds.adapters.virtual_tokens import (
     as_kwargs,
     cache_length,
     check_count,
+    packed_bounds,
     transformer_of,
 )
 from adapters_ds.errors import InputError
@@ -83,7 +84,16 @@ class PrefixConfig(VirtualTokensConfig):
         if dims.model_type not in LAYOUTS:
             known = sorted(set(LAYOUTS) - set(REFUSED))
             raise InputError(f"prefix tuning supports the model types {known}; this model is {dims.model_type!r}")
+        found = len(attention_modules(module, dims.model_type))
+        if found != dims.layers:
+            raise InputError(f"prefix tuning: this model has {found} attention layers, its config {dims.layers}")
         return dims
+
+
+def attention_modules(model: nn.Module, model_type: str) -> list[nn.Module]:
+    """The attention module of every block, in layer order (the family table's paths)."""
+    layout = LAYOUTS[model_type]
+    return [block.get_submodule(layout.attention) for block in model.get_submodule(layout.blocks)]
 
 
 class _Slot:
@@ -157,12 +167,7 @@ class PrefixTuning(Adapter):
         return torch.cat([linear(out, hidden) for out in self.proj_out], dim=1)
 
     def hooks(self, base: nn.Module) -> list[Any]:
-        layout = LAYOUTS[self.dims.model_type]
-        attentions = [block.get_submodule(layout.attention) for block in base.get_submodule(layout.blocks)]
-        if len(attentions) != self.dims.layers:
-            raise InputError(
-                f"prefix tuning: found {len(attentions)} attention layers, the config has {self.dims.layers}"
-            )
+        attentions = attention_modules(base, self.dims.model_type)  # as many as layers (`PrefixConfig.layer_dims`)
         self._slots = [_Slot() for _ in attentions]
         for attention, slot in zip(attentions, self._slots, strict=True):
             setattr(attention, SLOT_ATTR, slot)
@@ -200,6 +205,16 @@ def default_positions(kwargs: dict[str, Any], model_type: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- attention
 
 
+def example_bounds(position_ids: torch.Tensor | None, length: int) -> list[int]:
+    """Boundaries (0, ..., length) of the examples of one row, where its positions restart (transformers' rule for
+    packed rows; a prefix shifts every position alike, so restarts stay restarts)."""
+    if position_ids is None:
+        return [0, length]
+    positions = position_ids.reshape(-1)
+    restarts = ((positions[1:] - positions[:-1]) != 1).nonzero().flatten() + 1
+    return [0, *restarts.tolist(), length]
+
+
 def with_prefix_columns(mask: torch.Tensor | None, q_len: int, kv_len: int, n: int, device: torch.device):
     """The attention mask over [prefix ; keys]: the prefix visible to every query, the keys as `mask` says (None:
     causal, the queries being the last q_len of kv_len positions). Boolean (True: attend) or additive float."""
@@ -226,12 +241,9 @@ def prefix_attention(
     batch, _, q_len, _ = query.shape
     prefix_key, prefix_value = (t.to(key.dtype).expand(batch, -1, -1, -1) for t in slot.kv)
     n = prefix_key.shape[2]
-    position_ids = kwargs.get("position_ids")
-    if batch == 1 and position_ids is not None and key.shape[2] == q_len:
-        positions = position_ids.reshape(-1)
-        restarts = ((positions[1:] - positions[:-1]) != 1).nonzero().flatten() + 1
-        if len(restarts):  # a packed row: each example attends to the prefix and, causally, to itself
-            bounds = [0, *restarts.tolist(), q_len]
+    if batch == 1 and key.shape[2] == q_len:  # one row without a cache: perhaps a packed row
+        bounds = packed_bounds(kwargs) or example_bounds(kwargs.get("position_ids"), q_len)
+        if len(bounds) > 2:  # a packed row: each example attends to the prefix and, causally, to itself
             outputs = [
                 sdpa_attention_forward(
                     module,

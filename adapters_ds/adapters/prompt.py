@@ -107,6 +107,10 @@ class PromptTuning(VirtualTokens):
     def trainable_names(self) -> tuple[str, ...]:
         return ("prompt_embeddings",)
 
+    @torch.no_grad()
+    def peft_embeddings(self) -> torch.Tensor:
+        return self.prompt_embeddings.float().clone()
+
     def forward(self) -> torch.Tensor:
         # a copy, not the parameter itself: ZeRO-3 may release the parameter's storage once this call returns
         return self.prompt_embeddings.clone()  # (num_virtual_tokens, hidden)

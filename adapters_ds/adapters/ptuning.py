@@ -15,6 +15,7 @@ output for random E in front of every input.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -81,10 +82,20 @@ class PTuning(VirtualTokens):
         return tuple(names)
 
     def forward(self) -> torch.Tensor:
-        x = self.embedding  # (num_virtual_tokens, hidden)
-        if self.lstm is not None:
-            x = self.lstm(x.unsqueeze(0))[0][0]  # (num_virtual_tokens, 2h): both directions
-        return self.mlp(x)  # (num_virtual_tokens, hidden), a new tensor (the parameters stay untouched)
+        return encode(self.embedding, self.lstm, self.mlp)
+
+    @torch.no_grad()
+    def peft_embeddings(self) -> torch.Tensor:
+        lstm = None if self.lstm is None else copy.deepcopy(self.lstm).float()
+        return encode(self.embedding.float(), lstm, copy.deepcopy(self.mlp).float())
+
+
+def encode(embedding: torch.Tensor, lstm: nn.LSTM | None, mlp: nn.Module) -> torch.Tensor:
+    """The virtual tokens' embeddings (num_virtual_tokens, hidden), a new tensor: the parameters stay untouched."""
+    x = embedding  # (num_virtual_tokens, hidden)
+    if lstm is not None:
+        x = lstm(x.unsqueeze(0))[0][0]  # (num_virtual_tokens, 2h): both directions
+    return mlp(x)
 
 
 register(PTuningConfig, PTuning)

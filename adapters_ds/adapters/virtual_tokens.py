@@ -9,15 +9,15 @@ transformer inside it (`transformer_of`), for the inputs (`input_ids` / `inputs_
 inside the model's forward, where DeepSpeed's ZeRO-3 hooks expect submodules to run.
 
 Where the virtual tokens go (`virtual_starts`): in front of every row of a padded batch; in a packed row (one row of
-several examples whose `position_ids` restart, no attention mask: `training.data.collate_packed`) in front of every
-example, so each packed example sees them as if it were alone. Positions count the virtual tokens: a real token
-that had position p gets p + n (n virtual tokens at 0..n-1), as PEFT's models see them; a decoding step (the cache
-already holds the prompt) only shifts the new token's position and extends the attention mask.
+several examples, `training.data.collate_packed`: its boundaries given with the call, or its `position_ids`
+restarting and no attention mask) in front of every example, so each packed example sees them as if it were alone;
+the given boundaries move with them. Positions count the virtual tokens: a real token that had position p gets
+p + n (n virtual tokens at 0..n-1), as PEFT's models see them; a decoding step (the cache already holds the prompt)
+only shifts the new token's position and extends the attention mask.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from adapters_ds.adapters.base import Adapter, AdapterConfig, option
 from adapters_ds.errors import InputError
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips (training.data's, which this layer cannot import)
+PACKED_BOUNDS = "packed_bounds"  # a packed row's example boundaries as host numbers, passed by the trainer
 NUM_VIRTUAL_TOKENS_HELP = "prompt, ptuning and prefix: virtual tokens per input (default 30, as in LLM-Adapters)"
 ENCODER_HIDDEN_SIZE_HELP = (
     "ptuning: hidden width of the prompt encoder; prefix with --prefix_projection: width of its reparameterisation MLP"
@@ -97,7 +98,6 @@ def transformer_of(model: nn.Module) -> nn.Module:
     return model.get_submodule(path.rpartition(".")[0])
 
 
-
 def as_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """A forward call's arguments all by name (GPT-2's head passes `input_ids` positionally)."""
     if not args:
@@ -119,13 +119,40 @@ def cache_length(kwargs: dict[str, Any]) -> int:
     return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value) per layer
 
 
-def virtual_starts(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> list[int]:
-    """Indices before which the virtual tokens go: [0] for a padded batch; for a packed row (batch 1, no attention
-    mask, positions restarting with each example) the start of every example."""
-    if attention_mask is not None or position_ids is None or position_ids.ndim != 2 or position_ids.shape[0] != 1:
+def packed_bounds(kwargs: dict[str, Any]) -> list[int] | None:
+    """The example boundaries of a packed row given with the call (0, ..., tokens), or None: as host numbers
+    (`packed_bounds`, the trainer's) or as transformers' variable-length attention kwargs (`cu_seq_lens_q`)."""
+    bounds = kwargs.get(PACKED_BOUNDS)
+    if bounds is None and isinstance(kwargs.get("cu_seq_lens_q"), torch.Tensor):
+        bounds = kwargs["cu_seq_lens_q"].tolist()
+    return None if bounds is None else [int(b) for b in bounds]
+
+
+def virtual_starts(kwargs: dict[str, Any]) -> list[int]:
+    """Indices before which the virtual tokens go: [0] for a padded batch; for a packed row the start of every
+    example, from the boundaries given with the call or else (batch 1, no attention mask) from where the positions
+    restart, as transformers tells packed examples apart."""
+    bounds = packed_bounds(kwargs)
+    if bounds is not None:
+        return bounds[:-1]
+    positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if mask is not None or positions is None or positions.ndim != 2 or positions.shape[0] != 1:
         return [0]
-    restarts = (position_ids[0, 1:] - position_ids[0, :-1] != 1).nonzero().flatten() + 1
+    restarts = (positions[0, 1:] - positions[0, :-1] != 1).nonzero().flatten() + 1
     return [0, *restarts.tolist()]
+
+
+def move_bounds(kwargs: dict[str, Any], n: int) -> None:
+    """Packed boundaries given with the call, moved for `n` virtual tokens in front of every example (in place)."""
+    if kwargs.get(PACKED_BOUNDS) is not None:
+        kwargs[PACKED_BOUNDS] = tuple(b + n * i for i, b in enumerate(kwargs[PACKED_BOUNDS]))
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        bounds = kwargs.get(key)
+        if isinstance(bounds, torch.Tensor):  # (examples + 1,)
+            kwargs[key] = bounds + n * torch.arange(len(bounds), device=bounds.device, dtype=bounds.dtype)
+    for key in ("max_length_q", "max_length_k"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key] + n
 
 
 def spread(x: torch.Tensor, starts: Sequence[int], filler: torch.Tensor) -> torch.Tensor:
@@ -149,7 +176,7 @@ def extend_head_arguments(kwargs: dict[str, Any], n: int) -> dict[str, Any] | No
     change (a decoding step, or neither argument given)."""
     if cache_length(kwargs) > 0:
         return None
-    starts = virtual_starts(kwargs.get("position_ids"), kwargs.get("attention_mask"))
+    starts = virtual_starts(kwargs)
     changes: dict[str, Any] = {}
     labels = kwargs.get("labels")
     if labels is not None:
@@ -180,7 +207,7 @@ def prepend_virtual_tokens(
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         embeds = module.get_input_embeddings()(kwargs["input_ids"])  # (batch, seq, hidden)
-    starts = virtual_starts(positions, mask)
+    starts = virtual_starts(kwargs)
     batch = embeds.shape[0]
     kwargs["input_ids"] = None
     kwargs["inputs_embeds"] = spread(embeds, starts, prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1))
@@ -189,6 +216,7 @@ def prepend_virtual_tokens(
     if positions is not None:
         virtual = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], n)
         kwargs["position_ids"] = spread(positions + n, starts, virtual)
+    move_bounds(kwargs, n)
     return kwargs
 
 
@@ -203,11 +231,10 @@ class VirtualTokens(Adapter):
     def forward(self) -> torch.Tensor:  # type: ignore[override]  (no input: the prompt does not depend on it)
         raise NotImplementedError
 
-    @torch.no_grad()
     def peft_embeddings(self) -> torch.Tensor:
         """PEFT's `prompt_embeddings` (num_virtual_tokens, hidden): the embeddings the model sees, any encoder folded
         away, computed in fp32 whatever the training dtype."""
-        return copy.deepcopy(self).float()()
+        raise NotImplementedError
 
     def hooks(self, base: nn.Module) -> list[Any]:
         n = self.num_virtual_tokens

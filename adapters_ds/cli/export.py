@@ -2,8 +2,9 @@
 
     python launcher/export.py --base_model B --adapter_dir A --output_dir O --peft|--merge|--prune [--uniform_shapes]
 
-- `--peft`: a LoRA adapter in Hugging Face PEFT's format; `peft.PeftModel.from_pretrained(base, out)` gives
-  the same outputs as our adapted model.
+- `--peft`: a LoRA adapter in Hugging Face PEFT's format, or a prefix / prompt / ptuning adapter in PEFT's
+  PREFIX_TUNING / PROMPT_TUNING / P_TUNING format; `peft.PeftModel.from_pretrained(base, out)` gives the same
+  outputs as our adapted model.
 - `--merge`: LoRA folded into the base weights, written as a plain Hugging Face model folder.
 - `--prune`: a stochastic-gates adapter folded into the base and the closed rows, columns and heads cut out:
   a physically smaller model (`--uniform_shapes` pads all layers to one shape so that plain
@@ -19,6 +20,7 @@ from adapters_ds.distributed import closing_distributed
 from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.export.merged import export_merged
 from adapters_ds.export.peft import export_peft
+from adapters_ds.export.peft_prompts import export_peft_prompts, is_virtual_token_adapter
 from adapters_ds.export.pruned import export_pruned
 from adapters_ds.fileio import check_output_dir
 from adapters_ds.hardware import DTYPES
@@ -32,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter_dir", required=True, help="adapter folder written by training (output_dir/adapter)")
     parser.add_argument("--output_dir", required=True)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--peft", action="store_true", help="write a Hugging Face PEFT LoRA adapter")
+    mode.add_argument(
+        "--peft", action="store_true", help="write a Hugging Face PEFT adapter (LoRA, prefix, prompt, ptuning)"
+    )
     mode.add_argument("--merge", action="store_true", help="write the base model with LoRA merged in")
     mode.add_argument("--prune", action="store_true", help="write the smaller model a gates adapter prunes to")
     parser.add_argument(
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"({100 * counts['removed_fraction']:.1f} %; {100 * counts['blocks_removed_fraction']:.1f} % of the "
                 f"blocks); loads with plain transformers: {record['loads_with_transformers']}"
             )
+        elif args.peft and is_virtual_token_adapter(args.adapter_dir):
+            export_peft_prompts(args.base_model, args.adapter_dir, args.output_dir)
         else:
             (export_peft if args.peft else export_merged)(args.base_model, args.adapter_dir, args.output_dir)
         print(f"wrote {out}")

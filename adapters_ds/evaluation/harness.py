@@ -11,7 +11,9 @@ operation; `bench/eval_throughput.py` measures both ways on a given machine.
 
 A run is resumable: rerunning the same command keeps every row already written and generates only the rest (a
 batch of which some rows were written is regenerated whole, so it comes out as it would have, and only its missing
-rows are added). Files and settings checks: `evaluation.results`; data sets: `evaluation.datasets`.
+rows are added). The outputs kept are scored again, so a rerun after a change of the extraction rules updates the
+predictions without generating anything. Files and settings checks: `evaluation.results`; data sets:
+`evaluation.datasets`.
 
 Label tasks (the commonsense suite, `evaluation.labels`) are generated and scored like the rest by default. With
 `label_scoring` they are scored instead by ranking their labels' log-likelihoods (`evaluation.label_scoring`), batch
@@ -118,7 +120,8 @@ def _label_rows(
     label_sets: Sequence[Sequence[str]],
     lead: str,
 ) -> list[Row]:
-    """Score every label of one batch's items in one forward and pick each item's best; rows in the batch's order."""
+    """Score every label of one batch's items (one batched pass, `label_scoring`) and pick each item's best; rows in
+    the batch's order."""
     texts = [[lead + label for label in label_sets[i]] for i in batch]
     continuations = continuation_ids(tokenizer, [prompts[i] for i in batch], [encoded[i] for i in batch], texts)
     scores = continuation_log_likelihoods(model, tokenizer, [encoded[i] for i in batch], continuations)
@@ -260,6 +263,9 @@ def evaluate_dataset(
 
     def resume() -> list[int]:
         rows.update(resume_rows(path, prompts, answers))
+        if not label_scoring:  # kept outputs are scored again with the current rules, as new ones are
+            kept = {i: score_row(i, records[i], prompts[i], row["output"], dataset.kind) for i, row in rows.items()}
+            rows.update(kept)
         return sorted(rows)
 
     done_indices = set(ranks.on_main(resume))

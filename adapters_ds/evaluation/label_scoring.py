@@ -118,7 +118,9 @@ def _shared_prefix_scores(
     model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]]
 ) -> list[list[float]] | None:
     """The shared-prefix computation; None when the model's cache cannot be repeated per continuation."""
-    if not (_accepts(model, "position_ids") and _accepts(model, "past_key_values")):
+    # transformers 5 names the cache argument `cache` (`past_key_values` before, still accepted by some models)
+    cache_arg = next((name for name in ("cache", "past_key_values") if _accepts(model, name)), None)
+    if cache_arg is None or not _accepts(model, "position_ids"):
         return None
     device = next(model.parameters()).device
     pad_id = _pad_id(model, tokenizer)
@@ -126,7 +128,7 @@ def _shared_prefix_scores(
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **kwargs)
-    cache = out.past_key_values
+    cache = out["cache"] if "cache" in out else getattr(out, "past_key_values", None)
     if not hasattr(cache, "batch_select_indices"):
         return None
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (items, V): predicts each continuation's 1st token
@@ -143,7 +145,7 @@ def _shared_prefix_scores(
     mask = torch.cat([prompt_mask[owner], cont_mask], dim=1)
     cont_positions = prompt_mask.sum(-1)[owner].unsqueeze(1) + steps.unsqueeze(0)  # after each prompt's last token
     logits = model(
-        input_ids=cont_ids, attention_mask=mask, position_ids=cont_positions, past_key_values=cache, use_cache=True
+        input_ids=cont_ids, attention_mask=mask, position_ids=cont_positions, use_cache=True, **{cache_arg: cache}
     ).logits  # (rows, width, V): position t predicts continuation token t + 1
     scores = first[owner].gather(-1, cont_ids[:, :1]).squeeze(-1)  # (rows,)
     if width > 1:

@@ -14,7 +14,8 @@ an echoed `Answer format:` line is ignored.
    bare number for `<word><n>` labels), "option2 is the correct one", "I choose solution1". The LAST one wins, as for
    AQuA letters (`answers.extract_choice`): a response that reconsiders ("the answer is answer1? No: the correct
    answer is answer3") ends on its decision. A negated pick ("is not answer1") or one that names alternatives
-   ("the answer is answer1 or answer2") is no pick.
+   ("the answer is answer1 or answer2") is no pick; picks of every allowed label ("The answer is true.\n\nThe answer
+   is false.", how small base models run on) are no choice at all: no prediction.
 2. Otherwise, bare mentions of labels, without those that are not choices: lists of labels ("true or false",
    "answer1, answer2 or answer3", "answer1/answer2"), an echoed list of options (two or more labels written as
    headers, "Answer1: ... Answer2: ..."), rejections ("not true", "answer1 is wrong"). The FIRST remaining mention
@@ -43,6 +44,7 @@ _NUMBERED = re.compile(r"([A-Za-z]+)(\d+)\Z")  # answer3, solution1, ending4, op
 # What may come between the labels of a list ("true or false", "answer1, answer2, or answer3", "answer1/answer2").
 _LIST_GAP = re.compile(r"\s*(?:/|,|,?\s*(?:or|and)\b)\s*\Z", re.IGNORECASE)
 _HEADER_AFTER = re.compile(r"[ \t]*[:)]")  # "Answer1:" / "ending2)": an option's header, as the prompt lists them
+_OPEN_PAREN_BEFORE = re.compile(r"\([ \t]*\Z")  # "(answer1)" is a mention in parentheses, not a header
 _REJECTED_BEFORE = re.compile(r"(?i)\bnot[ \t]+\Z")
 _REJECTED_AFTER = re.compile(r"(?i)[ \t]+(?:is|seems)[ \t]+(?:not\b|wrong\b|incorrect\b|false\b)")
 
@@ -75,7 +77,7 @@ class _Matcher:
             alternatives.append(rf"{re.escape(m.group(1))}[ \t]*#?[ \t]*{m.group(2)}" if m else re.escape(label))
         mention = rf"(?<![\w-])(?:{'|'.join(alternatives)})(?![\w-])"
         self.mention = re.compile(mention, re.IGNORECASE)
-        number = r"|(?<![\w.])\d+(?![\w.])" if self.prefix else ""  # "the answer is 3" for answer1..answer5
+        number = r"|(?<![\w.])\d+(?!\w|\.\d)" if self.prefix else ""  # "the answer is 3." for answer1..answer5
         not_a_list = rf"(?!\s*(?:/|,?\s*(?:or|and)\b|,\s*(?:{mention})))"  # "the answer is true or false": no pick
         self.picks = [
             re.compile(rf"{_PICK_BEFORE}(?P<label>{mention}{number}){not_a_list}", re.IGNORECASE),
@@ -205,6 +207,8 @@ def extract_label(output: str, labels: Sequence[str], question: str = "") -> str
         for m in pattern.finditer(response)
         if (label := matcher.label_of(m.group("label"))) is not None
     ]
+    if len({label for _, label in picks}) == len(labels):  # "The answer is true. The answer is false.": no choice
+        return None
     if picks:
         return max(picks)[1]
     chosen = _bare_mentions(response, matcher)
@@ -220,7 +224,11 @@ def _bare_mentions(response: str, matcher: _Matcher) -> list[str]:
     for i in range(len(mentions) - 1):
         if _LIST_GAP.match(response[mentions[i].end() : mentions[i + 1].start()]):
             in_list.update((i, i + 1))
-    headers = {i for i, m in enumerate(mentions) if _HEADER_AFTER.match(response, m.end())}
+    headers = {
+        i
+        for i, m in enumerate(mentions)
+        if _HEADER_AFTER.match(response, m.end()) and not _OPEN_PAREN_BEFORE.search(response, 0, m.start())
+    }
     header_labels = {matcher.label_of(mentions[i].group()) for i in headers}
     chosen = []
     for i, m in enumerate(mentions):

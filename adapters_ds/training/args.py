@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.registry import METHODS, get_method, load_plugins
 from adapters_ds.errors import ArgumentParser, InputError
+from adapters_ds.training.attention import AttnChoice
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -45,6 +46,12 @@ class TrainArgs:
     train_on_inputs: bool = _opt(True, "train on the prompt tokens too (--no_train_on_inputs masks them)")
     group_by_length: bool = _opt(False, "batch examples of similar length together (less padding)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    attn_implementation: AttnChoice = _opt(
+        "auto",
+        "attention kernel: flash_attention_2 (the flash-attn package's variable-length kernel, CUDA), sdpa (torch's "
+        "variable-length kernel on CUDA, else sdpa per packed example), eager (transformers' own, a dense mask), "
+        "auto (flash_attention_2 where installed, else sdpa)",
+    )
     template: Literal["alpaca", "chat"] = _opt("alpaca", "prompt template: Alpaca, or the tokenizer's chat template")
     eval_limit: int = _opt(200, "with the built-in data: held-out problems scored before and after training")
     seed: int = _opt(42, "seed of initialisation, data order and dropout")

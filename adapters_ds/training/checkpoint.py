@@ -1,11 +1,23 @@
 """Engine checkpoints for exact resume: `output_dir/checkpoints/step-N/`.
 
 Each holds DeepSpeed's engine state with the frozen base excluded (adapter weights, optimizer, scheduler),
-each rank's RNG state, the adapter files, and a `complete.json` marker. A checkpoint is written under a
-temporary name (`.step-N.partial`) and renamed to `step-N` only once every rank has finished and the marker is
-in; `latest` (DeepSpeed's pointer file, read by `zero_to_fp32.py` and `load_checkpoint(tag=None)`) is then
-rewritten to name it. A run killed while saving therefore leaves the previous checkpoint and `latest` as they
-were, plus a partial folder that resume skips with a warning and the next save removes.
+each rank's RNG state, the adapter files, the trainable parameters' optimizer state consolidated
+(`trainable_state.py`), and a `complete.json` marker (step, ranks, global batch, micro-batch, ZeRO stage).
+A checkpoint is written under a temporary name (`.step-N.partial`) and renamed to `step-N` only once every rank
+has finished and the marker is in; `latest` (DeepSpeed's pointer file, read by `zero_to_fp32.py` and
+`load_checkpoint(tag=None)`) is then rewritten to name it. A run killed while saving therefore leaves the previous
+checkpoint and `latest` as they were, plus a partial folder that resume skips with a warning and the next save
+removes.
+
+Resuming: with the same number of ranks and ZeRO stage, DeepSpeed loads its own files, exactly, and each rank
+gets its RNG state back. With another number of ranks (a requeued job that comes back with a different allocation)
+or ZeRO stage, the consolidated state is partitioned for this run instead: the same adapter weights, optimizer
+moments, step count, learning rate and schedule position, so every later step computes what an uninterrupted run
+with this layout computes from the same state (the data order depends on the global batch only,
+`data.BatchPlan`). The RNG streams (dropout) cannot carry over, as there is one per rank: every rank is re-seeded
+with `seed + step`, so the resumed run is reproducible but its dropout masks differ from those the old layout
+would have drawn. A different global batch is refused: the step count, the data position and the schedule would
+no longer mean the same.
 
 The engine files are pickles (DeepSpeed's `torch.save`, loaded with `weights_only=False`, so loading one can run
 code): the trainer loads them from its own output_dir only, unless `--allow_pickle` says a checkpoint from
@@ -25,12 +37,20 @@ from pathlib import Path
 import torch
 from deepspeed.accelerator import get_accelerator
 from safetensors.torch import load_file, save_file
+from transformers import set_seed
 
 from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.storage import save_adapter
 from adapters_ds.distributed import DistInfo, barrier, is_main_process
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import atomic_write_text, read_json, write_json
+from adapters_ds.training.trainable_state import (
+    META,
+    consolidates,
+    load_trainable_state,
+    save_trainable_state,
+    unsupported,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +136,11 @@ def save_checkpoint(
     )
     save_file(_rng_state(), str(tmp / f"rng-rank{info.rank}.safetensors"))
     save_adapter(engine.module, adapter_config, tmp / "adapter")
+    if consolidates(engine):
+        save_trainable_state(engine, tmp, info.is_main)
     barrier()
     if info.is_main:
-        write_json(tmp / MARKER, {"step": step, "world_size": info.world_size})
+        write_json(tmp / MARKER, {"step": step, **_layout(engine, info)})
         if path.exists():  # written before by a run that was then resumed from an earlier checkpoint
             _remove(path)
         os.replace(tmp, path)
@@ -136,20 +158,66 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def check_checkpoint(path: Path, info: DistInfo) -> None:
-    """Refuse, before any work, a checkpoint this run cannot resume exactly."""
+def _layout(engine, info: DistInfo) -> dict[str, int]:
+    """What a checkpoint's files depend on, as recorded in its marker."""
+    return {
+        "world_size": info.world_size,
+        "batch_size": engine.train_batch_size(),
+        "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+        "zero_stage": int(engine.zero_optimization_stage()),
+    }
+
+
+def _marker(path: Path) -> dict:
     marker = read_json(path / MARKER, "checkpoint marker")
-    if not isinstance(marker, dict) or marker.get("world_size") != info.world_size:
-        found = marker.get("world_size") if isinstance(marker, dict) else marker
+    if not isinstance(marker, dict) or not isinstance(marker.get("world_size"), int):
+        raise InputError(f"checkpoint {str(path)!r}: expected a marker with the ranks that wrote it; found {marker!r}")
+    return marker
+
+
+def check_checkpoint(path: Path, info: DistInfo, ds_config: dict) -> bool:
+    """Refuse, before any work, a checkpoint this run cannot resume. True when DeepSpeed can load it as it was
+    written (same number of ranks and ZeRO stage), False when its consolidated state is partitioned for this run."""
+    marker = _marker(path)
+    batch, stage = ds_config["train_batch_size"], int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if marker.get("batch_size", batch) != batch:
         raise InputError(
-            f"checkpoint {str(path)!r} was written by {found} ranks; this run has {info.world_size} "
-            "(exact resume needs the same number of ranks)"
+            f"checkpoint {str(path)!r} was trained with a global batch of {marker['batch_size']} examples per step; "
+            f"this run has {batch}: resume with --batch_size {marker['batch_size']} (the micro-batch and the number "
+            "of ranks may change, the global batch may not: steps, data position and schedule depend on it)"
         )
+    if marker["world_size"] == info.world_size and marker.get("zero_stage", stage) == stage:
+        return True
+    written = f"{marker['world_size']} rank(s)"
+    if "zero_stage" in marker:
+        written += f", ZeRO stage {marker['zero_stage']}"
+    here = f"{info.world_size} rank(s), ZeRO stage {stage}"
+    if not (path / META).is_file():
+        raise InputError(
+            f"checkpoint {str(path)!r} was written by {written} without the consolidated optimizer state that "
+            f"resuming on another layout needs (an earlier version, or a configuration that cannot write it); "
+            f"this run has {here}: resume it with {marker['world_size']} ranks"
+        )
+    reason = unsupported(ds_config)
+    if reason is not None:
+        raise InputError(
+            f"checkpoint {str(path)!r} was written by {written}; this run has {here}, and resuming on another "
+            f"layout is not supported here: {reason}"
+        )
+    return False
 
 
-def load_checkpoint(engine, path: Path, info: DistInfo) -> int:
-    """Restore engine, optimizer, scheduler and this rank's RNG; returns the step to continue from."""
-    check_checkpoint(path, info)
+def load_checkpoint(engine, path: Path, info: DistInfo, seed: int) -> int:
+    """Restore the adapter weights, optimizer and scheduler from `path` (its DeepSpeed files when the layout is
+    the same, else its consolidated state), and this rank's RNG (re-seeded with `seed + step` on another layout);
+    returns the step to continue from. `check_checkpoint` has accepted `path` before."""
+    marker, here = _marker(path), _layout(engine, info)
+    step = int(marker["step"])
+    same_stage = marker.get("zero_stage", here["zero_stage"]) == here["zero_stage"]
+    if marker["world_size"] != info.world_size or not same_stage:
+        load_trainable_state(engine, path)
+        set_seed(seed + step)  # one RNG stream per rank was saved: they cannot be mapped onto other ranks
+        return step
     load_path, client_state = engine.load_checkpoint(
         str(path.parent),
         tag=path.name,

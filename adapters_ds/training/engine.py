@@ -24,6 +24,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from adapters_ds.adapters.base import AdapterConfig, adapter_parameters
 from adapters_ds.adapters.inject import freeze_base, inject_adapters
+from adapters_ds.training.attention import AttnChoice
 from adapters_ds.training.ds_config import AUTO, compute_dtype, without_persistence_threshold, zero_stage
 from adapters_ds.training.packing import enable_packing
 from adapters_ds.training.persistence import (
@@ -56,18 +57,20 @@ def build_engine(
     lr_scheduler: SchedulerFactory | None = None,
     gradient_checkpointing: bool = False,
     max_replicated_base_share: float = DEFAULT_MAX_SHARE,
+    attn_implementation: AttnChoice = "auto",
 ) -> Built:
     """`load(dtype)` creates the base model (from a checkpoint or a config); it runs under ZeRO-3's partitioned
     construction when the config asks for stage 3. `ds_config` is a resolved config; its persistence threshold is
     filled in here (the only change made to it). Under ZeRO-3 a plan that keeps more than `max_replicated_base_share`
-    of the base whole on every rank is refused before `deepspeed.initialize`."""
+    of the base whole on every rank is refused before `deepspeed.initialize`. `attn_implementation` is
+    `--attn_implementation` (see `attention.py`)."""
     hf_ds_config = None
     if zero_stage(ds_config) == 3:
         # must stay referenced until deepspeed.initialize; the threshold's "auto" can only be filled later
         hf_ds_config = HfDeepSpeedConfig(without_persistence_threshold(ds_config))
     model = load(compute_dtype(ds_config))
     model.config.use_cache = False
-    packed = enable_packing(model)  # micro-batches as one packed row: no compute spent on padding
+    packed = enable_packing(model, attn_implementation)  # micro-batches as one packed row: no compute on padding
     inject_adapters(model, adapter_config)
     freeze_base(model)
     if gradient_checkpointing:

@@ -6,14 +6,24 @@ sequence and, with `--no_train_on_inputs`, the prompt have no next-token label, 
 model for the hidden states of the target positions only, through transformers' own `logits_to_keep` (a boolean
 (batch, seq) mask): the model's forward and its `lm_head` module run as usual, so DeepSpeed's ZeRO-3 hooks gather
 the (possibly tied, partitioned) head weight as they would for full logits.
+
+Beside the loss a run reports two narrower ones from the same per-token losses: the answer-only loss (the tokens of
+the response, whatever `--train_on_inputs` trains on: `answer_mask`) and the digit-token loss (the answer tokens
+whose label contains a digit: `digit_token_mask`), which on arithmetic tracks held-out accuracy far better than a
+loss dominated by the prompt's tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import datasets
 import torch
 import torch.nn.functional as F
 
-from adapters_ds.training.data import IGNORE_INDEX
+from adapters_ds.adapters.base import AdapterConfig
+from adapters_ds.training.data import IGNORE_INDEX, tokenize_records
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,15 +42,145 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keep, labels[:, 1:][keep[:, :-1]]  # (n_targets,)
 
 
-def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward `batch` (input_ids, labels, and attention_mask or position_ids) through `model` (a transformers
-    causal LM or the DeepSpeed engine around one) and return the summed token loss, in fp32.
+class TargetForward(NamedTuple):
+    """A forward that projected only the positions predicting a target."""
 
-    Equal to `loss_sum` on the full logits (tests/test_throughput_units.py), without projecting the positions that
-    no label needs.
-    """
+    logits: torch.Tensor  # (n_targets, vocab)
+    targets: torch.Tensor  # (n_targets,)
+    keep: torch.Tensor  # (batch, seq) bool: the positions of `logits`
+    inputs: dict[str, Any]  # the model inputs (the batch without labels)
+
+
+def forward_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TargetForward:
+    """Forward `batch` (input_ids, labels, and attention_mask or position_ids) through `model` (a transformers
+    causal LM or the DeepSpeed engine around one), with logits only at the positions that predict a target."""
     keep, targets = target_positions(batch["labels"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     # use_cache=False also matters for packing: transformers only derives the packed mask when no cache is built
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (n_targets, vocab)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return TargetForward(logits, targets, keep, inputs)
+
+
+def token_losses(forward: TargetForward) -> torch.Tensor:
+    """Cross-entropy of every target token, (n_targets,) fp32."""
+    return F.cross_entropy(forward.logits.float(), forward.targets, reduction="none")
+
+
+def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed token loss of `batch` through `model` (see `forward_targets`), in fp32.
+
+    Equal to `loss_sum` on the full logits (tests/test_throughput_units.py), without projecting the positions that
+    no label needs.
+    """
+    return token_losses(forward_targets(model, batch)).sum()
+
+
+def answer_mask(targets: Sequence[int], answers: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which of a micro-batch's target tokens are answer tokens, (n_targets,) bool. Example i of the micro-batch
+    contributes `targets[i]` target tokens, consecutive and in example order (padded rows and packed rows alike),
+    of which the last `answers[i]` are its response (the prompt comes first)."""
+    mask = [flag for total, answer in zip(targets, answers, strict=True) for flag in (
+        [False] * (total - min(answer, total)) + [True] * min(answer, total))]  # fmt: skip
+    return torch.tensor(mask, dtype=torch.bool, device=device)
+
+
+def digit_token_mask(tokenizer: Any, vocab_size: int | None = None) -> torch.Tensor:
+    """(vocab,) bool: the token ids whose text contains a digit."""
+    mask = torch.zeros(max(vocab_size or 0, len(tokenizer)), dtype=torch.bool)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    mask[: len(tokens)] = torch.tensor([any(c.isdigit() for c in token or "") for token in tokens])
+    return mask
+
+
+def narrow_sums(per_token: torch.Tensor, answers: torch.Tensor, digits: torch.Tensor | None = None) -> torch.Tensor:
+    """(summed loss, tokens) over every target token, the answer tokens (`answers`, bool) and, given the vocabulary's
+    `digit_token_mask`, the answer tokens whose label has a digit: (6,) fp32 ((4,) without `digits`). `digits` is
+    indexed by the labels, so pass it as `digit_token_mask(...)[targets]`."""
+    masks = [torch.ones_like(answers), answers] + ([answers & digits] if digits is not None else [])
+    return torch.stack([v for mask in masks for v in (per_token[mask].sum(), mask.sum().float())])
+
+
+class MicroBatchLoss(NamedTuple):
+    """A training micro-batch's loss sums (over its target tokens, not yet normalised)."""
+
+    task: torch.Tensor  # the summed token loss, fp32, with its graph
+    total: torch.Tensor  # task + the method's extra terms (`AdapterConfig.batch_loss`): what is backpropagated
+    answer: torch.Tensor  # (2,) detached: summed answer-token loss, answer tokens
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    method: AdapterConfig,
+    step: int,
+    targets: Sequence[int],
+    answers: Sequence[int],
+    metrics: dict[str, float],
+) -> MicroBatchLoss:
+    """One forward of `batch` and its loss sums: the task loss, the adapter method's extra terms (e.g. distillation;
+    each is written to `metrics` per target token of this micro-batch) and the answer-only loss (`answer_mask` of the
+    examples' `targets` and `answers` counts)."""
+    forward = forward_targets(model, batch)
+    per_token = token_losses(forward)  # (n_targets,)
+    task = per_token.sum()
+    extra = method.batch_loss(model, forward.inputs, forward.keep, forward.logits, step) or {}
+    metrics.update({tag: value.item() / max(1, len(per_token)) for tag, value in extra.items()})
+    answer = narrow_sums(per_token.detach(), answer_mask(targets, answers, per_token.device))[2:]
+    return MicroBatchLoss(task, task + sum(value.float() for value in extra.values()), answer)
+
+
+class Means:
+    """Per-tag means of scalars added once per step, over the steps since the last `pop`."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            total = self.sums.setdefault(tag, [0.0, 0])
+            total[0], total[1] = total[0] + value, total[1] + 1
+
+    def pop(self) -> dict[str, float]:
+        means = {tag: total / count for tag, (total, count) in self.sums.items()}
+        self.sums = {}
+        return means
+
+
+def with_answer_targets(
+    tokenized: datasets.Dataset, raw: datasets.Dataset, tokenizer: Any, args: Any
+) -> datasets.Dataset:
+    """`tokenized` (from `tokenize_records(raw, tokenizer, ...)` with the run's `args`) with an `answer_targets`
+    column: each example's response target tokens, counted on the same texts tokenized with the prompt masked."""
+    answers = tokenized
+    if args.train_on_inputs:
+        answers = tokenize_records(raw, tokenizer, args.cutoff_len, False, args.template)
+    return tokenized.add_column("answer_targets", target_counts(answers))
+
+
+def target_counts(dataset: datasets.Dataset) -> list[int]:
+    """Tokens each example contributes to the loss (labels after the causal shift that are not ignored)."""
+    return [sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in dataset["labels"]]
+
+
+def validation_means(
+    model: torch.nn.Module, dataset: datasets.Dataset, batch_of: Callable, info: Any, micro_batch_size: int,
+    tokenizer: Any,
+) -> dict[str, float]:  # fmt: skip
+    """Mean token loss over `dataset` (eval/loss), its answer tokens (eval/answer_loss) and those whose label has a
+    digit (eval/digit_loss, where there are any), sharded over the ranks (`info`: rank, world_size; `batch_of(indices,
+    dataset)` collates). Every rank runs the same number of forwards (ZeRO-3 gathers collectively): a rank with
+    nothing left re-runs a batch with weight 0."""
+    n, world, mb = len(dataset), info.world_size, micro_batch_size
+    counts = (target_counts(dataset), dataset["answer_targets"])
+    digits = digit_token_mask(tokenizer)
+    totals = None  # (summed loss, tokens) of all, answer and digit tokens
+    for start in range(0, n, mb * world):
+        indices = list(range(start + info.rank * mb, min(start + (info.rank + 1) * mb, n)))
+        forward = forward_targets(model, batch_of(indices or [0], dataset))
+        mask = answer_mask(*([column[i] for i in indices or [0]] for column in counts), device=forward.targets.device)
+        sums = narrow_sums(token_losses(forward), mask, digits.to(mask.device)[forward.targets]) * bool(indices)
+        totals = sums if totals is None else totals + sums
+    torch.distributed.all_reduce(totals)
+    values = totals.tolist()
+    names = ("eval/loss", "eval/answer_loss", "eval/digit_loss")
+    return {name: values[2 * i] / values[2 * i + 1] for i, name in enumerate(names) if values[2 * i + 1] > 0}

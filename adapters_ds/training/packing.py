@@ -4,9 +4,12 @@ compute is spent on padding, with attention computed per example.
 transformers keeps packed examples apart by itself: from `position_ids` that restart at 0 it builds a
 block-diagonal causal mask. With sdpa that mask is dense, so attention then costs (row length)² instead of
 Σ (example length)², and an explicit mask keeps the kernel from skipping the masked half (profiled on SmolLM2,
-4 GSM8K examples of ~190 tokens: attention went from 8 % to 21 % of a step). `packed_sdpa` runs transformers' own
-sdpa attention once per example, causal and unmasked, and is registered under transformers' attention interface;
-everything else about the model is unchanged.
+4 GSM8K examples of ~190 tokens: attention went from 8 % to 21 % of a step). `packed_sdpa` is registered under
+transformers' attention interface; everything else about the model is unchanged. Given the row's boundaries from
+the host (`attention.packed_inputs`, as the trainer passes them) it runs a variable-length kernel or sdpa once per
+example without reading anything back from the device (`attention.varlen_sdpa`); without them it finds the
+examples from `position_ids` itself (one read-back per layer). `--attn_implementation` chooses among it, the
+flash-attn package's kernel and transformers' eager attention (`enable_packing`, `attention.py`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-PACKED_SDPA = "adapters_ds_packed_sdpa"
+from adapters_ds.training.attention import (
+    PACKED_SDPA,
+    AttnChoice,
+    deferred_mask,
+    is_packed_call,
+    materialize,
+    resolve_attn_implementation,
+    varlen_sdpa,
+    without_varlen,
+)
 
 # Model types whose forward keeps packed examples apart (checked against a padded batch for each, in
 # tests/test_throughput_units.py). BLOOM (ALiBi) and OPT (positions from the attention mask) do not; a type not
@@ -44,6 +56,10 @@ def packed_sdpa(
     Anything else (several rows, a cache, a non-causal module, no position_ids) goes to plain sdpa with the mask
     transformers built, so the function is safe wherever sdpa is.
     """
+    if is_packed_call(query, key, module, kwargs):  # boundaries from the host: no read-back, no mask
+        return varlen_sdpa(module, query, key, value, **kwargs), None
+    kwargs = without_varlen(kwargs)
+    attention_mask = materialize(attention_mask)  # what transformers would have built for sdpa
     position_ids = kwargs.pop("position_ids", None)
     q_len = query.shape[2]  # (batch, heads, seq, head_dim)
     if position_ids is None or query.shape[0] != 1 or key.shape[2] != q_len or not getattr(module, "is_causal", True):
@@ -60,16 +76,14 @@ def packed_sdpa(
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)
-AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the fallback path uses sdpa's own mask
+AttentionMaskInterface.register(PACKED_SDPA, deferred_mask)  # built only where a call has no boundaries
 
 
-def enable_packing(model: Any) -> bool:
-    """Prepare `model` for packed micro-batches; False (model unchanged) where packing would mix examples.
-
-    An sdpa model switches to `packed_sdpa`; eager and flash-attention models handle packed rows themselves.
-    """
-    if not supports_packing(model):
-        return False
-    if model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(PACKED_SDPA)
-    return True
+def enable_packing(model: Any, attn_implementation: AttnChoice = "auto") -> bool:
+    """Prepare `model` for packed micro-batches with the attention `--attn_implementation` names (see
+    `attention.py`); False where packing would mix examples: the model then trains on padded batches with
+    transformers' implementation of that name (unchanged for "auto")."""
+    packed = supports_packing(model)
+    if packed or attn_implementation != "auto":
+        model.set_attn_implementation(resolve_attn_implementation(attn_implementation, model.dtype, packed))
+    return packed

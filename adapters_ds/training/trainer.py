@@ -42,7 +42,9 @@ from adapters_ds.distributed import DistInfo, Ranks, barrier, init_distributed
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import check_output_dir, write_json
 from adapters_ds.modeling import check_causal_lm, load_base_model, load_tokenizer
+from adapters_ds.training import loss as losses
 from adapters_ds.training.args import TrainArgs, adapter_config
+from adapters_ds.training.attention import check_attn_implementation, packed_inputs, to_device
 from adapters_ds.training.checkpoint import (
     check_checkpoint,
     check_resume_source,
@@ -54,7 +56,6 @@ from adapters_ds.training.checkpoint import (
     trim_log,
 )
 from adapters_ds.training.data import (
-    IGNORE_INDEX,
     BatchPlan,
     collate,
     collate_packed,
@@ -65,7 +66,7 @@ from adapters_ds.training.data import (
 )
 from adapters_ds.training.ds_config import check_ds_config, load_ds_config, resolve_ds_config, zero_stage
 from adapters_ds.training.engine import build_engine, partition_report
-from adapters_ds.training.loss import causal_lm_loss_sum
+from adapters_ds.training.loss import target_counts
 from adapters_ds.training.metrics import Window, peak_memory_gb, precision_name
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": the SLURM launch script requeues on it
@@ -79,11 +80,6 @@ def main_first(info: DistInfo) -> Iterator[None]:
     yield
     if info.is_main:
         barrier()
-
-
-def target_counts(dataset: datasets.Dataset) -> list[int]:
-    """Tokens each example contributes to the loss (labels after the causal shift that are not ignored)."""
-    return [sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in dataset["labels"]]
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -143,6 +139,7 @@ class Trainer:
             max_grad_norm=args.max_grad_norm,
         )
         check_ds_config(self.ds_config)
+        check_attn_implementation(args.attn_implementation, self.ds_config)  # a kernel this machine lacks
         self.ds_config.setdefault(
             "tensorboard",
             {"enabled": True, "output_path": str(Path(args.output_dir) / "tensorboard"), "job_name": "train"},
@@ -155,8 +152,8 @@ class Trainer:
         )
         check_resume_source(args.resume, args.output_dir, args.allow_pickle)
         self.resume_from = resolve_resume(args.resume, args.output_dir)
-        if self.resume_from is not None:
-            check_checkpoint(self.resume_from, self.info)
+        if self.resume_from is not None:  # another number of ranks or ZeRO stage loads the consolidated state
+            check_checkpoint(self.resume_from, self.info, self.ds_config)
         check_causal_lm(self.base_model, args.trust_remote_code)  # before the tokenizer and the data
 
     def load_data(self, records: list[dict[str, Any]] | None) -> None:
@@ -166,8 +163,10 @@ class Trainer:
         with main_first(self.info):
             raw = datasets.Dataset.from_list(records) if records is not None else load_records(args.data_path)
             tokenized = tokenize_records(raw, self.tokenizer, args.cutoff_len, args.train_on_inputs, args.template)
+            tokenized = losses.with_answer_targets(tokenized, raw, self.tokenizer, args)  # for the answer-only loss
         self.train_set, self.val_set = split_validation(tokenized, args.val_set_size, args.seed)
         self.targets = target_counts(self.train_set)
+        self.answers, self.step_metrics, self.answer_loss = self.train_set["answer_targets"], {}, losses.Means()
         self.ga = self.ds_config["gradient_accumulation_steps"]
         self.plan = BatchPlan(
             lengths=self.train_set["length"],
@@ -205,6 +204,7 @@ class Trainer:
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
             gradient_checkpointing=args.gradient_checkpointing,
             max_replicated_base_share=args.max_replicated_base_share,
+            attn_implementation=args.attn_implementation,
         )
         self.engine, self.pack = built.engine, built.packed
         self.device = self.engine.device
@@ -260,7 +260,10 @@ class Trainer:
         features = [(self.train_set if dataset is None else dataset)[i] for i in indices]
         # one packed row where the model keeps packed examples apart: no compute is spent on padding
         collated = collate_packed(features) if self.pack else collate(features, self.tokenizer.pad_token_id)
-        return {k: v.to(self.device) for k, v in collated.items()}
+        if self.pack:  # the examples' boundaries from the host: the attention layers need not read them back
+            lengths = [len(f["input_ids"]) for f in features]
+            collated.update(packed_inputs(self.engine.module.config._attn_implementation, lengths))
+        return to_device(collated, self.device)
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over `ga` micro-batches; returns the global mean token loss and counts, and whether
@@ -274,14 +277,17 @@ class Trainer:
         # engine.backward divides by ga and DeepSpeed averages over ranks: undo both so the step's gradient
         # is that of (sum of token losses) / (target tokens in the global batch)
         scale = n_targets / (self.info.world_size * self.ga)
-        # summed loss, non-padding tokens, ranks asked to stop, non-finite micro-batch losses
-        local = torch.zeros(4, device=self.device)
+        self.step_metrics = self.adapter_config.step_begin(self.engine.module, step, self.total_steps)
+        # summed loss, non-padding tokens, ranks asked to stop, non-finite micro-batch losses, answer-token loss, tokens
+        local = torch.zeros(6, device=self.device)
         local[2] = float(self.stop.received is not None)
         skip = False
         for k, indices in enumerate(micro_batches):
             batch = self.batch(indices)
-            summed = causal_lm_loss_sum(self.engine, batch)
-            loss = summed / scale
+            counts = [self.targets[i] for i in indices], [self.answers[i] for i in indices]
+            terms = losses.micro_batch_loss(self.engine, batch, self.adapter_config, step, *counts, self.step_metrics)
+            summed, loss = terms.task, terms.total / scale  # total: the task loss + the method's `batch_loss`
+            local[4:] += terms.answer
             regularizer = self.adapter_config.regularizer(self.engine.module, step)
             if regularizer is not None:  # identical on every rank and micro-batch: its gradient is unchanged
                 loss = loss + regularizer[0]  # by DeepSpeed's averaging over ranks and accumulation steps
@@ -290,7 +296,9 @@ class Trainer:
             local[3] += (~torch.isfinite(loss.detach())).float()
             if k == len(micro_batches) - 1:  # before the update, every rank learns whether any loss was not finite
                 torch.distributed.all_reduce(local)
-                skip = local[3].item() > 0
+                # the step's one read of the device (it waits for the forwards): every scalar at once
+                totals = local.tolist()
+                skip = totals[3] > 0
             if skip and self.drops_overflow:
                 # all-NaN gradients send the step down DeepSpeed's own overflow path: it drops the update and
                 # clears the gradient partitions, which only the ZeRO optimizer can reach
@@ -307,25 +315,18 @@ class Trainer:
             if self.engine.was_step_applied():  # e.g. bf16 "check_grad_overflow": false under ZeRO-1/2
                 raise RuntimeError("DeepSpeed applied an update with non-finite gradients instead of skipping it")
             self.engine.lr_scheduler.step()  # a skipped step keeps its place: the schedule follows the step number
-        return {"loss": local[0].item() / n_targets, "tokens": local[1].item(), "samples": step_size,
-                "stop": local[2].item() > 0, "skipped": skip}  # fmt: skip
+        self.answer_loss.add({} if skip else {"train/answer_loss": totals[4] / max(1.0, totals[5])})
+        return {"loss": totals[0] / n_targets, "tokens": totals[1], "samples": step_size,
+                "stop": totals[2] > 0, "skipped": skip}  # fmt: skip
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Mean token loss over the validation split; every rank runs the same number of forwards (ZeRO-3
-        gathers collectively), a rank with nothing left re-runs a batch with weight 0."""
+    def validation_loss(self) -> dict[str, float]:
+        """eval/loss, eval/answer_loss and eval/digit_loss over the validation split (`loss.validation_means`)."""
         self.engine.eval()
-        n, world, mb = len(self.val_set), self.info.world_size, self.args.micro_batch_size
-        totals = torch.zeros(2, device=self.device)
-        for start in range(0, n, mb * world):
-            indices = list(range(start + self.info.rank * mb, min(start + (self.info.rank + 1) * mb, n)))
-            batch = self.batch(indices or [0], self.val_set)
-            summed = causal_lm_loss_sum(self.engine, batch)
-            if indices:
-                totals += torch.stack([summed, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()])
-        torch.distributed.all_reduce(totals)
+        mb = self.args.micro_batch_size
+        values = losses.validation_means(self.engine, self.val_set, self.batch, self.info, mb, self.tokenizer)
         self.engine.train()
-        return (totals[0] / totals[1]).item()
+        return values
 
     def write_events(self, step: int, values: dict[str, float]) -> None:
         if self.engine.monitor.enabled:
@@ -397,8 +398,8 @@ class Trainer:
         """Load the checkpoint to resume from, if any; the first step to run."""
         start = 0
         if self.resume_from is not None:
-            start = load_checkpoint(self.engine, self.resume_from, self.info)
-            self.log(f"resumed from {self.resume_from} at step {start}")
+            start = load_checkpoint(self.engine, self.resume_from, self.info, self.args.seed)
+            self.log(f"resumed from {self.resume_from} at step {start} on {self.info.world_size} rank(s)")
         if self.args.resume and self.info.is_main:
             trim_log(self.out / "train_log.jsonl", start)
         return start
@@ -411,19 +412,25 @@ class Trainer:
             "train/grad_norm": grad_norm,
             "train/memory_gb": peak_memory_gb(),
             **self.regularizer_metrics,
+            **self.step_metrics,
+            **self.answer_loss.pop(),
         }
         self.write_events(done, values)
         self.log(
-            f"step {done}/{self.total_steps} | loss {values['train/loss']:.4f} | lr {lr:.2e} | "
+            f"step {done}/{self.total_steps} | loss {values['train/loss']:.4f} | answer loss "
+            f"{values.get('train/answer_loss', math.nan):.4f} | lr {lr:.2e} | "
             f"grad_norm {grad_norm:.3f} | {values['train/tokens_per_s']:.0f} tok/s | "
             f"{values['train/memory_gb']:.2f} GB"
         )
         self.window = Window()
 
     def validate(self, done: int) -> None:
-        val = self.validation_loss()
-        self.write_events(done, {"eval/loss": val})
-        self.log(f"step {done} | eval loss {val:.4f}")
+        values = self.validation_loss()
+        self.write_events(done, values)
+        self.log(
+            f"step {done} | "
+            + " | ".join(f"{tag.replace('/', ' ').replace('_', ' ')} {v:.4f}" for tag, v in values.items())
+        )
 
     def checkpoint(self, done: int) -> None:
         save_checkpoint(self.engine, self.out, done, self.adapter_config, self.info, self.args.save_total_limit)

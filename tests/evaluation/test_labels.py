@@ -76,6 +76,7 @@ RESPONSES = [
     ("bool-yes-is-no-label", BOOLQ, "Yes, it is.", None),
     ("bool-answer-colon", BOOLQ, "Answer: true", "true"),
     ("bool-list-then-pick", BOOLQ, "The answer is true or false depending on the day; I say true.", "true"),
+    ("bool-every-label-stated", BOOLQ, "The answer is true.\n\nThe answer is false.", None),
     # PIQA: solution1/solution2
     ("piqa-plain", PIQA, "solution1", "solution1"),
     ("piqa-keyword", PIQA, "The correct solution is solution2", "solution2"),
@@ -106,6 +107,8 @@ RESPONSES = [
     ("arc-early-then-later", ARC, "answer4. A marsh (answer1) would have fog too, but less.", "answer4"),
     ("arc-reconsidered", ARC, "The answer is answer1? No, the correct answer is answer4.", "answer4"),
     ("arc-bare-number", ARC, "The correct answer is 2", "answer2"),
+    ("arc-bare-number-sentence", ARC, "The correct answer is 1.\n", "answer1"),
+    ("arc-decimal-is-no-label", ARC, "The answer is 2.5 metres", None),
     ("arc-alternatives", ARC, "It could be answer1 or answer2.", None),
     ("arc-list-is-no-pick", ARC, "the answer is answer1, answer2 or answer3", None),
     ("arc-option-text", ARC, "a marsh", "answer1"),
@@ -116,6 +119,7 @@ RESPONSES = [
     ("arc-label-not-allowed", ARC, "the correct answer is answer5", None),
     ("arc-longer-number", ARC, "answer10", None),
     ("arc-header-form-pick", ARC, "Answer2: a tundra", "answer2"),
+    ("arc-parenthesised-is-no-header", ARC, "Answer3: the plains. A marsh (answer1) would be foggier.", "answer3"),
     ("siqa-is-the-best", SIQA, "Answer3 is the best answer here.", "answer3"),
     ("siqa-rejected-then-bare", SIQA, "answer2 is wrong. answer1", "answer1"),
     # HellaSwag: ending1..ending4

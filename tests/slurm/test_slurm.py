@@ -3,8 +3,11 @@
 Real SLURM: munged, slurmctld and slurmd started on this machine by the `cluster` fixture; one node (this machine)
 in CPU mode: `sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/llama13b_lora.sh` runs two
 DeepSpeed ranks on the tiny LLaMA of tiny_models, with the recipe's flags overridden through EXTRA_ARGS the way a
-user shortens a run. Skipped where the SLURM or MUNGE binaries are missing (`apt-get install slurm-wlm munge`) or
-the tests do not run as root (slurmd starts jobs as their user).
+user shortens a run. The chained evaluation gets no EVAL_SBATCH_ARGS: it must take the training job's CPU
+allocation itself (eval.sh's own #SBATCH lines ask for GPUs). A preempted job requeues itself and resumes exactly;
+another is given one task instead of two while it waits in the queue and resumes on one rank. Skipped where the
+SLURM or MUNGE binaries are missing (`apt-get install slurm-wlm munge`) or the tests do not run as root (slurmd
+starts jobs as their user).
 
 Stand-ins (`srun`, `scontrol`, `sbatch` scripts that record their calls): what one machine cannot show, a two-node
 GPU layout and the exit-code and signal decisions, in a second.
@@ -262,7 +265,6 @@ def submit_lora(cluster: Cluster, assets: Path, name: str, **overrides: str) -> 
         "EVAL_DATA": str(assets / "eval"),
         "EVAL_DATASETS": "Toy",
         "EVAL_ARGS": "--max_new_tokens 8 --batch_size 2",
-        "EVAL_SBATCH_ARGS": " ".join(CPU_ALLOCATION),
         **overrides,
     }
     script = REPO / "slurm" / "llama13b_lora.sh"
@@ -327,11 +329,16 @@ def test_training_job_saves_the_adapter_and_chains_the_evaluation(cluster, strai
     assert f"command: {command.strip()}" in job.log_text()  # the exact command is logged
 
     eval_id = int((record / "eval_job").read_text())
-    eval_job = Job(eval_id, job.output / "eval", job.log.with_name(f"llama13b-lora-eval-{eval_id}.out"))
+    eval_job = Job(eval_id, job.output / "eval", job.output / "eval" / f"llama13b-lora-eval-{eval_id}.out")
     assert f"--dependency=afterok:{job.id}" in job.log_text()
+    # no EVAL_SBATCH_ARGS: the training job's allocation, not eval.sh's 4 GPUs per node, which this cluster lacks
+    assert "--nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 --partition=debug" in job.log_text()
     eval_info = wait_for_end(cluster, eval_job)
+    assert (eval_info["NumNodes"], eval_info["NumTasks"], eval_info["NumCPUs"]) == ("1", "2", "2")
     summary = json.loads((job.output / "eval" / "summary.json").read_text())
     assert "Toy" in json.dumps(summary) and (job.output / "eval" / "summary.md").is_file()
+    assert "evaluation done" in eval_job.log_text()  # its log beside its results
+    assert not job.log.with_name(eval_job.log.name).exists()
     assert eval_info["StartTime"] >= info["EndTime"]  # it waited for the training job to end
     print(
         f"\ntraining job {job.id}: {info['JobState']} {info['ExitCode']} in {seconds(info)} s; "
@@ -382,6 +389,43 @@ def test_preempted_job_requeues_itself_and_resumes_exactly(cluster, assets, stra
         torch.testing.assert_close(resumed[name].float(), tensor.float(), atol=1e-6, rtol=0)
     timeline.append(
         f"{info['JobState']} {info['ExitCode']} after {info['Restarts']} restarts; last run {seconds(info)} s"
+    )
+    print("\n" + "; ".join(timeline))
+
+
+@pytest.mark.slow
+@real_slurm
+def test_requeued_job_resumes_on_the_ranks_of_its_new_allocation(cluster, assets, straight):
+    """A job of two tasks checkpoints on SIGUSR1 and requeues itself; held in the queue, it is given one task per node
+    instead of two (what a requeue onto a smaller allocation does) and released. Its next run lays itself out on
+    the new allocation (one rank), resumes from the 2-rank checkpoint and finishes: the same losses as the straight
+    job up to the interruption, close to them after (one rank in bf16 adds its own rounding), and no error."""
+    reference, _ = straight
+    job = submit_lora(cluster, assets, "reshaped", CHAIN_EVAL="0")
+    timeline = [f"job {job.id} submitted with 2 tasks"]
+    stop = preempt(cluster, job, 0, ["--signal=USR1"], timeline)
+    # back in the queue it would start again cred_expire + 1 s later: hold it there first
+    wait_until(lambda: cluster.job(job.id)["Restarts"] == "1", f"job {job.id} to requeue", context=job.log_text)
+    cluster.run("scontrol", "hold", str(job.id))
+    assert cluster.job(job.id)["JobState"] == "PENDING", "the requeued job restarted before it could be held"
+    cluster.run("scontrol", "update", f"JobId={job.id}", "NumTasks=1", "TasksPerNode=1", "MinCPUsNode=1", "NumCPUs=1")
+    cluster.run("scontrol", "release", str(job.id))
+    timeline.append("held, given 1 task per node, released")
+
+    info = wait_for_end(cluster, job)
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "1" and info["NumTasks"] == "1"
+    text = job.log_text()
+    assert "1 node(s) × 2 rank(s) = 2" in text and "1 node(s) × 1 rank(s) = 1" in text
+    assert f"resumed from {job.output / 'checkpoints' / f'step-{stop}'} at step {stop} on 1 rank(s)" in text
+    got, expected = losses(job.output), losses(reference.output)
+    assert len(got) == STEPS
+    assert got[:stop] == pytest.approx(expected[:stop], abs=1e-6)
+    assert got[stop:] == pytest.approx(expected[stop:], rel=2e-3), (got, expected)
+    resumed, straight_adapter = adapter_tensors(job.output), adapter_tensors(reference.output)
+    assert set(resumed) == set(straight_adapter)
+    timeline.append(
+        f"{info['JobState']} {info['ExitCode']} on 1 rank; largest loss difference to the straight job after step "
+        f"{stop}: {max(abs(a - b) for a, b in zip(got[stop:], expected[stop:], strict=True)):.2e}"
     )
     print("\n" + "; ".join(timeline))
 
@@ -451,7 +495,9 @@ def test_two_gpu_nodes_one_rank_per_gpu_and_one_evaluation(stubs):
     result, calls = run_script(stubs)
     assert result.returncode == 0, result.stdout + result.stderr
     srun, sbatch = calls
-    assert srun.startswith("srun --nodes=2 --ntasks-per-node=4 --cpus-per-task=8 --kill-on-bad-exit=0 --wait=120 ")
+    assert srun.startswith(
+        "srun --nodes=2 --ntasks-per-node=4 --ntasks=8 --cpus-per-task=8 --kill-on-bad-exit=0 --wait=120 "
+    )
     assert "MASTER_ADDR=node01,MASTER_PORT=16234," in srun and "DS_ACCELERATOR" not in srun  # 15000 + 1234
     assert "--batch_size 16 --micro_batch_size 2 --resume auto" in srun  # 8 ranks: micro-batch 4 → 2, global 16
     run = Path(stubs["OUTPUT"])
@@ -461,11 +507,36 @@ def test_two_gpu_nodes_one_rank_per_gpu_and_one_evaluation(stubs):
     assert f"--ds_config {run}/slurm/job-1234/ds_config.json" in srun
     assert sbatch.startswith("sbatch --parsable --dependency=afterok:1234 --kill-on-invalid-dep=yes ")
     assert sbatch.endswith("slurm/eval.sh | inherited: 0 SLURM_* variables, MASTER_ADDR=")
-    assert "--partition=gpu" in sbatch and (run / "slurm" / "job-1234" / "eval_job").read_text() == "99\n"
+    # the training job's allocation shape, and its log beside its results
+    assert f"--output={run}/eval/%x-%j.out --nodes=2 --ntasks-per-node=4 --gpus-per-node=a100:4 --cpus-per-task=8 " \
+           "--partition=gpu " in sbatch  # fmt: skip
+    assert (run / "eval").is_dir() and (run / "slurm" / "job-1234" / "eval_job").read_text() == "99\n"
 
     again, calls = run_script(stubs)  # the same job, requeued after it had submitted its evaluation
     assert again.returncode == 0 and [call.split()[0] for call in calls] == ["srun", "sbatch", "srun"]
     assert "evaluation job 99 was submitted by an earlier run of this job: not again" in again.stdout
+
+
+def test_a_requeued_job_takes_the_shape_of_its_new_allocation(stubs):
+    """In a requeued job whose allocation changed, SLURM_NTASKS_PER_NODE, SLURM_NTASKS and SLURM_GPUS_PER_NODE keep
+    the submission's values; the layout follows what this run got, and EVAL_SBATCH_ARGS still win over it."""
+    result, calls = run_script(
+        stubs, SLURM_TASKS_PER_NODE="2(x2)", SLURM_GPUS_ON_NODE="2", SLURM_NTASKS="8", SLURM_RESTART_COUNT="1",
+        EVAL_SBATCH_ARGS="--gpus-per-node=1 --ntasks-per-node=1 --time=30",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    srun, sbatch = calls
+    assert (
+        srun.startswith("srun --nodes=2 --ntasks-per-node=2 --ntasks=4 ")
+        and "--batch_size 16 --micro_batch_size 4" in srun
+    )
+    assert "--nodes=2 --ntasks-per-node=2 --gpus-per-node=2 --cpus-per-task=8 --partition=gpu " \
+           "--gpus-per-node=1 --ntasks-per-node=1 --time=30 " in sbatch  # fmt: skip
+
+    Path(stubs["CALLS"]).unlink()
+    result, calls = run_script(stubs, SLURM_TASKS_PER_NODE="4,2")
+    assert result.returncode == 2 and "different numbers of tasks (SLURM_TASKS_PER_NODE=4,2)" in result.stderr
+    assert not calls
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,214 @@
+"""Pruning by unit gates (stochastic gates' default scope, "units"): one gate per unit that `export --prune` removes,
+closed on a schedule in the order of the task's importance estimates, so that a run ends exactly at its target.
+
+Units. A unit is what the export cuts out as a whole: an MLP intermediate unit (its rows in the MLP's producers, its
+column in the consumer) and an attention KV group (its query heads' rows, its key and value rows, the output
+projection's columns; one head where every head has its own keys and values; BLOOM keeps its heads, see
+`export.pruned`). The gate sits on the consumer's input (down_proj, o_proj): z_u is 1 (open) or 0 (closed), nothing
+in between, so the gated model in evaluation mode *is* the pruned export at every step. A unit's cost is the number
+of block parameters the export removes with it, so the share the schedule controls is the export's
+`blocks_removed_fraction` (one unit more at most: an MLP unit is a few thousand parameters, a KV group more).
+
+Schedule (gradual pruning, Zhu & Gupta 2017, arXiv 1710.01878): the share of block parameters removed is 0 for the
+first `start` of the run, while the LoRA inside the gates learns the task with every unit open; then
+s(t) = S · (1 − (1 − (t − t0) / (t1 − t0))³), fast while many units are redundant and slower as the model thins, until
+`end`; S after it, a recovery phase in which the LoRA adapts to the final units. Before each step of the ramp the
+least important open units close until the removed share reaches s(t). Every block keeps one unit of each kind.
+
+Importance: the empirical Fisher information of each gate, the mean over micro-batches of (∂L/∂z_u)², with
+∂L/∂z_u = Σ over tokens and the unit's columns of x'·∂L/∂x' (Molchanov et al. 2019, arXiv 1906.10771), taken from the
+training loss's own backward (task loss plus distillation); an exponential moving average over steps keeps it
+current as the model changes. Divided by the unit's cost it estimates the loss added per parameter removed. The
+estimates are summed over ranks before each choice, so that every rank closes the same units.
+
+Closing through the optimizer: a gate's state is its parameter θ (1: open; below 1: closed), so ZeRO's partitions
+and fp32 master copies, engine checkpoints and the adapter file hold it as any other trained tensor. z is a step
+function of θ, so θ gets no task gradient; a closed unit's θ gets a constant gradient from a loss term whose value
+is 0 (c · (θ − θ.detach())), which moves it below 1 in the step it is chosen and further down after, and an open
+unit's gradient is exactly 0, so without weight decay (the gates' own optimizer group) its θ stays exactly 1.
+Until the update lands, the layer remembers the choice (`Gates.closing`), so the unit is closed from the next
+forward on whatever the learning rate.
+
+Distillation (CoFi, Xia et al. 2022, arXiv 2204.00408): the dense model is the teacher. It is the same model with
+every gate open (the frozen base and the same LoRA: no weights beyond the student's), run once more per micro-batch
+without gradient; the loss adds `distill` · KL(teacher ‖ student) per target token. While no unit is closed the two
+are the same model: the teacher forward is skipped and the term is exactly 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters_ds.adapters.base import adapter_parameters
+from adapters_ds.families import layout_of, linear_dims
+from adapters_ds.pruned_model import geometry
+from adapters_ds.zero import full_numel, gathered
+
+PUSH = 1e-4  # gradient on a closed gate's θ: far above Adam's eps (1e-8), far below anything gradient clipping sees
+FISHER_DECAY = 0.9  # per step: the importance estimate averages over the last ~10 steps
+MIN_FISHER_STEPS = 2  # steps of estimates needed before a choice (also after a resume, which starts them afresh)
+
+
+def scheduled_sparsity(step: int, total_steps: int, target: float, start: float, end: float) -> float:
+    """s(t): the share of block parameters removed before optimizer step `step` (0-based) of `total_steps`."""
+    t0, t1 = start * total_steps, end * total_steps
+    if step < t0:
+        return 0.0
+    if step >= t1 or t1 <= t0:
+        return target
+    return target * (1.0 - (1.0 - (step - t0) / (t1 - t0)) ** 3)
+
+
+def unit_options(model: nn.Module, name: str) -> dict[str, Any]:
+    """The gate of the layer at module path `name` in scope "units": {"gate_cols", "col_group", "unit_cost",
+    "unit_kind"}, with gate_cols False where the layer's input is no prunable unit (producers, q/k/v: LoRA only)."""
+    layout = layout_of(model.config.model_type)
+    prefix, _, rest = name.partition(layout.blocks + ".")
+    index, _, rel = rest.partition(".")
+    if prefix or not index.isdigit() or rel not in (layout.mlp_out, layout.o):
+        return {"gate_rows": False, "gate_cols": False}
+    block = model.get_submodule(f"{layout.blocks}.{index}")
+    if rel == layout.mlp_out:
+        cost = _rows_cost(block, layout.mlp_in, 1) + linear_dims(rel, block.get_submodule(rel)).out_features
+        return {"gate_rows": False, "gate_cols": True, "col_group": 1, "unit_cost": cost, "unit_kind": "mlp"}
+    if layout.patch is None:  # the export keeps every head of this family
+        return {"gate_rows": False, "gate_cols": False}
+    geo = geometry(model.config, block, layout)
+    o_out = linear_dims(layout.o, block.get_submodule(layout.o)).out_features
+    if layout.q is not None:  # a KV group: rep query heads, one key and one value head
+        cost = _rows_cost(block, (layout.q,), geo.rep * geo.head_dim)
+        cost += _rows_cost(block, (layout.k, layout.v), geo.head_dim)
+    else:  # fused q/k/v, one KV head per query head: 3 × head_dim rows
+        cost = _rows_cost(block, (layout.qkv,), 3 * geo.head_dim)
+    group = geo.rep * geo.head_dim
+    return {"gate_rows": False, "gate_cols": True, "col_group": group, "unit_cost": cost + group * o_out,
+            "unit_kind": "attn"}  # fmt: skip
+
+
+def _rows_cost(block: nn.Module, paths: Sequence[str], rows: int) -> int:
+    """Parameters in `rows` output rows of each module at `paths` (weights and biases)."""
+    total = 0
+    for path in paths:
+        module = block.get_submodule(path)
+        total += rows * (linear_dims(path, module).in_features + (getattr(module, "bias", None) is not None))
+    return total
+
+
+def block_parameters(model: nn.Module, exclude: set[int]) -> int:
+    """Parameters of the transformer blocks, adapter tensors (`exclude`, by id) left out: the export's
+    `blocks_base`."""
+    blocks = model.get_submodule(layout_of(model.config.model_type).blocks)
+    return sum(full_numel(p) for p in blocks.parameters() if id(p) not in exclude)
+
+
+def close_on_schedule(
+    model: nn.Module, layers: list[Any], target: float, final: float, importance: str, seed: int
+) -> dict[str, float]:
+    """Close open units of the unit-gate `layers` until the share of block parameters removed reaches `target`
+    (not above `final`, the run's target; least important first; `importance` "random": in an order drawn from
+    `seed`). Call on every rank at the same
+    step: the estimates are summed over ranks. Returns gates/target, gates/removed (the share the export would
+    remove now) and gates/closed_units/{mlp,attn} (shares of the units)."""
+    with gathered([layer.theta_cols for layer in layers]):
+        closed = [layer.closed_units().cpu() for layer in layers]
+    for layer in layers:
+        layer.fold_fisher()
+    total = block_parameters(model, {id(p) for p in adapter_parameters(model).values()})
+    costs = [layer.unit_cost for layer in layers]
+    removed = sum(int(shut.sum()) * cost for shut, cost in zip(closed, costs, strict=True))
+    need = target * total - removed
+    # a large unit (a KV group) may overshoot a step of the ramp, not the final share by more than the smallest unit
+    limit = final * total - removed + min(costs)
+    if need > 0 and all(layer.fisher_steps >= MIN_FISHER_STEPS for layer in layers):
+        if importance == "random":  # the same draw on every rank
+            generator = torch.Generator().manual_seed(seed)
+            scores = [torch.rand(len(shut), generator=generator) for shut in closed]
+        else:  # Fisher per parameter removed
+            flat = all_reduce_sum(torch.cat([layer.fisher for layer in layers])).cpu()
+            scores = [s / cost for s, cost in zip(flat.split([len(s) for s in closed]), costs, strict=True)]
+        for layer, shut, new in zip(layers, closed, choose(scores, costs, closed, need, limit), strict=True):
+            layer.close(new)
+            shut |= new
+    removed = sum(int(shut.sum()) * cost for shut, cost in zip(closed, costs, strict=True))
+    metrics = {"gates/target": target, "gates/removed": removed / total}
+    for layer, shut in zip(layers, closed, strict=True):
+        layer.any_closed = bool(shut.any())
+    for kind in ("mlp", "attn"):
+        shuts = [shut for layer, shut in zip(layers, closed, strict=True) if layer.unit_kind == kind]
+        if shuts:
+            metrics[f"gates/closed_units/{kind}"] = sum(int(s.sum()) for s in shuts) / sum(map(len, shuts))
+    return metrics
+
+
+def choose(
+    scores: list[torch.Tensor], costs: list[int], closed: list[torch.Tensor], need: float, limit: float
+) -> list[torch.Tensor]:
+    """Close open units in increasing order of score until their costs add up to `need` parameters, passing over a
+    unit that would take the sum above `limit` and keeping at least one open unit in each layer. Returns the newly
+    closed units of each layer (bool). Ties go to the lower layer and unit index (a stable sort), so equal inputs
+    give equal choices on every rank."""
+    keys, owners = [], []
+    for i, (score, shut) in enumerate(zip(scores, closed, strict=True)):
+        open_units = (~shut).nonzero().flatten()
+        keys.append(score.float()[open_units])
+        owners.append(torch.stack([torch.full_like(open_units, i), open_units], dim=1))
+    chosen = [torch.zeros_like(shut) for shut in closed]
+    if need <= 0:
+        return chosen
+    order = torch.argsort(torch.cat(keys), stable=True)
+    left = [int((~shut).sum()) for shut in closed]  # open units per layer
+    removed = 0.0
+    for layer, unit in torch.cat(owners)[order].tolist():
+        if removed >= need:
+            break
+        if left[layer] > 1 and removed + costs[layer] <= limit:
+            chosen[layer][unit] = True
+            left[layer] -= 1
+            removed += costs[layer]
+    return chosen
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, then rank 0's result to all (bit-identical choices everywhere); unchanged in one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+        torch.distributed.broadcast(tensor, 0)
+    return tensor
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Σ over positions of KL(teacher ‖ student), in fp32; logits (n, vocab)."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+def distillation(
+    model: nn.Module, layers: list[Any], inputs: dict[str, Any], keep: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor:
+    """Σ over the target positions of KL(dense ‖ gated): `logits` (n_targets, vocab) are the gated model's from
+    its forward of `inputs` (the positions `keep`), the dense ones come from one more forward of `model` with every
+    gate of `layers` open, without gradient; skipped (exactly 0) while no unit is closed, the same on every rank."""
+    if not any(layer.any_closed for layer in layers):
+        return logits.new_zeros((), dtype=torch.float32)
+    with torch.no_grad(), opened(layers):
+        teacher = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (n_targets, vocab)
+    return kl_sum(logits, teacher)
+
+
+@contextlib.contextmanager
+def opened(layers: Sequence[Any]) -> Iterator[None]:
+    """Every unit gate of `layers` open inside the block (the dense teacher)."""
+    for layer in layers:
+        layer.force_open = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.force_open = False
