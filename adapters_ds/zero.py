@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 
+import deepspeed
 import torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -88,12 +89,11 @@ def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[N
     With `modify=True` rank 0's changes are broadcast and re-partitioned on exit (DeepSpeed's
     `modifier_rank=0`). A no-op for ordinary tensors, so callers need not know whether ZeRO-3 is on.
     """
-    # a persistent parameter that is whole already needs no gather (and must not be partitioned on exit)
-    partitioned = [p for p in params if is_partitioned(p) and not is_resident(p)]
+    # to read, a persistent parameter that is whole already needs no gather (nor a partition on exit); a change
+    # must go through the gather, which writes it back to the partitions the optimizer steps
+    partitioned = [p for p in params if is_partitioned(p) and (modify or not is_resident(p))]
     if not partitioned:
         yield
         return
-    import deepspeed  # only imported when ZeRO-3 parameters exist
-
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
         yield
