@@ -1,8 +1,8 @@
 #!/bin/bash
 # Math evaluation of a base model plus a trained adapter (launcher/evaluate.py): each rank (one task per GPU)
 # generates a share of the batches; rank 0 writes EVAL_OUTPUT/summary.json and summary.md. The training templates
-# submit it themselves when training has ended (sbatch --dependency=afterok:<training job>), writing to
-# OUTPUT/eval. By hand:
+# submit it themselves when training has ended (sbatch --dependency=afterok:<training job>) with the training job's
+# allocation shape, writing results and log to OUTPUT/eval. By hand:
 #
 #   MODEL=/models/llama-13b-hf ADAPTER_DIR=/scratch/$USER/llama13b-lora/adapter EVAL_DATA=/data/math_eval \
 #       sbatch --partition=gpu --account=myproject slurm/eval.sh

@@ -24,6 +24,7 @@
 #   GPUS_PER_NODE     ranks per node, one per GPU (default: GPUs allocated per node; 0 = CPU mode)
 #   EVAL_DATA         folder of <name>/test.json for the chained evaluation (default dataset/); CHAIN_EVAL=0 skips it
 #   EVAL_DATASETS, EVAL_ARGS, EVAL_SBATCH_ARGS   the evaluation's data sets, evaluate.py flags, sbatch flags
+#                     (added to this job's allocation shape, which the evaluation gets; its log: OUTPUT/eval/)
 #   TORCH_EXTENSIONS_DIR, MASTER_PORT, MAX_REQUEUES, HF_HUB_OFFLINE: see slurm/launch.sh
 # Submit from anywhere; the checkout is found through the submitted path (or set REPO).
 #

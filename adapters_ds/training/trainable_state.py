@@ -88,13 +88,27 @@ def gather_trainable_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, A
         "names": [name for name, _ in params],
         "optimizer_state_keys": keys,
         "optimizer_step": step,
-        "param_groups": [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups],
+        "param_groups": [_hyperparameters(group) for group in engine.optimizer.param_groups],
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "global_steps": engine.global_steps,
         "global_samples": engine.global_samples,
         "skipped_steps": engine.skipped_steps,
     }
     return tensors, meta
+
+
+def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's settings that JSON holds (numbers, flags, names, Adam's betas): all that Adam keeps."""
+    plain = (bool, int, float, str, type(None))
+    kept = {}
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if isinstance(value, tuple | list) and all(isinstance(x, plain) for x in value):
+            kept[key] = list(value)
+        elif isinstance(value, plain):
+            kept[key] = value
+    return kept
 
 
 def save_trainable_state(engine, folder: Path, is_main: bool) -> None:
@@ -169,7 +183,8 @@ def load_trainable_state(engine, folder: Path) -> None:
         )
     for group, saved in zip(optimizer.param_groups, meta["param_groups"], strict=True):
         for k, v in saved.items():
-            group[k] = tuple(v) if isinstance(group.get(k), tuple) else v  # JSON keeps Adam's betas as a list
+            if k != "params":
+                group[k] = tuple(v) if isinstance(group.get(k), tuple) else v  # JSON keeps Adam's betas as a list
     if meta["lr_scheduler"] is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     engine.global_steps = meta["global_steps"]

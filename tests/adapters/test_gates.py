@@ -30,9 +30,10 @@ HD = H // HEADS
 CLOSED, OPEN = -3.0, 3.0  # tanh(-3) + 0.5 < 0: z = 0; tanh(3) + 0.5 > 1: z = 1
 
 
-def gated(family: str, lora_r: int = 0, dtype=torch.float32, **kw):
+def gated(family: str, lora_r: int = 0, dtype=torch.float32, scope: str = "all", **kw):
+    """The paper's gates (scope "all") unless told otherwise; the unit gates have their own helper, `unit_gated`."""
     model = make_model(family, dtype)
-    config = GatesConfig(lora_r=lora_r, **kw)
+    config = GatesConfig(lora_r=lora_r, scope=scope, **kw)
     inject_adapters(model, config)
     freeze_base(model)
     return model, config
@@ -82,9 +83,10 @@ def test_identity_at_init_bf16(family):
 
 def test_init_is_exactly_open_for_every_gate_of_a_large_layer():
     """The truncated init keeps mu + 0.5 > 1 for all gates (an untruncated N(1, 0.1²) does not, at 10^6 draws)."""
-    layer = Gates(GatesConfig(), linear_dims("big", nn.Linear(1000, 1000)), torch.float32, torch.device("cpu"))
+    config = GatesConfig(scope="all")
+    layer = Gates(config, linear_dims("big", nn.Linear(1000, 1000)), torch.float32, torch.device("cpu"))
     for _ in range(3):
-        layer.__init__(GatesConfig(), linear_dims("big", nn.Linear(1000, 1000)), torch.float32, torch.device("cpu"))
+        layer.__init__(config, linear_dims("big", nn.Linear(1000, 1000)), torch.float32, torch.device("cpu"))
         assert bool((gate_values(layer.theta_rows, training=False) == 1).all())
     assert float(torch.randn(10**6).mul(0.1).add(1).min()) < math.atanh(0.5)  # why the truncation is needed
 
@@ -96,7 +98,7 @@ def test_gate_formula_with_lora_inside_the_gates(kind):
     d_in, d_out = 6, 5
     base = nn.Linear(d_in, d_out) if kind == "linear" else Conv1D(d_out, d_in)
     nn.init.normal_(base.bias)
-    config = GatesConfig(lora_r=R, lora_alpha=3.0)
+    config = GatesConfig(lora_r=R, lora_alpha=3.0, scope="all")
     adapter = Gates(config, linear_dims("x", base), torch.float32, torch.device("cpu"))
     attach(base, adapter)
     with torch.no_grad():
@@ -120,7 +122,7 @@ def test_gate_formula_with_lora_inside_the_gates(kind):
 
 def test_no_bias_is_added_where_the_base_has_none():
     base = nn.Linear(4, 3, bias=False)
-    adapter = Gates(GatesConfig(lora_r=R), linear_dims("x", base), torch.float32, torch.device("cpu"))
+    adapter = Gates(GatesConfig(lora_r=R, scope="all"), linear_dims("x", base), torch.float32, torch.device("cpu"))
     attach(base, adapter)
     assert sorted(n for n, _ in adapter.named_parameters()) == ["lora_A", "lora_B", "theta_cols", "theta_rows"]
     for mode in (True, False):
@@ -210,7 +212,7 @@ def test_penalty_stops_after_penalty_steps_but_the_metrics_go_on():
     }
     after.backward()
     assert all(p.grad is None or not p.grad.any() for p in adapter_parameters(model).values())
-    forever = GatesConfig(sparsity_lambda=9.0)  # penalty_steps 0: every step
+    forever = GatesConfig(sparsity_lambda=9.0, scope="all")  # penalty_steps 0: every step
     assert forever.regularizer(model, step=10**6)[0].item() == pytest.approx(during.item(), rel=1e-6)
 
 
@@ -267,8 +269,12 @@ def test_training_with_high_lambda_closes_gates_and_leaves_the_base_alone():
         ({"method": "gates", "lora_r": -1}, "lora_r must be an integer >= 0"),
         ({"method": "gates", "lora_alpha": 0}, "lora_alpha must be a number > 0"),
         ({"method": "gates", "lambda": 5}, r"unknown gates option\(s\) \['lambda'\]"),
-        ({"method": "gates", "scope": "heads"}, "scope must be 'all' or 'mlp'"),
+        ({"method": "gates", "scope": "heads"}, "scope must be 'units', 'all' or 'mlp'"),
         ({"method": "gates", "penalty_steps": -1}, "penalty_steps must be an integer >= 0"),
+        ({"method": "gates", "ramp": "0.6,0.1"}, r"ramp must be 'start,end' with 0 <= start <= end <= 1"),
+        ({"method": "gates", "ramp": "half"}, "ramp must be 'start,end'"),
+        ({"method": "gates", "distill": -1}, "distill must be a number >= 0"),
+        ({"method": "gates", "importance": "magnitude"}, "importance must be 'fisher' or 'random'"),
     ],
 )
 def test_config_validation(values, message):
@@ -436,7 +442,7 @@ def test_per_layer_export_with_tied_embeddings_loads_tied(tmp_path):
     model = make_model("llama")
     model.config.tie_word_embeddings = True
     model.tie_weights()
-    inject_adapters(model, GatesConfig())
+    inject_adapters(model, GatesConfig(scope="all"))
     close_units(model, "llama")
     expected = logits(model.eval())
     record = prune_model(model)

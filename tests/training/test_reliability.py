@@ -228,8 +228,8 @@ CASES = [
                  "every prompt is longer than cutoff_len=4", id="train-every-prompt-beyond-cutoff"),
     pytest.param("train", lambda a, t: overwrite(a, t, "--target_modules", "q_proj,nope_proj"),
                  "['nope_proj'] matched no module", id="train-target-modules-match-nothing"),
-    pytest.param("train", lambda a, t: overwrite(a, t, "--adapter", "prefix"),
-                 "invalid choice: 'prefix'", id="train-unknown-adapter"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--adapter", "adapterx"),
+                 "invalid choice: 'adapterx'", id="train-unknown-adapter"),
     pytest.param("train", lambda a, t: overwrite(a, t, "--ds_config", str(ds_config(
                      a, t, lambda c: c["zero_optimization"].update(bogus_key=1)))),
                  "bogus_key", id="train-ds-config-unknown-key"),
