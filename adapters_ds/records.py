@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,16 +93,34 @@ def normalize_question(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
 
 
+def occurrences(questions: Sequence[str], training_texts: Sequence[str]) -> list[list[int]]:
+    """For each question, the indices of the training texts it occurs in, with `occurs_in_training`'s rule
+    (normalised text equal to or contained in a training text, on word boundaries).
+
+    A text that contains the question contains each of its words as a whole word, so only the texts holding the
+    question's rarest word are searched: the same answer as comparing against every text.
+    """
+    training = [f" {normalize_question(t)} " for t in training_texts]
+    holding: dict[str, list[int]] = defaultdict(list)
+    for i, text in enumerate(training):
+        for word in set(text.split()):
+            holding[word].append(i)
+    found = []
+    for question in questions:
+        words = normalize_question(question).split()
+        if not words or any(word not in holding for word in words):
+            found.append([])
+            continue
+        needle = f" {' '.join(words)} "
+        rarest = min(set(words), key=lambda word: len(holding[word]))
+        found.append([i for i in holding[rarest] if needle in training[i]])
+    return found
+
+
 def occurs_in_training(questions: Sequence[str], training_texts: Iterable[str]) -> list[bool]:
     """For each test question, whether it occurs in the training texts (e.g. instruction + input per record).
 
     "Occurs" means its normalised text equals, or is contained in, a normalised training text, on word
     boundaries ("add 3" is not inside "add 35"). Used to report how much of a test set a training file leaks.
     """
-    training = [f" {normalize_question(t)} " for t in training_texts]
-    exact = set(training)
-    found = []
-    for question in questions:
-        needle = f" {normalize_question(question)} "
-        found.append(needle.strip() != "" and (needle in exact or any(needle in t for t in training)))
-    return found
+    return [bool(hits) for hits in occurrences(questions, list(training_texts))]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_ds.errors import InputError
-from adapters_ds.records import json_type, normalize_question, question_text, read_records
+from adapters_ds.records import json_type, normalize_question, occurrences, question_text, read_records
 
 TRAIN_FILE, TEST_FILE = "train.json", "test.json"
 FIELDS = ("instruction", "input", "output", "answer")
@@ -66,30 +66,6 @@ def read_split(folder: str | Path, name: str, file_name: str) -> list[Record]:
                                  f"found {value!r}")  # fmt: skip
         records.append({k: record[k] for k in FIELDS})
     return records
-
-
-def occurrences(questions: Sequence[str], training_texts: Sequence[str]) -> list[list[int]]:
-    """For each question, the indices of the training texts it occurs in, with `records.occurs_in_training`'s rule
-    (normalised text equal to or contained in a training text, on word boundaries).
-
-    A text that contains the question contains each of its words as a whole word, so only the texts holding the
-    question's rarest word are searched: the same answer as comparing against every text.
-    """
-    training = [f" {normalize_question(t)} " for t in training_texts]
-    holding: dict[str, list[int]] = defaultdict(list)
-    for i, text in enumerate(training):
-        for word in set(text.split()):
-            holding[word].append(i)
-    found = []
-    for question in questions:
-        words = normalize_question(question).split()
-        if not words or any(word not in holding for word in words):
-            found.append([])
-            continue
-        needle = f" {' '.join(words)} "
-        rarest = min(set(words), key=lambda word: len(holding[word]))
-        found.append([i for i in holding[rarest] if needle in training[i]])
-    return found
 
 
 def build_mix(

@@ -10,8 +10,8 @@ import pytest
 
 from adapters_ds.cli import mathdata as mathdata_cli
 from adapters_ds.errors import InputError
-from adapters_ds.mathdata.commonsense import build_mix, occurrences
-from adapters_ds.records import occurs_in_training
+from adapters_ds.mathdata.commonsense import build_mix
+from adapters_ds.records import normalize_question, occurrences, occurs_in_training
 
 
 def _bool(question, answer):
@@ -78,7 +78,14 @@ def test_decontaminate_drops_the_records_holding_test_questions():
     assert report["total"] == 3
 
 
-def test_occurrences_agree_with_the_harness_rule():
+def brute_force(questions, training):
+    """The rule by definition: every normalised question against every normalised training text."""
+    texts = [f" {normalize_question(t)} " for t in training]
+    return [[i for i, t in enumerate(texts) if normalize_question(q) and f" {normalize_question(q)} " in t]
+            for q in questions]  # fmt: skip
+
+
+def test_occurrences_agree_with_the_rule_by_definition():
     training = [
         "Add 35 apples to the basket.",
         "She said: add 3 apples, then add 4 more!",
@@ -87,6 +94,7 @@ def test_occurrences_agree_with_the_harness_rule():
     ]
     questions = ["add 3 apples", "add 3", "add 35 apples to the basket", "add", "nothing here", "", "?!", "add 4 more"]
     found = occurrences(questions, training)
+    assert found == brute_force(questions, training)
     assert [bool(f) for f in found] == occurs_in_training(questions, training)
     assert found[0] == [1, 3] and found[1] == [1, 3] and found[3] == [0, 1, 3] and found[5] == []
 
