@@ -9,7 +9,8 @@ The backend comes from DeepSpeed's accelerator (NCCL on GPUs, gloo on CPU): neve
 
 `Ranks` is the project's one rank helper: this process's rank among the others and the collectives the project
 uses (broadcast, gather, sum, barrier, "rank 0 does it, every rank learns the outcome"); with a single process
-each of them is a no-op, so code written for several ranks runs unchanged in one.
+each of them is a no-op, so code written for several ranks runs unchanged in one. It also lays the ranks out for
+tensor parallelism: groups of N consecutive ranks, each group one data-parallel unit.
 
 The end is explicit too (`closing_distributed`, around every command's main): the ranks meet at a barrier, the
 process groups are destroyed, and a command that is its process's program ends the process right there, with its
@@ -156,19 +157,51 @@ class Ranks:
     With `start=False` it only describes the process group that exists, if any. Without a process group of more
     than one rank, `rank` is 0, `world_size` 1 and every collective returns its own input. Collectives must be
     called by every rank, in the same order.
+
+    Tensor parallelism (`tensor_parallel=N`): the ranks form groups of N consecutive ranks, [0, N), [N, 2N), ...
+    (consecutive, so that a group stays on one node where N divides the ranks per node: launchers number a node's
+    ranks consecutively). The ranks of a group hold one model sharded between them and do the same work, so the
+    group is the unit of data parallelism: `dp_rank` is this rank's group and `dp_size` the number of groups,
+    `tp_rank` its place in the group and `tp_group` the group's process group (None for N = 1). With N = 1 every
+    rank is a group of its own (dp_rank = rank, dp_size = world_size). A world that N does not divide is an
+    InputError on every rank. Constructing it with N > 1 creates the groups: every rank must do it, at the same point.
     """
 
-    def __init__(self, start: bool = True) -> None:
+    def __init__(self, start: bool = True, tensor_parallel: int = 1) -> None:
         dist = torch.distributed
         if start and dist.is_available() and not dist.is_initialized() and launched_world_size() > 1:
             init_distributed()
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
         self.world_size = dist.get_world_size() if self.active else 1
+        size = tensor_parallel
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise InputError(f"tensor_parallel: expected a positive integer; found {size!r}")
+        if self.world_size % size:
+            raise InputError(
+                f"tensor_parallel {size}: expected a divisor of the number of ranks, {self.world_size}; launch a "
+                f"multiple of {size} ranks (groups of {size} ranks each hold one copy of the model)"
+            )
+        self.tensor_parallel = size
+        self.dp_size = self.world_size // size
+        self.dp_rank, self.tp_rank = divmod(self.rank, size)
+        self.tp_group: Any = None
+        if size > 1:  # new_group is collective: every rank creates every group, in the same order
+            groups = [dist.new_group(list(range(first, first + size))) for first in range(0, self.world_size, size)]
+            self.tp_group = groups[self.dp_rank]
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tp_leader(self) -> int:
+        """The (global) rank of this rank's tensor-parallel group that speaks for it: its first."""
+        return self.dp_rank * self.tensor_parallel
+
+    @property
+    def is_tp_leader(self) -> bool:
+        return self.tp_rank == 0
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's `obj` (any picklable object) on every rank."""

