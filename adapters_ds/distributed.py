@@ -14,11 +14,11 @@ tensor parallelism: groups of N consecutive ranks, each group one data-parallel 
 
 The end is explicit too (`closing_distributed`, around every command's main): the ranks meet at a barrier, the
 process groups are destroyed, and a command that is its process's program ends the process right there, with its
-own exit code, instead of in the interpreter's finalization. That finalization frees the modules' objects for
-seconds while gloo's and DeepSpeed's communication threads still run (ZeRO parameters and DeepSpeed's group cache
-keep the process groups alive to the last moment); a thread that then needs the interpreter is ended under it,
-and the C++ runtime aborts the process: "terminate called without an active exception", exit code 134, after
-the adapter was saved.
+own exit code, instead of in the interpreter's finalization. Destroying the process groups does not stop their
+communication threads: ZeRO parameters and DeepSpeed's group cache keep the groups alive, so gloo's threads still
+run while finalization spends seconds freeing the modules' objects. A native thread that needs the interpreter
+then is ended under it, and the C++ runtime aborts the process ("terminate called without an active exception",
+exit code 134) after the adapter was saved; even without that, the ranks of a finished run lingered for seconds.
 """
 
 from __future__ import annotations
@@ -325,6 +325,9 @@ def closing_distributed(exit_process: bool = False) -> Iterator[None]:
 
 def _end_process(code: int) -> None:
     atexit._run_exitfuncs()  # what a normal exit runs first: logging.shutdown, progress bars, writers
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun DeepSpeed found the ranks through mpi4py
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpi4py finalizes in the interpreter's finalization, skipped here; mpirun fails a rank without
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken pipe must not change the exit code
             stream.flush()

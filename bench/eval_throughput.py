@@ -24,6 +24,20 @@ outputs for the same questions: the JSON says whether they did.
 Model: --base_model, else the embedded SmolLM2-135M-Instruct (`default_model.prepare_default_model()`).
 Questions: the first N of ../shared/data/math/gsm8k/test.json when present, else N generated test-split problems
 (`adapters_ds.demo.problems`). Prints one JSON object: questions/s per mode and the ratios c/a and c/b.
+
+Tensor-parallel mode (`--tensor_parallel_mode`): the evaluation command on the same questions three ways,
+
+    python bench/eval_throughput.py --tensor_parallel_mode [--base_model PATH | --random_llama 160m|1.1b] [--n 16]
+
+  tp2  2 ranks, one model sharded between them (--tensor_parallel 2), one thread each;
+  dp2  2 ranks, a whole model each (--tensor_parallel 1: data parallelism), one thread each;
+  one  1 rank with every core's threads.
+Per mode: questions/s (the harness's own generation timing), each rank's resident parameter bytes (summary.json),
+each rank process's peak resident memory sampled from /proc every 50 ms (anonymous: the process's own allocations;
+total: also the mapped pages of the checkpoint files it read), the whole command's wall time, and whether the outputs
+equal the one-rank outputs. The model needs a head count divisible by 2: --base_model, else a random LLaMA-shaped
+model (`RANDOM_LLAMAS`, bf16, the embedded model's tokenizer) built into a temporary folder. Random weights give
+nearly flat logits, so in bf16 a sharded layer's other rounding can flip a near-tie: there the outputs may differ.
 """
 
 from __future__ import annotations
@@ -36,18 +50,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
 from adapters_ds.demo.default_model import prepare_default_model
 from adapters_ds.demo.problems import generate_records
 from adapters_ds.evaluation.generation import decode, encode_prompts, generate_ids, left_pad
 from adapters_ds.evaluation.harness import evaluate_records
 from adapters_ds.hardware import accelerator_device, resolve_dtype
-from adapters_ds.modeling import load_base_model, load_tokenizer
+from adapters_ds.modeling import load_base_model, load_tokenizer, parameter_counts
 from adapters_ds.prompts import build_prompt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,27 +108,160 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def harness_ranks(base: str, records: list[dict], args: argparse.Namespace, ranks: int, dtype: str) -> dict:
-    """Mode c_ranks: the evaluation command under torchrun; its own generation timing and its outputs."""
+class RankMemory(threading.Thread):
+    """Peak resident memory of each rank of one command (the processes whose environment holds `marker`), sampled
+    from /proc every 50 ms: RssAnon (the process's own allocations) and VmRSS (also mapped file pages)."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__(daemon=True)
+        self.marker, self.stop, self.peaks = marker.encode(), threading.Event(), {}
+
+    def _ranks(self) -> dict[int, int]:
+        found = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, ValueError):  # not a process, gone, or not ours
+                continue
+            if self.marker in environ and b"evaluate.py" in cmdline and b"torch.distributed.run" not in cmdline:
+                rank = next((v[5:] for v in environ if v.startswith(b"RANK=")), b"0")
+                found[int(rank)] = int(entry.name)
+        return found
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            for rank, pid in self._ranks().items():
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+                          if line.startswith(("RssAnon:", "VmRSS:"))}  # fmt: skip
+                peak = self.peaks.setdefault(rank, {"anonymous": 0, "total": 0})
+                peak["anonymous"] = max(peak["anonymous"], values.get("RssAnon", 0))
+                peak["total"] = max(peak["total"], values.get("VmRSS", 0))
+
+
+def run_command(
+    base: str, records: list[dict], args: argparse.Namespace, ranks: int, dtype: str, extra: tuple = (),
+    threads: int = 1,
+) -> dict:  # fmt: skip
+    """The evaluation command under torchrun on `ranks` ranks of `threads` threads: its summary's timing, its
+    outputs, each rank's peak memory and the command's wall time."""
     with tempfile.TemporaryDirectory(prefix="eval_bench_") as tmp:
         data = Path(tmp) / "data" / "bench"
         data.mkdir(parents=True)
         (data / "test.json").write_text(json.dumps(records))
         out = Path(tmp) / "out"
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-        env["OMP_NUM_THREADS"] = "1"
+        drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_SIZE")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        marker = f"EVAL_BENCH_RUN={uuid.uuid4().hex}"
+        env.update(OMP_NUM_THREADS=str(threads), EVAL_BENCH_RUN=marker.split("=")[1])
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
             "--master_port", str(_free_port()), str(REPO / "launcher" / "evaluate.py"),
             "--base_model", base, "--datasets", "bench", "--data_dir", str(data.parent), "--output_dir", str(out),
             "--batch_size", str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens), "--dtype", dtype,
+            *extra,
         ]  # fmt: skip
+        memory = RankMemory(marker)
+        memory.start()
+        start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        memory.stop.set()
+        memory.join()
         if proc.returncode != 0:
             raise RuntimeError(f"harness run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        timing = json.loads((out / "summary.json").read_text())["timing"]["datasets"]["bench"]
+        timing = json.loads((out / "summary.json").read_text())["timing"]
         rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
-    return {"timing": timing, "outputs": [row["output"] for row in rows]}
+    return {
+        "timing": timing["datasets"]["bench"],
+        "summary_timing": timing,
+        "outputs": [row["output"] for row in rows],
+        "peak_memory_bytes": [memory.peaks.get(rank) for rank in range(ranks)],
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def harness_ranks(base: str, records: list[dict], args: argparse.Namespace, ranks: int, dtype: str) -> dict:
+    """Mode c_ranks: the evaluation command under torchrun; its own generation timing and its outputs."""
+    return run_command(base, records, args, ranks, dtype)
+
+
+# LLaMA shapes whose head counts 2 divides: about 160M parameters, and TinyLlama's 1.1B (embeddings: the embedded
+# model's vocabulary, 49152).
+RANDOM_LLAMAS = {
+    "160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4),
+}  # fmt: skip
+
+
+def random_llama(preset: str, folder: Path) -> str:
+    """A LLaMA-shaped model of random bf16 weights in `folder`, with the embedded model's tokenizer."""
+    tokenizer = load_tokenizer(str(prepare_default_model()))
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **ids, **RANDOM_LLAMAS[preset])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    return str(folder)
+
+
+def tensor_parallel_mode(args: argparse.Namespace) -> None:
+    """--tensor_parallel_mode: tp2, dp2 and one (see the module docstring); prints one JSON object."""
+    with tempfile.TemporaryDirectory(prefix="eval_bench_model_") as tmp:
+        base = args.base_model or random_llama(args.random_llama, Path(tmp) / "model")
+        dtype = str(resolve_dtype(args.dtype, accelerator_device())).removeprefix("torch.")
+        total, _ = parameter_counts(base)
+        records, source = load_questions(args.n)
+        cores = os.cpu_count() or 1
+        result: dict = {
+            "model": args.base_model or f"random LLaMA-shaped {args.random_llama}",
+            "parameters": total,
+            "model_bytes": total * torch.empty((), dtype=getattr(torch, dtype)).element_size(),
+            "dtype": dtype,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_cores": cores,
+            "questions": len(records),
+            "source": source,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "load_avg_1min_before": os.getloadavg()[0],
+        }
+        layouts = {"tp2": (2, ("--tensor_parallel", "2"), 1), "dp2": (2, ("--tensor_parallel", "1"), 1),
+                   "one": (1, (), cores)}  # fmt: skip
+        runs = {name: run_command(base, records, args, n, dtype, extra, threads)
+                for name, (n, extra, threads) in layouts.items()}  # fmt: skip
+    modes = {}
+    for name, run in runs.items():
+        modes[name] = {
+            "ranks": layouts[name][0],
+            "threads_per_rank": layouts[name][2],
+            "questions_per_s": run["timing"]["questions_per_s"],
+            "generation_seconds": run["timing"]["seconds"],
+            "command_wall_seconds": run["wall_seconds"],
+            "parameter_bytes_per_rank": run["summary_timing"]["parameter_bytes_per_rank"],
+            "peak_memory_bytes_per_rank": run["peak_memory_bytes"],
+        }
+    result["modes"] = modes
+    result["outputs_equal_one_rank"] = {
+        name: runs[name]["outputs"] == runs["one"]["outputs"] for name in ("tp2", "dp2")
+    }
+    one = runs["one"]["summary_timing"]["parameter_bytes_per_rank"][0]
+    result["tp2_parameter_bytes_share"] = round(modes["tp2"]["parameter_bytes_per_rank"][0] / one, 3)
+    peaks = {name: modes[name]["peak_memory_bytes_per_rank"] for name in ("tp2", "one")}
+    if all(p and all(peaks[name]) for name, p in peaks.items()):
+        result["tp2_peak_anonymous_share"] = round(
+            max(p["anonymous"] for p in peaks["tp2"]) / peaks["one"][0]["anonymous"], 3
+        )
+    result["load_avg_1min_after"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=2))
 
 
 def main() -> None:
@@ -125,7 +274,14 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="mode c's batch size (per rank)")
     parser.add_argument("--ranks", type=int, help="mode c_ranks processes (default: CPU cores on a CPU, 1 on a GPU)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument(
+        "--tensor_parallel_mode", action="store_true", help="TP 2 vs 2 data-parallel ranks vs 1 rank (see above)"
+    )
+    parser.add_argument("--random_llama", default="1.1b", choices=tuple(RANDOM_LLAMAS), help="tensor-parallel mode")
     args = parser.parse_args()
+    if args.tensor_parallel_mode:
+        tensor_parallel_mode(args)
+        return
 
     base = args.base_model
     if base is None:

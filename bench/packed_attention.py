@@ -35,7 +35,7 @@ from deepspeed.accelerator import get_accelerator
 from train_throughput import TARGET_MODULES, tokenized, write_records  # a script's folder is on the path
 
 from adapters_ds import LoRAConfig, freeze_base, inject_adapters
-from adapters_ds.hardware import native_bf16
+from adapters_ds.hardware import accelerator_device, native_bf16
 from adapters_ds.modeling import load_base_model
 from adapters_ds.training.attention import packed_inputs, resolve_attn_implementation
 from adapters_ds.training.data import collate_packed
@@ -60,7 +60,7 @@ def main() -> None:
     if unknown := set(paths) - set(PATHS):
         parser.error(f"unknown paths {sorted(unknown)}; expected a subset of {PATHS}")
     accelerator = get_accelerator()
-    device = torch.device(accelerator.device_name(), 0 if accelerator.device_name() != "cpu" else None)
+    device = accelerator_device()
     if args.dtype == "auto":
         dtype = torch.bfloat16 if native_bf16(device) else torch.float32
     else:
@@ -133,7 +133,7 @@ def main() -> None:
     medians = {path: statistics.median(t) for path, t in times.items()}
     result = {
         "model": base,
-        "device": device.type if device.type == "cpu" else accelerator.device_name(device.index),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),

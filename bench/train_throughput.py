@@ -12,7 +12,8 @@ Modes, each in a process of its own (clean peak memory), one after the other in 
   b       adapters_ds, `launcher/train.py` on one rank, ds_configs/zero3.json as shipped: bf16 "auto", which is
           bf16 where the hardware has bf16 matrix units and fp32 where bf16 is emulated (`hardware.native_bf16`).
   b_bf16  the same with bf16 forced on (weights and compute in bf16, as DeepSpeed's bf16 mode does).
-  c       adapters_ds, ZeRO-3 on 2 ranks under the `deepspeed` launcher (one thread per rank on a CPU), bf16 "auto".
+  c       adapters_ds, ZeRO-3 on 2 ranks under the `deepspeed` launcher (one thread per rank on a CPU), bf16 "auto";
+          on CUDA it needs 2 GPUs (one rank per GPU) and is left out on a machine with one.
 Same for all: the model (--base_model, else the embedded SmolLM2-135M-Instruct), LoRA r 32, alpha 64, dropout
 0.05 on q,k,v,up,down_proj, AdamW (lr, betas 0.9/0.999, eps 1e-8, no weight decay), linear decay, clipping 1.0,
 micro-batch, global batch, cutoff, seed, the tokenization (`adapters_ds.training.data.tokenize_records`, Alpaca prompt,
@@ -25,9 +26,10 @@ Data: the first steps × batch_size GSM8K training questions from ../shared/data
 (`mathdata.gsm8k_to_records`), else the built-in generated problems.
 
 Figures per mode, over the steps after --warmup_steps (the first steps pick kernels and allocate): target tokens/s
-(tokens with a label: every non-padding token but each sequence's first), seconds per step, peak resident memory
-of the process (of rank 0 for c), the loss of step 1 and of the last step, and the model FLOP utilisation (MFU):
-model FLOPs per second over the FLOP/s of a large matmul measured at the start of this run (fp32 and bf16).
+(tokens with a label: every non-padding token but each sequence's first), seconds per step, peak memory (on a CPU
+the process's resident memory, on a GPU the device memory allocated; of rank 0 for c), the loss of step 1 and of the
+last step, and the model FLOP utilisation (MFU): model FLOPs per second over the FLOP/s of a large matmul measured at
+the start of this run (fp32 and bf16; 2048² on a CPU, 8192² on a GPU).
 Model FLOPs of a sequence of n tokens: (4·N + 6·N_lora)·n + 3·A(n), N the weights of the frozen base's matrix
 products (the blocks and the LM head: forward 2N, backward 2N for the input gradients only), N_lora the adapter
 weights (forward 2, backward 4), A(n) = 2·layers·hidden·n·(n+1) the causal attention forward (QKᵀ and AV over the
@@ -115,13 +117,24 @@ def model_flops(base: str, lengths: list[int]) -> float:
 
 
 def matmul_flops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
-    """FLOP/s of a size² matmul in `dtype` with this process's threads: the hardware's practical peak."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    """FLOP/s of a size² matmul in `dtype` on the accelerator (this process's threads on a CPU): the hardware's
+    practical peak. On a GPU the product is 8192² whatever `size` says: a small one measures launch overhead."""
+    from deepspeed.accelerator import get_accelerator
+
+    from adapters_ds.hardware import accelerator_device
+
+    accelerator, device = get_accelerator(), accelerator_device()
+    size = size if device.type == "cpu" else 8192
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     torch.mm(a, b)  # warm-up: kernel selection, packing buffers
+    accelerator.synchronize()
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.mm(a, b)
         runs += 1
+        if device.type != "cpu" and runs % 10 == 0:
+            accelerator.synchronize()  # the host would otherwise only queue work
+    accelerator.synchronize()
     return 2 * size**3 * runs / (time.perf_counter() - start)
 
 
@@ -185,6 +198,8 @@ def hf_trainer_child(spec: dict) -> dict:
             self.losses: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the step's kernels are done, not just queued
             self.times.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -194,9 +209,10 @@ def hf_trainer_child(spec: dict) -> dict:
     def report_autocast(module, inputs):  # what the Trainer really computes in, seen from inside its forward
         if not reported:
             reported.append(True)
-            enabled = torch.is_autocast_enabled("cpu")
-            dtype = str(torch.get_autocast_dtype("cpu")).removeprefix("torch.") if enabled else "off"
-            print(f"AUTOCAST cpu {dtype}, weights {next(module.parameters()).dtype}", file=sys.stderr, flush=True)
+            kind = next(module.parameters()).device.type
+            enabled = torch.is_autocast_enabled(kind)
+            dtype = str(torch.get_autocast_dtype(kind)).removeprefix("torch.") if enabled else "off"
+            print(f"AUTOCAST {kind} {dtype}, weights {next(module.parameters()).dtype}", file=sys.stderr, flush=True)
 
     reported: list[bool] = []
     # on a Linear inside the model: accelerate enters autocast inside the wrapped top-level forward, after its hooks
@@ -227,7 +243,10 @@ def hf_trainer_child(spec: dict) -> dict:
         collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
         trainer = HFTrainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[clock])
         trainer.train()
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    if torch.cuda.is_available():  # the Trainer's own device (it has no other accelerator path here)
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return {"step_ends": clock.times, "losses": clock.losses, "peak_memory_gb": peak_gb}
 
 
@@ -318,7 +337,10 @@ def profile_one_rank(spec: dict, workdir: Path) -> None:
     trainer = Trainer(args, args.base_model)
     trainer.engine.train()
     trainer.train_step(0)  # warm-up
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for step in range(1, spec["steps"]):
             trainer.train_step(step)
@@ -357,6 +379,10 @@ def main() -> None:
         parser.error("--batch_size must be a multiple of 2 × --micro_batch_size, and steps > --warmup_steps")
     if args.warmup_steps < 1:
         parser.error("--warmup_steps must be >= 1: the first step ends the start-up")
+    skipped_modes = {}
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2 and "c" in modes:
+        modes.remove("c")  # NCCL runs one rank per GPU
+        skipped_modes["c"] = f"needs 2 GPUs (one rank each), found {torch.cuda.device_count()}"
 
     base = args.base_model
     if base is None:
@@ -442,6 +468,8 @@ def main() -> None:
                 runs[mode]["autocast"] = raw["autocast"]
             print(json.dumps({mode: runs[mode]}), file=sys.stderr, flush=True)  # kept if a later mode fails
         result["modes"] = runs
+        if skipped_modes:
+            result["modes_left_out"] = skipped_modes
         result["load_avg_1min_after"] = os.getloadavg()[0]
 
         def ratio(x: str, y: str) -> float | str | None:

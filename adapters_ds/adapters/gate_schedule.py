@@ -24,10 +24,11 @@ estimates are summed over ranks before each choice, so that every rank closes th
 Closing through the optimizer: a gate's state is its parameter θ (1: open; below 1: closed), so ZeRO's partitions
 and fp32 master copies, engine checkpoints and the adapter file hold it as any other trained tensor. z is a step
 function of θ, so θ gets no task gradient; a closed unit's θ gets a constant gradient from a loss term whose value
-is 0 (c · (θ − θ.detach())), which moves it below 1 in the step it is chosen and further down after, and an open
-unit's gradient is exactly 0, so without weight decay (the gates' own optimizer group) its θ stays exactly 1.
+is 0 (c · (θ − θ.detach())), which moves it below 1 in the step it is chosen and further down after (the gates'
+learning rate is `UNIT_GATE_LR`, so that even a step at the tail of a decaying schedule, rounded to bf16, leaves 1),
+and an open unit's gradient is exactly 0, so without weight decay (their own optimizer group) its θ stays exactly 1.
 Until the update lands, the layer remembers the choice (`Gates.closing`), so the unit is closed from the next
-forward on whatever the learning rate.
+forward on.
 
 Distillation (CoFi, Xia et al. 2022, arXiv 2204.00408): the dense model is the teacher. It is the same model with
 every gate open (the frozen base and the same LoRA: no weights beyond the student's), run once more per micro-batch
@@ -51,6 +52,7 @@ from adapters_ds.pruned_model import geometry
 from adapters_ds.zero import full_numel, gathered
 
 PUSH = 1e-4  # gradient on a closed gate's θ: far above Adam's eps (1e-8), far below anything gradient clipping sees
+UNIT_GATE_LR = 1.0  # θ leaves 1 by far more than a bf16 step near 1 (2^-8), even at the end of a decaying schedule
 FISHER_DECAY = 0.9  # per step: the importance estimate averages over the last ~10 steps
 MIN_FISHER_STEPS = 2  # steps of estimates needed before a choice (also after a resume, which starts them afresh)
 

@@ -92,7 +92,7 @@ class GatesConfig(AdapterConfig):
     gate_lr: float = option(
         1e-2,
         "stochastic gates: learning rate of the gates (the paper uses 1e-3 to 1e-2; LoRA inside them uses "
-        "--learning_rate; scope units: any value closes a chosen unit in one step)",
+        "--learning_rate; scope units: unused, the schedule closes the units)",
         flag="gate_lr",
     )
     lora_r: int = option(32, "stochastic gates: rank of LoRA inside the gates (0: gates only)", flag="gate_lora_r")
@@ -179,18 +179,21 @@ class GatesConfig(AdapterConfig):
         }
 
     def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
-        """Gate parameters in their own group at `gate_lr` without weight decay (decay would pull theta to 0, a
-        half-open gate; a unit gate's open state must stay exactly 1); every other trainable parameter in a group at
-        the run's learning rate."""
+        """Every trainable parameter but the gates in a group at the run's learning rate (first, so the logged rate is
+        the run's), the gates in their own without weight decay (decay would pull theta to 0, a half-open gate; a unit
+        gate's open state must stay exactly 1), at `gate_lr`, or for unit gates at `gate_schedule.UNIT_GATE_LR`."""
         gates = [theta for _, adapter in gate_layers(model) for theta in adapter.thetas()]
         if not gates:
             raise InputError("the model has no stochastic gates (inject a GatesConfig first)")
         gate_ids = {id(p) for p in gates}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
-        groups: list[dict[str, Any]] = [{"params": gates, "lr": self.gate_lr, "weight_decay": 0.0}]
-        if others:
-            groups.append({"params": others, "lr": learning_rate})
-        return groups
+        return [{"params": others, "lr": learning_rate}] * bool(others) + [
+            {
+                "params": gates,
+                "lr": schedule.UNIT_GATE_LR if self.scope == "units" else self.gate_lr,
+                "weight_decay": 0.0,
+            }
+        ]
 
     def step_begin(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
         """Scope "units": close the units the schedule asks for before step `step` (`gate_schedule.close_on_schedule`:
@@ -324,7 +327,9 @@ class Gates(Adapter):
             if self.theta_cols is None:
                 return x
             gated = x * self._gate("cols").to(x.dtype)
-            if self.hard and self.training and torch.is_grad_enabled() and gated.requires_grad:
+            if self.hard and self.training and torch.is_grad_enabled():
+                if not gated.requires_grad:  # nothing trainable upstream (no LoRA): the estimate needs this gradient
+                    gated = gated.detach().requires_grad_(True)
                 gated.register_hook(partial(self._record_fisher, gated.detach()))
             return gated
         if self.lora_r:  # x is already x' here: (..., in) → (..., r) → (..., out)

@@ -10,6 +10,8 @@ evaluation harness's cached generation with left padding all work the same way. 
 PREFIX_TUNING, whose prefix is a pre-filled cache: the prefix keys get no rotary embedding, they carry
 grouped-query attention's kv_heads (no repetition stored), and the real tokens' positions start at
 num_virtual_tokens (also explicit `position_ids` are shifted by it), so `export --peft` gives the same logits.
+One difference: under a sliding window (Mistral's, on sequences longer than it) the prefix stays visible to every
+query here, while PEFT's cached prefix drops out of the window.
 
 Parameters: one (num_virtual_tokens, 2 · kv_heads · head_dim) tensor per layer, `prefix_<l>`, laid out
 [K | V] with each half (kv_heads, head_dim) row-major: concatenated over layers, that is PEFT's `prompt_embeddings`.

@@ -3,7 +3,7 @@
     python launcher/evaluate.py --base_model PATH [--adapter_dir DIR] --datasets AddSub,MultiArith,gsm8k,AQuA \\
         --data_dir DIR --output_dir DIR [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
         [--train_data FILE] [--overwrite] [--no_merge] [--template alpaca|chat] [--dtype auto|bfloat16|float32|float16]
-        [--label_scoring | --compare_label_scoring] [--label_lead TEXT]
+        [--label_scoring | --compare_label_scoring] [--label_lead TEXT] [--tensor_parallel N|auto]
 
 Commonsense sets (BoolQ, PIQA, ARC, ...) are label tasks: each record's instruction ends with an `Answer format:` line
 listing its labels (`adapters_ds.evaluation.labels`). They are generated and scored like the others, or with
@@ -11,7 +11,9 @@ listing its labels (`adapters_ds.evaluation.labels`). They are generated and sco
 generation); `--compare_label_scoring` does both and reports their agreement. Numeric and AQuA sets always generate.
 
 Also `adapters-ds-evaluate ...`, and under `deepspeed --num_gpus N`, torchrun, srun or mpirun, where the ranks share
-the generation and the results are those of one process (`adapters_ds.evaluation.harness`).
+the generation and the results are those of one process (`adapters_ds.evaluation.harness`). A model too large for one
+device: `--tensor_parallel N` shards it over groups of N ranks (DeepSpeed AutoTP; the groups share the questions),
+`--tensor_parallel auto` picks the smallest N whose shard fits (`adapters_ds.evaluation.tensor_parallel`).
 
 Data: `<data_dir>/<name>/test.json` per data set (`adapters_ds.evaluation.datasets`). Outputs in `--output_dir`
 (`adapters_ds.evaluation.results`): `<name>.jsonl` (one row per example, written as batches finish: a killed run
@@ -72,7 +74,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="text scored before each label (default: what the records' outputs put before their label, e.g. "
         "'the correct answer is '; '' for none)",
     )
+    parser.add_argument(
+        "--tensor_parallel",
+        default="1",
+        help="ranks per model copy: N shards the model over groups of N ranks (N divides the ranks and the "
+        "attention heads), auto takes the smallest N whose shard fits a rank's memory (default 1)",
+    )
     args = parser.parse_args(argv)
+    args.tensor_parallel = _tensor_parallel(args.tensor_parallel)
     for name in ("batch_size", "max_new_tokens", "num_beams", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -84,6 +93,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise InputError(f"--datasets: expected each name once; found {names}")
     args.dataset_names = names
     return args
+
+
+def _tensor_parallel(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"--tensor_parallel: expected a positive integer or 'auto'; found {value!r}")
+    return int(value)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

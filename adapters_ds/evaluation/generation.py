@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from adapters_ds.errors import InputError
 from adapters_ds.prompts import encode_texts, tokenizer_adds_bos
@@ -89,6 +89,7 @@ def generate_ids(
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
     use_cache: bool = True,
     synced_gpus: bool = False,
+    logits_processor: Sequence[LogitsProcessor] = (),
 ) -> list[list[int]]:
     """Generated token ids for one batch of encoded prompts (one row each; EOS, what follows it and trailing pad
     tokens removed).
@@ -96,6 +97,7 @@ def generate_ids(
     Greedy when `num_beams` is 1, beam search otherwise; no sampling. Each row stops at its own EOS or stop string
     (the other rows go on; a finished row only receives pad tokens). `synced_gpus=True` keeps every rank stepping
     until all have finished, which a ZeRO-3-partitioned model needs (each forward gathers weights collectively).
+    `logits_processor` run after the configured ones at each step (e.g. `tensor_parallel.GroupConsensus`).
     """
     if not prompt_ids:
         return []
@@ -117,6 +119,7 @@ def generate_ids(
         generation_config=config,
         tokenizer=tokenizer if stop_strings else None,
         synced_gpus=synced_gpus,
+        logits_processor=LogitsProcessorList(logits_processor) if logits_processor else None,
     )
     new_tokens = out[:, input_ids.shape[1] :].tolist()  # (batch, generated)
     ends = set(eos_ids)

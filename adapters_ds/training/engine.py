@@ -58,6 +58,7 @@ def build_engine(
     gradient_checkpointing: bool = False,
     max_replicated_base_share: float = DEFAULT_MAX_SHARE,
     attn_implementation: AttnChoice = "auto",
+    before_initialize: Callable[[], None] | None = None,
 ) -> Built:
     """`load(dtype)` creates the base model (from a checkpoint or a config); it runs under ZeRO-3's partitioned
     construction when the config asks for stage 3. `ds_config` is a resolved config; its persistence threshold is
@@ -81,6 +82,8 @@ def build_engine(
         plan = plan_persistence(model, ds_config["zero_optimization"].get(THRESHOLD_KEY, AUTO))
         check_share(plan, max_replicated_base_share)
         set_threshold(ds_config, plan)
+    if before_initialize is not None:  # the input is checked: the caller may now write (DeepSpeed's monitor will)
+        before_initialize()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=adapter_config.param_groups(model, learning_rate),

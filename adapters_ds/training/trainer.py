@@ -205,6 +205,7 @@ class Trainer:
             gradient_checkpointing=args.gradient_checkpointing,
             max_replicated_base_share=args.max_replicated_base_share,
             attn_implementation=args.attn_implementation,
+            before_initialize=self.create_output_dir,
         )
         self.engine, self.pack = built.engine, built.packed
         self.device = self.engine.device
@@ -212,16 +213,21 @@ class Trainer:
         # "overflow"); without them the engine steps a plain torch-style optimizer
         self.drops_overflow = hasattr(self.engine.optimizer, "overflow")
 
-    def prepare_output(self) -> None:
-        """The run folder (emptied first with --overwrite_output_dir), `train_args.json`, the start-up line and,
-        under ZeRO-3, `zero3_partition.json`."""
-        args, info = self.args, self.info
-        self.out = Path(args.output_dir)
+    def create_output_dir(self) -> None:
+        """The run folder, emptied first with --overwrite_output_dir: called once all input is checked (the model
+        loaded and adapted) and before `deepspeed.initialize`, whose TensorBoard monitor writes into it."""
+        self.out = Path(self.args.output_dir)
         barrier()  # every rank has checked before rank 0 changes anything
-        if info.is_main:
-            if self.output_non_empty and args.overwrite_output_dir and not args.resume:
+        if self.info.is_main:
+            if self.output_non_empty and self.args.overwrite_output_dir and not self.args.resume:
                 shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
+        barrier()
+
+    def prepare_output(self) -> None:
+        """`train_args.json`, the start-up line and, under ZeRO-3, `zero3_partition.json`."""
+        args, info = self.args, self.info
+        if info.is_main:
             write_json(
                 self.out / "train_args.json",
                 {"args": args.to_dict(), "base_model": self.base_model, "ds_config": self.ds_config,

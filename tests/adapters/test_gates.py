@@ -237,9 +237,10 @@ def test_param_groups_give_the_gates_their_own_learning_rate():
     model, config = gated("llama", R, gate_lr=0.05)
     groups = config.param_groups(model, learning_rate=3e-4)
     gates = {id(a.theta_rows) for a in gates_of(model).values()} | {id(a.theta_cols) for a in gates_of(model).values()}
-    assert groups[0]["lr"] == 0.05 and groups[0]["weight_decay"] == 0.0
-    assert {id(p) for p in groups[0]["params"]} == gates
-    assert groups[1]["lr"] == 3e-4 and len(groups[1]["params"]) == 2 * len(gates_of(model))  # lora A and B
+    assert groups[1]["lr"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[1]["params"]} == gates
+    assert groups[0]["lr"] == 3e-4 and len(groups[0]["params"]) == 2 * len(gates_of(model))  # lora A and B: first,
+    # so the logged learning rate is the run's
     model, config = gated("llama")
     assert len(config.param_groups(model, 3e-4)) == 1
 
@@ -285,11 +286,17 @@ def test_config_validation(values, message):
 def test_command_line_options_reach_the_config():
     args = parse_train_args(["--ds_config", "x.json", "--base_model", "m", "--adapter", "gates",
                              "--gate_target_sparsity", "0.5", "--gate_lambda", "80", "--gate_lr", "0.02",
-                             "--gate_lora_r", "4", "--gate_scope", "mlp", "--gate_penalty_steps", "30"])  # fmt: skip
+                             "--gate_lora_r", "4", "--gate_scope", "mlp", "--gate_penalty_steps", "30",
+                             "--gate_ramp", "0.2,0.7", "--gate_distill", "0.5",
+                             "--gate_importance", "random"])  # fmt: skip
     config = adapter_config(args)
     assert config == GatesConfig(
-        target_sparsity=0.5, sparsity_lambda=80.0, gate_lr=0.02, lora_r=4, scope="mlp", penalty_steps=30
-    )
+        target_sparsity=0.5, sparsity_lambda=80.0, gate_lr=0.02, lora_r=4, scope="mlp", penalty_steps=30,
+        ramp="0.2,0.7", distill=0.5, importance="random",
+    )  # fmt: skip
+    assert config.ramp_fractions == (0.2, 0.7)
+    defaults = adapter_config(parse_train_args(["--ds_config", "x.json", "--adapter", "gates"]))
+    assert defaults == GatesConfig() and (defaults.scope, defaults.lora_r, defaults.distill) == ("units", 32, 1.0)
     assert config_from_dict(config.to_dict()) == config
 
 

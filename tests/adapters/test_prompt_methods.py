@@ -70,10 +70,14 @@ def the_adapter(model):
     return adapter
 
 
+def logits_of(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
 def real_logits(model, batch, case: str) -> torch.Tensor:
     """Logits of the real positions (prompt methods' logits also cover the virtual ones, in front)."""
-    with torch.no_grad():
-        out = model(**batch).logits
+    out = logits_of(model, batch)
     return out if is_prefix(case) else out[:, N:]
 
 
@@ -177,9 +181,9 @@ def test_adapter_changes_outputs_and_removal_restores_the_base(case):
     base = make_model("llama")
     model, _ = adapted("llama", case)
     batch = padded_batch()
-    assert not torch.allclose(real_logits(model, batch, case), real_logits(base, batch, "prefix"), atol=1e-3)
+    assert not torch.allclose(real_logits(model, batch, case), logits_of(base, batch), atol=1e-3)
     remove_adapters(model)
-    assert torch.equal(real_logits(model, batch, "prefix"), real_logits(base, batch, "prefix"))
+    assert torch.equal(logits_of(model, batch), logits_of(base, batch))
     assert model.config._attn_implementation == base.config._attn_implementation
 
 
@@ -410,7 +414,7 @@ ZERO3_RUNS = {
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
     """The training assets and a cache of finished runs (method -> output folder): 2 ranks, the shipped ZeRO-3
-    config (bf16 where the CPU has it), packed rows, 10 steps with a checkpoint at 5."""
+    config (bf16 where the CPU has it), packed rows, 10 steps with checkpoints every 3."""
     assets = write_train_assets(tmp_path_factory.mktemp("zero3"))
     done: dict[str, object] = {}
 
@@ -419,7 +423,7 @@ def zero3(tmp_path_factory):
             "--base_model", str(assets / "base"), "--data_path", str(assets / "data.json"), "--output_dir", str(out),
             "--ds_config", "ds_configs/zero3.json", "--cutoff_len", "48", "--micro_batch_size", "4",
             "--batch_size", "8", "--logging_steps", "1", "--lr_scheduler", "constant", "--learning_rate", "3e-1",
-            "--save_steps", "5", "--num_virtual_tokens", "8", "--encoder_hidden_size", "16", "--seed", "7",
+            "--save_steps", "3", "--num_virtual_tokens", "8", "--encoder_hidden_size", "16", "--seed", "7",
             "--adapter", method, *ZERO3_RUNS[method], *extra,
         ])  # fmt: skip
 
@@ -455,12 +459,12 @@ def test_zero3_two_ranks_trains_replicated_and_the_harness_loads_it(zero3, metho
 
 @pytest.mark.slow
 def test_zero3_resume_continues_exactly(zero3):
-    """Prefix tuning (with its projection MLP) stopped at step 5 and resumed: the losses and the adapter of the
+    """Prefix tuning (with its projection MLP) stopped at step 3 and resumed: the losses and the adapter of the
     uninterrupted run."""
     assets, train, straight = zero3
     reference = straight("prefix")
     out = assets / "prefix_resumed"
-    train("prefix", out, "--max_steps", "5")
+    train("prefix", out, "--max_steps", "3")
     train("prefix", out, "--max_steps", "10", "--resume", "auto")
     assert losses(out) == pytest.approx(losses(reference), abs=1e-6)
     resumed, expected = load_file(out / "adapter" / WEIGHTS_NAME), load_file(reference / "adapter" / WEIGHTS_NAME)

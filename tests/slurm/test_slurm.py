@@ -400,8 +400,8 @@ def test_requeued_job_resumes_on_the_ranks_of_its_new_allocation(cluster, assets
     instead of two (what a requeue onto a smaller allocation does) and released. Its next run lays itself out on
     the new allocation (one rank), resumes from the 2-rank checkpoint and finishes: the same losses as the straight
     job up to the interruption, and close to them after. Close, not equal: on one rank the shipped bf16 config rounds
-    differently (measured: up to 5e-3). That a resume on another number of ranks computes exactly what that layout
-    would is tests/training/test_resume_world_size.py's (fp32)."""
+    differently. That a resume on another number of ranks computes exactly what that layout would is
+    tests/training/test_resume_world_size.py's (fp32)."""
     reference, _ = straight
     job = submit_lora(cluster, assets, "reshaped", CHAIN_EVAL="0")
     timeline = [f"job {job.id} submitted with 2 tasks"]

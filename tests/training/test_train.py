@@ -185,3 +185,16 @@ def test_bad_input_is_one_line_error(assets, tmp_path):
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, last
     assert (busy / "keep.txt").read_text() == "precious" and not (tmp_path / "o").exists()
+
+
+def test_overwrite_output_dir_replaces_an_earlier_run(assets, tmp_path):
+    """The folder is emptied before DeepSpeed's TensorBoard monitor opens its files there, not after."""
+    out = tmp_path / "run"
+    (out / "tensorboard" / "train").mkdir(parents=True)
+    (out / "tensorboard" / "train" / "events.old").write_text("stale")
+    (out / "stale.txt").write_text("an earlier run")
+    run(common(assets, out, "--ds_config", str(assets / "zero3_fp32.json"), "--max_steps", "2",
+               "--overwrite_output_dir"), launcher="python", nproc=1)  # fmt: skip
+    assert not (out / "stale.txt").exists() and not (out / "tensorboard" / "train" / "events.old").exists()
+    assert len(losses(out)) == 2 and (out / "adapter" / WEIGHTS_NAME).is_file()
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))

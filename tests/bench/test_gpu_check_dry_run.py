@@ -1,0 +1,40 @@
+"""bench/gpu_check.sh --dry-run: every part of the GPU check on the CPU with tiny shapes, so the one command a GPU
+machine gets cannot rot while no GPU is at hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from launch import EXTENSIONS, REPO
+
+PARTS = {"ops", "tests", "throughput", "mfu", "zero3_13b"}
+
+
+@pytest.mark.slow
+def test_the_dry_run_runs_every_part_and_reports_it(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(work), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), "--dry-run"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    report_path = out / "gpu_check.json"
+    assert report_path.is_file(), result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    failed = {name: part.get("log_tail") for name, part in report["parts"].items() if part.get("status") != "passed"}
+    assert result.returncode == 0 and report["all_passed"], (failed, result.stderr[-2000:])
+    assert report["dry_run"] is True and set(report["parts"]) == PARTS
+    assert all(part["ran"] and part["s"] <= part["limit_s"] for part in report["parts"].values())
+    assert (out / "logs" / "setup.log").is_file() and all((out / "logs" / f"{p}.log").is_file() for p in PARTS)
+    # what each part measured made it into the report
+    parts = report["parts"]
+    assert parts["ops"]["result"]["ops"]["cpu_adam"]["ok"]
+    tests = parts["tests"]["counts"]
+    assert tests["failed"] == tests["error"] == 0 and tests["passed"] >= 5, parts["tests"]["cases"]
+    assert parts["throughput"]["result"]["modes"]["b"]["target_tokens_per_s"] > 0
+    assert parts["mfu"]["result"]["mfu"] > 0 and parts["mfu"]["result"]["attn_implementation"]
+    zero3 = parts["zero3_13b"]["result"]["runs"]["zero3_offload_1rank"][0]
+    assert zero3["base_numel"] > 0 and zero3["world_size"] == 1
+    assert report["environment"]["versions"]["deepspeed"] and report["model"]["source"].startswith("tiny LLaMA")
