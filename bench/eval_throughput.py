@@ -29,15 +29,19 @@ Tensor-parallel mode (`--tensor_parallel_mode`): the evaluation command on the s
 
     python bench/eval_throughput.py --tensor_parallel_mode [--base_model PATH | --random_llama 160m|1.1b] [--n 16]
 
-  tp2  2 ranks, one model sharded between them (--tensor_parallel 2), one thread each;
-  dp2  2 ranks, a whole model each (--tensor_parallel 1: data parallelism), one thread each;
-  one  1 rank with every core's threads.
-Per mode: questions/s (the harness's own generation timing), each rank's resident parameter bytes (summary.json),
-each rank process's peak resident memory sampled from /proc every 50 ms (anonymous: the process's own allocations;
-total: also the mapped pages of the checkpoint files it read), the whole command's wall time, and whether the outputs
-equal the one-rank outputs. The model needs a head count divisible by 2: --base_model, else a random LLaMA-shaped
-model (`RANDOM_LLAMAS`, bf16, the embedded model's tokenizer) built into a temporary folder. Random weights give
-nearly flat logits, so in bf16 a sharded layer's other rounding can flip a near-tie: there the outputs may differ.
+  tp2  2 ranks, one model sharded between them (--tensor_parallel 2);
+  dp2  2 ranks, a whole model each (--tensor_parallel 1: data parallelism);
+  one  1 rank.
+Every rank has one thread, so the modes differ only in how the work is laid out (and dp2 and one compute exactly the
+same products). Per mode: questions/s (the harness's own generation timing), each rank's resident parameter bytes
+(summary.json), each rank process's peak resident memory sampled from /proc every 50 ms (anonymous: the process's
+own allocations; total: also the mapped pages of the checkpoint files it read), the whole command's wall time, and
+whether the outputs equal the one-rank outputs. The ranks run with a fixed malloc mmap threshold
+(MALLOC_MMAP_THRESHOLD_), so that large freed buffers (the gathers of loading) go back to the system and the resident
+size follows the live tensors rather than what glibc keeps for reuse. The model needs a head count divisible by 2:
+--base_model, else a random LLaMA-shaped model (`RANDOM_LLAMAS`, bf16, the embedded model's tokenizer) built into a
+temporary folder. Random weights give nearly flat logits, so in bf16 a sharded layer's other rounding can flip a
+near-tie: there tp2's outputs may differ from the others.
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ class RankMemory(threading.Thread):
 
 def run_command(
     base: str, records: list[dict], args: argparse.Namespace, ranks: int, dtype: str, extra: tuple = (),
-    threads: int = 1,
+    threads: int = 1, memory_hygiene: bool = False,
 ) -> dict:  # fmt: skip
     """The evaluation command under torchrun on `ranks` ranks of `threads` threads: its summary's timing, its
     outputs, each rank's peak memory and the command's wall time."""
@@ -158,6 +162,8 @@ def run_command(
         env = {k: v for k, v in os.environ.items() if k not in drop}
         marker = f"EVAL_BENCH_RUN={uuid.uuid4().hex}"
         env.update(OMP_NUM_THREADS=str(threads), EVAL_BENCH_RUN=marker.split("=")[1])
+        if memory_hygiene:
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
             "--master_port", str(_free_port()), str(REPO / "launcher" / "evaluate.py"),
@@ -234,15 +240,13 @@ def tensor_parallel_mode(args: argparse.Namespace) -> None:
             "batch_size": args.batch_size,
             "load_avg_1min_before": os.getloadavg()[0],
         }
-        layouts = {"tp2": (2, ("--tensor_parallel", "2"), 1), "dp2": (2, ("--tensor_parallel", "1"), 1),
-                   "one": (1, (), cores)}  # fmt: skip
-        runs = {name: run_command(base, records, args, n, dtype, extra, threads)
-                for name, (n, extra, threads) in layouts.items()}  # fmt: skip
+        layouts = {"tp2": (2, ("--tensor_parallel", "2")), "dp2": (2, ("--tensor_parallel", "1")), "one": (1, ())}
+        runs = {name: run_command(base, records, args, n, dtype, extra, memory_hygiene=True)
+                for name, (n, extra) in layouts.items()}  # fmt: skip
     modes = {}
     for name, run in runs.items():
         modes[name] = {
             "ranks": layouts[name][0],
-            "threads_per_rank": layouts[name][2],
             "questions_per_s": run["timing"]["questions_per_s"],
             "generation_seconds": run["timing"]["seconds"],
             "command_wall_seconds": run["wall_seconds"],
@@ -255,11 +259,6 @@ def tensor_parallel_mode(args: argparse.Namespace) -> None:
     }
     one = runs["one"]["summary_timing"]["parameter_bytes_per_rank"][0]
     result["tp2_parameter_bytes_share"] = round(modes["tp2"]["parameter_bytes_per_rank"][0] / one, 3)
-    peaks = {name: modes[name]["peak_memory_bytes_per_rank"] for name in ("tp2", "one")}
-    if all(p and all(peaks[name]) for name, p in peaks.items()):
-        result["tp2_peak_anonymous_share"] = round(
-            max(p["anonymous"] for p in peaks["tp2"]) / peaks["one"][0]["anonymous"], 3
-        )
     result["load_avg_1min_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))
 

@@ -170,7 +170,7 @@ def parts(out: Path, work: Path, model: Path, dry_run: bool) -> list[Part]:
     if dry_run:
         throughput = [py, str(bench / "train_throughput.py"), "--base_model", str(model), "--modes", "b",
                       "--steps", "2", "--bf16_steps", "2", "--warmup_steps", "1", "--micro_batch_size", "2",
-                      "--batch_size", "4", "--cutoff_len", "64"]  # fmt: skip
+                      "--batch_size", "4", "--cutoff_len", "256"]  # fmt: skip
         mfu = [py, str(bench / "mfu.py"), *TINY_LLAMA, "--vocab", "512", "--tokens", "256", "--steps", "2",
                "--warmup", "1"]  # fmt: skip
         zero3 = [py, str(bench / "zero3_memory.py"), *TINY_LLAMA, "--vocab", "512", "--configs", "zero3_offload",
@@ -227,15 +227,18 @@ def junit(path: Path) -> dict:
         return {}
     cases = {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        outcome = "passed"
+        outcome, message, properties = "passed", "", {}
         for child in case:
-            if child.tag in ("failure", "error"):
-                outcome, message = child.tag, (child.get("message") or "")[:300]
-            elif child.tag == "skipped":
-                outcome, message = "skipped", (child.get("message") or "")[:300]
-        entry = {"outcome": outcome, "s": round(float(case.get("time", 0)), 1)}
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
+                message = (child.get("message") or "")[:300]
+            elif child.tag == "properties":  # what a test recorded (record_property), e.g. synchronisation counts
+                properties = {p.get("name"): p.get("value") for p in child}
+        entry: dict = {"outcome": outcome, "s": round(float(case.get("time", 0)), 1)}
         if outcome != "passed":
             entry["message"] = message
+        if properties:
+            entry["recorded"] = properties
         cases[f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"] = entry
     counts = {k: sum(1 for c in cases.values() if c["outcome"] == k) for k in ("passed", "failed", "error", "skipped")}
     return {"counts": counts, "cases": cases}

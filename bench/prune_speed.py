@@ -78,20 +78,29 @@ def parse_args() -> argparse.Namespace:
 
 
 class Stages:
-    """Finished stages' results in <out_dir>/stages.json, keyed by name and the settings they depend on."""
+    """Finished stages' results in <out_dir>/stages.json, keyed by name and the settings they depend on. The file is
+    re-read before each stage and merged on each write, so runs with different --sparsities can share a folder."""
 
     def __init__(self, path: Path, fresh: bool) -> None:
         self.path = path
-        self.done = {} if fresh or not path.is_file() else json.loads(path.read_text())
+        if fresh and path.is_file():
+            path.unlink()
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def run(self, name: str, settings: dict, compute) -> dict:
         key = f"{name} {json.dumps(settings, sort_keys=True)}"
-        if key not in self.done:
+        result = self._read().get(key)
+        if result is None:
             start = time.perf_counter()
-            self.done[key] = {**compute(), "stage_seconds": round(time.perf_counter() - start, 1)}
-            self.path.write_text(json.dumps(self.done, indent=1) + "\n")
-        print(json.dumps({name: self.done[key]}), flush=True)
-        return self.done[key]
+            result = {**compute(), "stage_seconds": round(time.perf_counter() - start, 1)}
+            done = {**self._read(), key: result}
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(done, indent=1) + "\n")
+            tmp.replace(self.path)
+        print(json.dumps({name: result}), flush=True)
+        return result
 
 
 def train_adapter(base: str, out: Path, args: argparse.Namespace, method: str, steps: int, extra: list[str]) -> dict:
@@ -271,12 +280,10 @@ def main() -> None:
         "/proc/cpuinfo").is_file() else []  # fmt: skip
     result: dict = {"machine": {"cpu": cpu, "bf16_flags": flags, "threads": torch.get_num_threads()},
                     "base_model": base, "eval_n": len(data["records"]), "steps": args.steps}  # fmt: skip
-    base_accuracy = stages.run(
-        "accuracy base",
-        {"eval_n": args.eval_n, "base": base},
-        lambda: {"accuracy": accuracy_of(base, None, data["records"])},
-    )
-    accuracy = {"base": base_accuracy["accuracy"]}
+    curve = [gates_point(base, args, stages, s, False, data) for s in args.sparsities]
+    if args.floor:
+        curve += [gates_point(base, args, stages, s, True, data) for s in args.sparsities]
+    accuracy = {}
     if args.lora_steps:
         settings = {"steps": args.lora_steps, "lr": args.learning_rate, "val_n": args.val_n, "base": base}
         lora = stages.run("train lora", settings,
@@ -285,10 +292,12 @@ def main() -> None:
                                       lambda: {"accuracy": accuracy_of(base, lora["adapter_dir"], data["records"])}
                                       )["accuracy"]  # fmt: skip
         result["lora_train"] = lora["train"]
-    result["accuracy_percent"] = accuracy
-    curve = [gates_point(base, args, stages, s, False, data) for s in args.sparsities]
-    if args.floor:
-        curve += [gates_point(base, args, stages, s, True, data) for s in args.sparsities]
+    base_accuracy = stages.run(
+        "accuracy base",
+        {"eval_n": args.eval_n, "base": base},
+        lambda: {"accuracy": accuracy_of(base, None, data["records"])},
+    )
+    result["accuracy_percent"] = {"base": base_accuracy["accuracy"], **accuracy}
     result["curve"] = curve
     at_30 = next((p for p in curve if p["target_sparsity"] == 0.3 and p["importance"] == "fisher"), None)
     if at_30 is not None:

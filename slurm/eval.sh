@@ -10,6 +10,10 @@
 #
 # Allocation: sbatch flags override the #SBATCH lines below (keep --ntasks-per-node = --gpus-per-node);
 #   CPU mode: sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 ...
+#   a model larger than one GPU (LLaMA-70B in bf16, 140 GB): the ranks form tensor-parallel groups, each group one
+#   copy of the model sharded over its GPUs, the groups sharing the questions; TENSOR_PARALLEL=auto (the default)
+#   picks the group size, or set it: one group of 8 GPUs per node, two nodes evaluating side by side:
+#     TENSOR_PARALLEL=8 sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 slurm/eval.sh
 # Environment:
 #   MODEL             base model folder or HF hub id in the local cache (required)
 #   ADAPTER_DIR       adapter folder written by training (OUTPUT/adapter); unset: the base model alone
@@ -18,6 +22,8 @@
 #   EVAL_OUTPUT       where the results go (default: eval/ beside ADAPTER_DIR)
 #   EVAL_ARGS         more launcher/evaluate.py flags, whitespace-separated ("--batch_size 16 --limit 100")
 #   TRAIN_DATA        training file: the summary counts test questions that occur in it
+#   TENSOR_PARALLEL   ranks per model copy (--tensor_parallel): a number dividing the ranks, within a node or whole
+#                     nodes, or auto (default): the smallest whose shard fits a GPU (see slurm/launch.sh)
 #   PYTHON, GPUS_PER_NODE, TORCH_EXTENSIONS_DIR, MASTER_PORT, HF_HUB_OFFLINE: see slurm/launch.sh
 # A killed evaluation keeps the rows it wrote; the requeued (or resubmitted) job generates only the rest.
 #

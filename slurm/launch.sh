@@ -304,8 +304,33 @@ chain_eval() {
 
 # ------------------------------------------------------------------------------------------------------ evaluation
 
+# TENSOR_PARALLEL: ranks per copy of the model (launcher/evaluate.py --tensor_parallel). N: groups of N consecutive
+# ranks each hold the model sharded N ways and the groups share the questions; it must divide the ranks, and a group
+# must lie within one node or span whole nodes (consecutive ranks fill a node first), so its all-reduces stay on the
+# node's fast links. auto (the default): the smallest N whose shard fits a GPU (a CPU rank: its share of the node's
+# memory), decided by launcher/evaluate.py; a 70B model in bf16 on 80 GB GPUs gets 4, a 13B one 1.
+eval_tensor_parallel() {
+    TENSOR_PARALLEL=${TENSOR_PARALLEL:-auto}
+    [[ $TENSOR_PARALLEL == auto ]] && return 0
+    [[ $TENSOR_PARALLEL =~ ^[1-9][0-9]*$ ]] ||
+        die "TENSOR_PARALLEL must be a positive number or auto, found '$TENSOR_PARALLEL'"
+    ((WORLD % TENSOR_PARALLEL == 0)) || die "TENSOR_PARALLEL=$TENSOR_PARALLEL does not divide the $WORLD ranks" \
+        "($NODES node(s) × $RANKS_PER_NODE)"
+    local misfit
+    if ((TENSOR_PARALLEL <= RANKS_PER_NODE)); then
+        misfit=$((RANKS_PER_NODE % TENSOR_PARALLEL))
+    else
+        misfit=$((TENSOR_PARALLEL % RANKS_PER_NODE))
+    fi
+    ((misfit == 0)) || die "TENSOR_PARALLEL=$TENSOR_PARALLEL: a group of ranks must lie within one node or span" \
+        "whole nodes of $RANKS_PER_NODE ranks"
+}
+
 eval_main() {
     setup_job
+    eval_tensor_parallel
+    # the ranks per node, for --tensor_parallel auto (a CPU rank's share of the node's memory, groups within nodes)
+    RANK_ENV+=("LOCAL_WORLD_SIZE=$RANKS_PER_NODE")
     [[ -n ${MODEL:-} ]] || die "MODEL (the base model) is not set"
     EVAL_DATA=${EVAL_DATA:-$REPO/dataset}
     [[ -d $EVAL_DATA ]] || die "EVAL_DATA=$EVAL_DATA is not a folder of <name>/test.json"
@@ -319,6 +344,7 @@ eval_main() {
     local args=(--base_model "$MODEL" --datasets "$EVAL_DATASETS" --data_dir "$EVAL_DATA" --output_dir "$EVAL_OUTPUT")
     if [[ -n ${ADAPTER_DIR:-} ]]; then args+=(--adapter_dir "$ADAPTER_DIR"); fi
     if [[ -f ${TRAIN_DATA:-} ]]; then args+=(--train_data "$TRAIN_DATA"); fi # counts test questions seen in training
+    args+=(--tensor_parallel "$TENSOR_PARALLEL")
 
     mkdir -p "$EVAL_OUTPUT"
     local rc=0

@@ -13,8 +13,9 @@ host's available memory (CPU), from the parameter count (the config, on the meta
 Loading (`load_sharded_model`): no rank needs the whole model. The base model loads partitioned over all ranks
 (`modeling.load_base_model_partitioned`: each rank holds 1/world of every weight); the adapter is loaded and merged
 into those partitions (`tp_adapters`); AutoTP then gathers one linear layer at a time, keeps this rank's shard of it
-and drops the rest, and the weights it does not shard (embeddings, norms) are gathered whole. A rank's peak is
-about its final shard plus the partitions of the layers not yet sharded; the tensor-parallel bench measures it.
+and drops the rest (`collecting_cycles` makes that prompt), and the weights it does not shard (embeddings, norms)
+are gathered whole. A rank's peak is about the larger of its partitions and its final shard, plus one gathered
+weight; `bench/eval_throughput.py --tensor_parallel_mode` measures it.
 
 Which models (`check_tensor_parallel`, from the configs alone, before any weight loads): the families whose AutoTP
 sharding is tested here (`TP_FAMILIES`); GPT-2 and BLOOM are refused with the reason (`REFUSED_FAMILIES`), as is
@@ -36,8 +37,11 @@ all-reduce, unless one group is all ranks of one node as the `deepspeed` launche
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import deepspeed
@@ -165,8 +169,9 @@ def auto_size(base_model: str, dtype: torch.dtype, world_size: int) -> int:
     return pick_size(total, embedding, itemsize, rank_memory(per_node), sizes)
 
 
-def resolve_size(option: int | str, base_model: str, adapter_dir: str | None, dtype: torch.dtype, ranks: Ranks,
-                 no_merge: bool = False) -> int:  # fmt: skip
+def resolve_size(
+    option: int | str, base_model: str, adapter_dir: str | None, dtype: torch.dtype, ranks: Ranks, no_merge: bool
+) -> int:
     """The tensor-parallel size of a run (`--tensor_parallel`: a number or "auto", decided on rank 0 for all),
     checked (`check_tensor_parallel`)."""
     size = ranks.on_main(lambda: auto_size(base_model, dtype, ranks.world_size)) if option == "auto" else option
@@ -202,6 +207,31 @@ def use_group_all_reduce(ranks: Ranks) -> None:
         backend.shm_vector_kernel_level = 0  # read at each call: 0 sends every all-reduce to the process group
 
 
+@contextlib.contextmanager
+def collecting_cycles(interval_s: float = 0.2) -> Iterator[None]:
+    """Run Python's cycle collector every `interval_s` seconds (from a helper thread) inside the block.
+
+    Why: a ZeRO-3 parameter is referenced by its own methods (the gather and partition closures DeepSpeed attaches to
+    it), so when AutoTP replaces a layer's partitioned weight by its shard, the partition is garbage that only the
+    cycle collector frees, and it runs far too rarely on its own: every layer's partition would stay until AutoTP
+    is done, a peak of partitions plus shards. Collected while AutoTP works, a rank's peak stays about its
+    partitions plus one gathered layer."""
+    stop = threading.Event()
+
+    def collect() -> None:
+        while not stop.wait(interval_s):
+            gc.collect()
+
+    thread = threading.Thread(target=collect, name="collecting_cycles", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        gc.collect()
+
+
 @torch.no_grad()
 def gather_remaining(model: nn.Module) -> None:
     """Give every parameter still partitioned by ZeRO-3 (the ones AutoTP does not shard: embeddings, norms) its whole
@@ -235,7 +265,8 @@ def load_sharded_model(
         detached = prepare_adapters(model)
     use_group_all_reduce(ranks)
     parallel = {"tp_size": ranks.tensor_parallel, "tp_group": ranks.tp_group, "mpu": _GroupUnit(ranks.tp_group)}
-    with contextlib.redirect_stdout(sys.stderr):  # AutoTP prints its plan on every rank; stdout is the summary's
+    # AutoTP prints its plan on every rank: stdout is the summary's
+    with contextlib.redirect_stdout(sys.stderr), collecting_cycles():
         engine = deepspeed.init_inference(
             model, tensor_parallel=parallel, dtype=dtype, replace_with_kernel_inject=False
         )

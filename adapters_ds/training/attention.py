@@ -108,10 +108,11 @@ def check_attn_implementation(choice: str, ds_config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def packed_inputs(implementation: str, lengths: Sequence[int]) -> dict[str, Any]:
-    """Extra model inputs of one packed row of examples of these `lengths`, for a model whose attention
-    implementation is `implementation` (nothing for implementations that find the boundaries themselves). Host
-    tensors and Python numbers: the caller moves the tensors with the rest of the batch."""
+def packed_inputs(model: Any, lengths: Sequence[int]) -> dict[str, Any]:
+    """Extra model inputs of one packed row of examples of these `lengths`, for `model` (or a model whose attention
+    implementation has this name); nothing for implementations that find the boundaries themselves. Host tensors
+    and Python numbers: the caller moves the tensors with the rest of the batch."""
+    implementation = model if isinstance(model, str) else model.config._attn_implementation
     if implementation not in PACKED_IMPLEMENTATIONS:
         return {}
     bounds = tuple(itertools.accumulate(lengths, initial=0))
@@ -186,10 +187,13 @@ def without_varlen(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 @cache
 def _torch_varlen() -> tuple[Any, frozenset[str]] | None:
-    """torch's variable-length attention and its keyword parameters (they changed across torch versions)."""
+    """torch's variable-length attention and its keyword parameters (they changed across torch versions); None
+    where this torch has none, or none that trains (no backward registered)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
+        return None
+    if not hasattr(torch.ops.torch_attn, "_varlen_attn_backward"):
         return None
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 

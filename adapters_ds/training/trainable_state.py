@@ -133,15 +133,14 @@ def _inner(optimizer) -> torch.optim.Optimizer:
 
 def _state_keys_and_step(inner: torch.optim.Optimizer) -> tuple[list[str], int]:
     """The optimizer's per-element state keys (Adam: exp_avg, exp_avg_sq) and its step count; none and 0 before
-    its first step."""
+    its first step. The count is the largest one kept: DeepSpeed's FusedAdam without ZeRO counts a whole parameter
+    group's steps in one of its parameters' state and leaves the others at 0 (under ZeRO each group is one flat
+    tensor)."""
     states = [state for state in inner.state.values() if state]
     if not states:
         return [], 0
     keys = sorted(k for k, v in states[0].items() if torch.is_tensor(v) and v.dim() > 0)
-    steps = {int(state["step"]) for state in states if "step" in state}
-    if len(steps) > 1:
-        raise RuntimeError(f"the optimizer's parameter groups are at different step counts {sorted(steps)}")
-    return keys, steps.pop() if steps else 0
+    return keys, max((int(state["step"]) for state in states if "step" in state), default=0)
 
 
 def _full(optimizer, inner: torch.optim.Optimizer, param: torch.nn.Parameter, key: str) -> torch.Tensor:

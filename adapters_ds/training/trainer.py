@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -68,8 +67,7 @@ from adapters_ds.training.ds_config import check_ds_config, load_ds_config, reso
 from adapters_ds.training.engine import build_engine, partition_report
 from adapters_ds.training.loss import target_counts
 from adapters_ds.training.metrics import Window, peak_memory_gb, precision_name
-
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": the SLURM launch script requeues on it
+from adapters_ds.training.stop import EXIT_PREEMPTED, StopSignal
 
 
 @contextlib.contextmanager
@@ -91,19 +89,6 @@ def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return max(0.0, 1.0 - progress)
-
-
-class StopSignal:
-    """Records SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption, scancel); the loop
-    checkpoints at the next step boundary and exits, and the requeued job resumes with `--resume auto`."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum).name
 
 
 class Trainer:
@@ -267,8 +252,7 @@ class Trainer:
         # one packed row where the model keeps packed examples apart: no compute is spent on padding
         collated = collate_packed(features) if self.pack else collate(features, self.tokenizer.pad_token_id)
         if self.pack:  # the examples' boundaries from the host: the attention layers need not read them back
-            lengths = [len(f["input_ids"]) for f in features]
-            collated.update(packed_inputs(self.engine.module.config._attn_implementation, lengths))
+            collated.update(packed_inputs(self.engine.module, [len(f["input_ids"]) for f in features]))
         return to_device(collated, self.device)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -302,8 +286,7 @@ class Trainer:
             local[3] += (~torch.isfinite(loss.detach())).float()
             if k == len(micro_batches) - 1:  # before the update, every rank learns whether any loss was not finite
                 torch.distributed.all_reduce(local)
-                # the step's one read of the device (it waits for the forwards): every scalar at once
-                totals = local.tolist()
+                totals = local.tolist()  # the step's one read of the device: every scalar at once
                 skip = totals[3] > 0
             if skip and self.drops_overflow:
                 # all-NaN gradients send the step down DeepSpeed's own overflow path: it drops the update and

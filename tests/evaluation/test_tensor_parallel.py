@@ -9,6 +9,7 @@ two corners: 1 group of 2 ranks and 2 groups of 1 rank.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from adapters_ds.cli import evaluate as cli
 from adapters_ds.distributed import Ranks
 from adapters_ds.evaluation import tensor_parallel as tp
 from adapters_ds.evaluation.tp_adapters import fold_gates
+from adapters_ds.modeling import parameter_counts
 from adapters_ds.pruned_model import FORMAT, FORMAT_VERSION, SHAPES_NAME
 
 QUESTIONS = [
@@ -160,6 +162,17 @@ def test_ranks_without_tensor_parallelism_are_groups_of_one():
     assert (ranks.tensor_parallel, ranks.dp_rank, ranks.dp_size, ranks.tp_rank, ranks.tp_group) == (1, 0, 1, 0, None)
     assert ranks.is_tp_leader and ranks.tp_leader == 0
     assert tp.group_consensus(ranks, 1) is None
+    with pytest.raises(InputError, match="positive integer"):
+        Ranks(start=False, tensor_parallel=0)
+    with pytest.raises(InputError, match="launch a multiple of 2 ranks"):
+        Ranks(start=False, tensor_parallel=2)
+
+
+def test_parameter_counts_come_from_the_config_alone(assets):
+    for family in ("llama", "opt"):  # OPT ties its head to the embedding: counted once
+        model = AutoModelForCausalLM.from_pretrained(assets / family)
+        counted = parameter_counts(str(assets / family))
+        assert counted == (sum(p.numel() for p in model.parameters()), model.get_input_embeddings().weight.numel())
 
 
 def test_auto_size_picks_the_smallest_shard_that_fits():
@@ -302,3 +315,45 @@ def test_two_ranks_sharded_two_ways_give_the_single_process_results(worker):
     assert sharded[0] == sharded[1] < whole[0] == whole[1]
     # the killed run wrote its first batch; the rerun made only the other two
     assert timing["resume"]["datasets"]["Arith"]["generated"] == len(QUESTIONS) - BATCH
+
+
+# ------------------------------------------------------------------------------------------ slurm/eval.sh (stand-ins)
+
+SRUN = '#!/bin/bash\necho "srun $*" >>"$CALLS"\n'
+SCONTROL = '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && echo node01 && echo node02\n'
+
+
+def test_eval_sh_passes_the_tensor_parallel_size_and_refuses_groups_across_nodes(tmp_path):
+    """2 nodes × 4 GPUs: auto by default, a size that divides the ranks within a node or whole nodes, or an error."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "data").mkdir()
+    job = {
+        **os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.txt"),
+        "REPO": str(REPO), "SLURM_JOB_ID": "78", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[01-02]",
+        "SLURM_TASKS_PER_NODE": "4(x2)", "GPUS_PER_NODE": "4", "MODEL": "/models/base", "PYTHON": sys.executable,
+        "ADAPTER_DIR": str(tmp_path / "run" / "adapter"), "EVAL_DATA": str(tmp_path / "data"),
+    }  # fmt: skip
+
+    def submit(**settings: str) -> tuple[int, str, str]:
+        result = subprocess.run(["bash", str(REPO / "slurm" / "eval.sh")], env={**job, **settings},
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        calls = Path(job["CALLS"])
+        srun = calls.read_text() if calls.exists() else ""
+        calls.unlink(missing_ok=True)
+        return result.returncode, srun, result.stderr
+
+    code, srun, _ = submit()
+    assert code == 0 and "--tensor_parallel auto" in srun and "LOCAL_WORLD_SIZE=4" in srun
+    for size in ("2", "4", "8"):  # within a node, a node, both nodes
+        code, srun, _ = submit(TENSOR_PARALLEL=size)
+        assert code == 0 and srun.rstrip().endswith(f"--tensor_parallel {size}"), (size, srun)
+    code, srun, err = submit(TENSOR_PARALLEL="3")
+    assert code == 2 and srun == "" and "TENSOR_PARALLEL=3 does not divide the 8 ranks" in err
+    code, srun, err = submit(TENSOR_PARALLEL="many")
+    assert code == 2 and srun == "" and "positive number or auto" in err
+    code, srun, err = submit(TENSOR_PARALLEL="6", SLURM_JOB_NUM_NODES="3", SLURM_TASKS_PER_NODE="4(x3)")
+    assert code == 2 and srun == "" and "within one node or span whole nodes of 4 ranks" in err

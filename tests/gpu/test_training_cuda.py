@@ -35,13 +35,14 @@ def train_args(assets, out, ds_config: str, steps: int = 2) -> list[str]:
     ]  # fmt: skip
 
 
-def test_bf16_zero3_steps_through_the_deepspeed_launcher(tmp_path):
+def test_bf16_zero3_steps_through_the_deepspeed_launcher(tmp_path, monkeypatch):
     assets = write_train_assets(tmp_path / "assets")
     ranks = max(1, min(2, torch.cuda.device_count()))
+    monkeypatch.setenv("NCCL_DEBUG", "VERSION")  # NCCL announces itself when the process group starts
     result = run(train_args(assets, tmp_path / "run", bf16_zero3(assets), steps=3), nproc=ranks, timeout=600)
     output = result.stdout + result.stderr
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    assert f"backend {backend}" in output, output[-3000:]
+    if torch.cuda.is_available():
+        assert "NCCL version" in output, output[-3000:]
     assert "ZeRO stage 3, bf16" in output
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3]
