@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters_ds.adapters.base import adapter_parameters
+from adapters_ds.adapters.base import adapter_layers, adapter_parameters
+from adapters_ds.errors import InputError
 from adapters_ds.families import layout_of, linear_dims
 from adapters_ds.pruned_model import geometry
 from adapters_ds.zero import full_numel, gathered
@@ -55,6 +56,41 @@ PUSH = 1e-4  # gradient on a closed gate's θ: far above Adam's eps (1e-8), far 
 UNIT_GATE_LR = 1.0  # θ leaves 1 by far more than a bf16 step near 1 (2^-8), even at the end of a decaying schedule
 FISHER_DECAY = 0.9  # per step: the importance estimate averages over the last ~10 steps
 MIN_FISHER_STEPS = 2  # steps of estimates needed before a choice (also after a resume, which starts them afresh)
+
+
+def unit_layers(model: nn.Module) -> list[Any]:
+    """The adapters with unit gates (stochastic gates' scope "units"), in module order."""
+    layers = [a for _, _, a in adapter_layers(model) if getattr(a, "hard", False) and a.theta_cols is not None]
+    if not layers:
+        raise InputError("the model has no unit gates: scope 'units' needs the MLP down projection or the attention "
+                         "output projection among the targets")  # fmt: skip
+    return layers
+
+
+class Fisher:
+    """A unit-gate layer's importance estimate: the moving average over steps of Σ over micro-batches of
+    (∂L/∂z_u)², with ∂L/∂z_u = Σ over tokens and the unit's `group` columns of x'·∂L/∂x' (x' the gated input)."""
+
+    def __init__(self, group: int) -> None:
+        self.group = group
+        self.estimate: torch.Tensor | None = None  # (units,) fp32
+        self.steps = 0  # steps folded in
+        self.step_sum: torch.Tensor | None = None  # this step's sum over micro-batches
+
+    def record(self, gated: torch.Tensor, grad: torch.Tensor) -> None:
+        """A backward hook on x': add this micro-batch's (∂L/∂z_u)²."""
+        per_column = (gated.float() * grad.float()).reshape(-1, gated.shape[-1]).sum(0)  # (in,)
+        squared = per_column.view(-1, self.group).sum(1).square()  # (units,)
+        self.step_sum = squared if self.step_sum is None else self.step_sum + squared
+
+    def fold(self) -> None:
+        """Fold the last step's sum into the moving average (`FISHER_DECAY` per step)."""
+        if self.step_sum is None:
+            return
+        decayed = 0 if self.estimate is None else FISHER_DECAY * self.estimate
+        self.estimate = decayed + (1 - FISHER_DECAY) * self.step_sum
+        self.step_sum = None
+        self.steps += 1
 
 
 def scheduled_sparsity(step: int, total_steps: int, target: float, start: float, end: float) -> float:
@@ -120,19 +156,19 @@ def close_on_schedule(
     with gathered([layer.theta_cols for layer in layers]):
         closed = [layer.closed_units().cpu() for layer in layers]
     for layer in layers:
-        layer.fold_fisher()
+        layer.fisher.fold()
     total = block_parameters(model, {id(p) for p in adapter_parameters(model).values()})
     costs = [layer.unit_cost for layer in layers]
     removed = sum(int(shut.sum()) * cost for shut, cost in zip(closed, costs, strict=True))
     need = target * total - removed
     # a large unit (a KV group) may overshoot a step of the ramp, not the final share by more than the smallest unit
     limit = final * total - removed + min(costs)
-    if need > 0 and all(layer.fisher_steps >= MIN_FISHER_STEPS for layer in layers):
+    if need > 0 and all(layer.fisher.steps >= MIN_FISHER_STEPS for layer in layers):
         if importance == "random":  # the same draw on every rank
             generator = torch.Generator().manual_seed(seed)
             scores = [torch.rand(len(shut), generator=generator) for shut in closed]
         else:  # Fisher per parameter removed
-            flat = all_reduce_sum(torch.cat([layer.fisher for layer in layers])).cpu()
+            flat = all_reduce_sum(torch.cat([layer.fisher.estimate for layer in layers])).cpu()
             scores = [s / cost for s, cost in zip(flat.split([len(s) for s in closed]), costs, strict=True)]
         for layer, shut, new in zip(layers, closed, choose(scores, costs, closed, need, limit), strict=True):
             layer.close(new)

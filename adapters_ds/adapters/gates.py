@@ -6,25 +6,17 @@ layer and learn which of its rows and columns can be removed.
 z_r (out features) and z_c (in features) are gates in [0, 1]. Two ways to set them (`scope`):
 
 - "units" (the default): one gate per unit that `export --prune` removes (an MLP unit, an attention KV group), on
-  the consumer's input columns, exactly 0 or 1, closed by a schedule that reaches `target_sparsity` (the share of
-  block parameters removed) in the order of the task's importance estimates, with distillation from the dense
-  model and the LoRA inside the gates recovering the task; see `gate_schedule`, which holds that recipe.
-- "all" and "mlp" (the paper's gates): a gate per row and per column of every target ("mlp": only the MLP
-  intermediate units),
-
-    mu = tanh(theta)
-    training:   z = clamp(mu + eps + 0.5, 0, 1),  eps ~ N(0, 0.1²) drawn afresh at every forward
-    evaluation: z = clamp(mu + 0.5, 0, 1)          (deterministic)
-
-  theta starts near 1 (N(1, 0.1²) truncated to [0.7, 1.3], so that mu + 0.5 > 1 for *every* gate and the model
-  starts exactly as the base). A unit is removed when z = 0 (mu <= -0.5). The sparsity penalty pulls the probability
-  that a gate is open, P(z > 0) = Φ((mu + 0.5) / 0.5), towards keep = 1 - target_sparsity in every gated layer:
-
-    loss = task loss + lambda · mean over gated layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|)
-
-  `penalty_steps` ends the penalty early so the rest of the run recovers. These gates only scale most units (the
-  penalty is met by half-open gates), so what the export removes is far from the target; they are kept for
-  comparison with the paper.
+  the consumer's input, exactly 0 or 1, closed by a schedule that reaches `target_sparsity` (the share of block
+  parameters removed) in the order of the task's importance estimates, with distillation from the dense model and
+  the LoRA inside the gates recovering the task: the recipe is `gate_schedule`'s.
+- "all" / "mlp" (the paper's gates): a gate per row and column of every target ("mlp": of the MLP units only),
+  mu = tanh(theta); training z = clamp(mu + eps + 0.5, 0, 1) with eps ~ N(0, 0.1²) drawn at every forward,
+  evaluation z = clamp(mu + 0.5, 0, 1). theta starts in N(1, 0.1²) truncated to [0.7, 1.3], so mu + 0.5 > 1 for
+  *every* gate and the model starts as the base. The penalty pulls the open probability P(z > 0) =
+  Φ((mu + 0.5) / 0.5) towards keep = 1 - target_sparsity in every gated layer:
+  loss = task + lambda · mean over layers of ½ (|mean P_rows - keep| + |mean P_cols - keep|), for `penalty_steps`
+  (0: all). Met by half-open gates that scale units rather than close them, it removes far less than its target
+  (kept for comparison with the paper).
 
 The gated input x' is what both W and the LoRA term read, and z_r multiplies their sum and the bias: a closed row
 or column stays removable with LoRA inside the gates (the reference code applies LoRA outside them). No bias is
@@ -34,13 +26,12 @@ Attachment: the column gates change the base layer's *input*, which the additive
 the adapter sets `transforms_input` (a forward pre-hook calls `adapter(x, None)` → z_c ⊙ x) and
 `replaces_output` (the forward hook calls `adapter(x', out)` → z_r ⊙ (out + LoRA)); see `adapters/base.py`.
 
-Training: the gates get their own optimizer group (`param_groups`, lr `gate_lr`, no weight decay); the trainer
-calls `step_begin` before each step (unit gates: the schedule's choices), `batch_loss` after each forward
-(distillation) and adds `regularizer(model)` to every micro-batch's loss. TensorBoard: gates/target,
-gates/removed, gates/closed_units/{mlp,attn}, gates/distill (units); gates/penalty, gates/open_expected/*,
-gates/closed_rows/*, gates/closed_cols/* with * = all, attn, mlp (paper). Under ZeRO-3 the gates are small enough
-to stay replicated, but DeepSpeed still releases them after use in its first (tracing) step, so each
-training-mode forward records the loss terms' inputs while the gates are gathered.
+Training: the gates get their own optimizer group (`param_groups`, no weight decay); the trainer calls `step_begin`
+before each step (the schedule's choices), `batch_loss` after each forward (distillation) and adds `regularizer` to
+every micro-batch's loss. TensorBoard: gates/target, gates/removed, gates/closed_units/{mlp,attn}, gates/distill
+(units); gates/penalty, gates/open_expected/*, gates/closed_rows/*, gates/closed_cols/* (* = all, attn, mlp; paper).
+Under ZeRO-3 the gates stay replicated, but DeepSpeed still releases them after use in its first (tracing) step, so
+each training-mode forward records the loss terms' inputs while the gates are gathered.
 
 `adapters_ds.export.pruned` turns a trained gates adapter into a physically smaller plain `transformers` model.
 """
@@ -203,7 +194,7 @@ class GatesConfig(AdapterConfig):
         start, end = self.ramp_fractions
         target = schedule.scheduled_sparsity(step, total_steps, self.target_sparsity, start, end)
         return schedule.close_on_schedule(
-            model, unit_layers(model), target, self.target_sparsity, self.importance, seed=step
+            model, schedule.unit_layers(model), target, self.target_sparsity, self.importance, seed=step
         )
 
     def batch_loss(
@@ -213,7 +204,8 @@ class GatesConfig(AdapterConfig):
         (`gate_schedule.distillation`)."""
         if self.scope != "units" or not self.distill:
             return None
-        return {"gates/distill": self.distill * schedule.distillation(model, unit_layers(model), inputs, keep, logits)}
+        kl = schedule.distillation(model, schedule.unit_layers(model), inputs, keep, logits)
+        return {"gates/distill": self.distill * kl}
 
     def regularizer(self, model: nn.Module, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         """Scope "units": the term that moves closed gates' θ down (value 0, see `gate_schedule`), no scalars.
@@ -224,7 +216,7 @@ class GatesConfig(AdapterConfig):
         if not layers:
             raise InputError("the model has no stochastic gates (inject a GatesConfig first)")
         if self.scope == "units":
-            pushes = [layer._pending.pop("push") for layer in unit_layers(model) if "push" in layer._pending]
+            pushes = [layer._pending.pop("push") for layer in schedule.unit_layers(model) if "push" in layer._pending]
             return (torch.stack(pushes).sum() if pushes else torch.zeros(())), {}
         stats = [(name, adapter.statistics()) for name, adapter in layers if adapter.thetas()]
         terms = [  # ½ (rows + columns) where both sides are gated, the one side's term where one is
@@ -302,9 +294,7 @@ class Gates(Adapter):
         self.force_open = False  # unit gates: all open (the dense teacher)
         self.closing: torch.Tensor | None = None  # unit gates chosen to close, until their θ has dropped below 1
         self.any_closed = False  # unit gates: whether any is closed, as of `step_begin` or the latest `close`
-        self.fisher: torch.Tensor | None = None  # (units,) fp32: the importance estimate (not saved: statistics)
-        self.fisher_steps = 0
-        self._fisher_step: torch.Tensor | None = None  # this step's sum over micro-batches
+        self.fisher = schedule.Fisher(col_group)  # unit gates: the importance estimate (statistics, not saved)
         self.lora_r = config.lora_r
         if self.lora_r:
             self.scaling = (config.lora_alpha if config.lora_alpha is not None else 2.0 * self.lora_r) / self.lora_r
@@ -330,7 +320,7 @@ class Gates(Adapter):
             if self.hard and self.training and torch.is_grad_enabled():
                 if not gated.requires_grad:  # nothing trainable upstream (no LoRA): the estimate needs this gradient
                     gated = gated.detach().requires_grad_(True)
-                gated.register_hook(partial(self._record_fisher, gated.detach()))
+                gated.register_hook(partial(self.fisher.record, gated.detach()))
             return gated
         if self.lora_r:  # x is already x' here: (..., in) → (..., r) → (..., out)
             out = out + lora_update(x, self.lora_A, self.lora_B, self.scaling).to(out.dtype)
@@ -360,22 +350,6 @@ class Gates(Adapter):
         """Unit gates: close `units` (bool) from the next forward on; the optimizer moves their θ below 1."""
         self.closing = units.clone() if self.closing is None else self.closing | units.to(self.closing.device)
         self.any_closed = self.any_closed or bool(units.any())
-
-    def _record_fisher(self, gated: torch.Tensor, grad: torch.Tensor) -> None:
-        """Backward hook on x': add (∂L/∂z_u)² = (Σ over tokens and the unit's columns of x'·∂L/∂x')² of this
-        micro-batch to the step's sum."""
-        per_column = (gated.float() * grad.float()).reshape(-1, gated.shape[-1]).sum(0)  # (in,)
-        squared = per_column.view(-1, self.col_group).sum(1).square()  # (units,)
-        self._fisher_step = squared if self._fisher_step is None else self._fisher_step + squared
-
-    def fold_fisher(self) -> None:
-        """Fold the last step's Fisher sum into the moving average (`gate_schedule.FISHER_DECAY` per step)."""
-        if self._fisher_step is None:
-            return
-        decayed = 0 if self.fisher is None else schedule.FISHER_DECAY * self.fisher
-        self.fisher = decayed + (1 - schedule.FISHER_DECAY) * self._fisher_step
-        self._fisher_step = None
-        self.fisher_steps += 1
 
     def statistics(self) -> tuple[GateStats | None, GateStats | None]:
         """(rows, columns) of the paper's gates, None for an ungated side: those of the latest training forward
@@ -430,15 +404,6 @@ def layer_type(name: str) -> str:
 
 def gate_layers(model: nn.Module) -> list[tuple[str, Gates]]:
     return [(name, adapter) for name, _, adapter in adapter_layers(model) if isinstance(adapter, Gates)]
-
-
-def unit_layers(model: nn.Module) -> list[Gates]:
-    """The layers with unit gates (scope "units"), in module order."""
-    layers = [adapter for _, adapter in gate_layers(model) if adapter.hard and adapter.theta_cols is not None]
-    if not layers:
-        raise InputError("the model has no unit gates: scope 'units' needs the MLP down projection or the attention "
-                         "output projection among the targets")  # fmt: skip
-    return layers
 
 
 @torch.no_grad()

@@ -80,6 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="ranks per model copy: N shards the model over groups of N ranks (N divides the ranks and the "
         "attention heads), auto takes the smallest N whose shard fits a rank's memory (default 1)",
     )
+    parser.add_argument(
+        "--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored (LOCAL_RANK is read)"
+    )
     args = parser.parse_args(argv)
     args.tensor_parallel = _tensor_parallel(args.tensor_parallel)
     for name in ("batch_size", "max_new_tokens", "num_beams", "limit"):

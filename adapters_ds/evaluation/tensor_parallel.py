@@ -11,11 +11,12 @@ tensor parallelism, and the group leaders' rows are gathered to rank 0 (`harness
 host's available memory (CPU), from the parameter count (the config, on the meta device) and the dtype (`auto_size`).
 
 Loading (`load_sharded_model`): no rank needs the whole model. The base model loads partitioned over all ranks
-(`modeling.load_base_model_partitioned`: each rank holds 1/world of every weight); the adapter is loaded and merged
-into those partitions (`tp_adapters`); AutoTP then gathers one linear layer at a time, keeps this rank's shard of it
-and drops the rest (`collecting_cycles` makes that prompt), and the weights it does not shard (embeddings, norms)
-are gathered whole. A rank's peak is about the larger of its partitions and its final shard, plus one gathered
-weight; `bench/eval_throughput.py --tensor_parallel_mode` measures it.
+(`modeling.load_base_model_partitioned`: each rank holds 1/world of every weight); the adapter is loaded into it and
+merged or folded into those partitions, or taken off to be put back on the shards (`tp_adapters`); AutoTP gathers
+one linear layer at a time, keeps this rank's shard of it and drops the rest (`collecting_cycles` makes that
+prompt), and the weights it does not shard (embeddings, norms) are gathered whole. A rank's peak is about the larger
+of its partitions and its final shard, plus one gathered weight; `bench/eval_throughput.py --tensor_parallel_mode`
+measures it.
 
 Which models (`check_tensor_parallel`, from the configs alone, before any weight loads): the families whose AutoTP
 sharding is tested here (`TP_FAMILIES`); GPT-2 and BLOOM are refused with the reason (`REFUSED_FAMILIES`), as is
@@ -25,8 +26,9 @@ shapes are refused: AutoTP splits every layer by the head counts of the config, 
 Lockstep: a group's ranks must take the same decisions, or one would wait forever in an all-reduce its peer never
 joins. At each generation step the group leader's choice (its next tokens under greedy search, its scores under beam
 search) is broadcast in the group (`GroupConsensus`), so the ranks generate the same tokens and stop together.
-Against one process, a row-parallel layer sums its products in another order, so logits differ in the last bits
-(fp32: about 1e-7): greedy outputs are the same unless two tokens tie to that precision (the tests compare them).
+Against one process, a row-parallel layer sums its products in another order, so logits differ in the last bits:
+greedy outputs are the same unless two tokens tie to that precision (the tests compare them in fp32; in bf16 a
+near-tie can go the other way).
 
 DeepSpeed 0.19 workaround (`use_group_all_reduce`): on CPU, the shared-memory all-reduce that AutoTP's layers call
 (`deepspeed.comm.inference_all_reduce`) ignores its process group and sums over all ranks of the node, and crashes

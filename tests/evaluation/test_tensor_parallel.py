@@ -157,6 +157,13 @@ def test_bad_sizes_families_and_methods_are_one_line_errors(assets, tmp_path, ca
     assert not out.exists()  # refused before anything was written
 
 
+def test_the_options_as_launchers_pass_them(assets, tmp_path):
+    args = cli.parse_args([*_argv(assets, "llama", tmp_path), "--local_rank=1"])  # the deepspeed launcher adds it
+    assert args.tensor_parallel == 1
+    assert cli.parse_args([*_argv(assets, "llama", tmp_path), "--tensor_parallel", "auto"]).tensor_parallel == "auto"
+    assert cli.parse_args([*_argv(assets, "llama", tmp_path), "--tensor_parallel", "8"]).tensor_parallel == 8
+
+
 def test_ranks_without_tensor_parallelism_are_groups_of_one():
     ranks = Ranks(start=False)
     assert (ranks.tensor_parallel, ranks.dp_rank, ranks.dp_size, ranks.tp_rank, ranks.tp_group) == (1, 0, 1, 0, None)
