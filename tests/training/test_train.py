@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_error(assets, tmp_path):
         (common(assets, busy, "--ds_config", "ds_configs/zero2.json"), "is not empty"),
         (common(assets, tmp_path / "o", "--ds_config", str(conflicting)),
          "train_micro_batch_size_per_gpu=8 conflicts with --micro_batch_size 4"),
-        (common(assets, tmp_path / "o", "--ds_config", "ds_configs/zero2.json", "--adapter", "prefix"),
+        (common(assets, tmp_path / "o", "--ds_config", "ds_configs/zero2.json", "--adapter", "no_such_method"),
          "argument --adapter: invalid choice"),
     ]  # fmt: skip
     for args, message in cases:
