@@ -77,6 +77,8 @@ def gather_trainable_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, A
     Collective: every rank calls it (the partitions are gathered) and gets the whole state."""
     inner = _inner(engine.optimizer)
     keys, step = _state_keys_and_step(inner)
+    if keys:
+        _link_optimizer_state(engine.optimizer)
     params = trainable_parameters(engine)
     tensors = {
         f"{key}/{name}": _full(engine.optimizer, inner, param, key).detach().float().cpu().contiguous()
@@ -170,8 +172,7 @@ def load_trainable_state(engine, folder: Path) -> None:
                 state["step"].fill_(meta["optimizer_step"])
             else:
                 state["step"] = meta["optimizer_step"]
-        if isinstance(optimizer, DeepSpeedZeroOptimizer):
-            optimizer._lazy_init_hp_params_optimizer_state()  # links each parameter to its part of the new state
+        _link_optimizer_state(optimizer)
     for name, param in params:
         for key in (WEIGHTS, *keys):
             _set_full(optimizer, inner, param, key, tensors[f"{key}/{name}"])
@@ -211,6 +212,16 @@ def _check_match(folder: Path, meta: Any, tensors: dict[str, torch.Tensor], para
         found = tuple(tensors[f"{WEIGHTS}/{name}"].shape)
         if found != shape:
             raise InputError(f"checkpoint {str(folder)!r}: {name} has shape {found}; this run's has {shape}")
+
+
+def _link_optimizer_state(optimizer) -> None:
+    """ZeRO 1-2: (re)link every trainable parameter to its part of the optimizer state, which `safe_get/set_full_
+    optimizer_state` read through. DeepSpeed links them once, after the first parameter group's first step, when
+    the other groups have no state yet: with more than one group (the gates' own learning rate, LoRA+) theirs would
+    stay unlinked. Linking is cheap (views), so it is redone whenever the state is read or written whole."""
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _optimizer_tensors(optimizer, inner: torch.optim.Optimizer) -> list[tuple[torch.Tensor, int]]:

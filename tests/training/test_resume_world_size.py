@@ -208,3 +208,19 @@ def test_loaded_state_is_the_checkpoint_state_exactly_on_another_rank_count_and_
     assert meta["lr_scheduler"]["last_epoch"] == saved_meta["lr_scheduler"]["last_epoch"] == SAVE
     assert run_.engine.get_lr() == [group["lr"] for group in saved_meta["param_groups"]]
     assert run_.engine.global_steps == SAVE and run_.engine.global_samples == SAVE * BATCH
+
+
+def test_two_optimizer_groups_under_zero2_save_and_resume_exactly(assets, tmp_path):
+    """LoRA+ (and the gates) give the optimizer a second parameter group. DeepSpeed's ZeRO 1-2 links a parameter to
+    its optimizer state once, after the first group's first step, when the second group has none yet: the
+    consolidated state must still hold (and restore) the second group's moments."""
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    plus = ("--lora_plus_ratio", "4")
+    run(args(assets, straight, "zero2", 1, *plus), launcher="python", nproc=1)
+    state, meta = read_trainable_state(straight / "checkpoints" / f"step-{SAVE}")
+    assert len(meta["param_groups"]) == 2
+    lora_b = [key for key in state if key.startswith("exp_avg/") and "lora_B" in key]
+    assert lora_b and all(state[key].abs().sum() > 0 for key in lora_b)  # the second group's moments are saved
+    interrupted_copy(straight, out)
+    run([*args(assets, out, "zero2", 1, *plus), "--resume", "auto"], launcher="python", nproc=1)
+    assert losses(out)[SAVE:] == pytest.approx(losses(straight)[SAVE:], abs=1e-6)
