@@ -34,8 +34,9 @@ SETTINGS: dict[str, AdapterConfig] = {
     "series_256_pfeiffer": SeriesConfig(bottleneck_size=256, preset="pfeiffer"),
     "series_256_houlsby": SeriesConfig(bottleneck_size=256, preset="houlsby"),
     "parallel_256_up_down": ParallelConfig(bottleneck_size=256),
-    "gates_all_linears": GatesConfig(),
-    "gates_all_linears_lora_r8": GatesConfig(lora_r=8),
+    # the default unit gates: LoRA r 32 inside all seven linears + one gate per MLP unit and per KV group
+    "gates_units_lora_r32": GatesConfig(),
+    "gates_units_lora_r8": GatesConfig(lora_r=8),
 }
 
 LLAMA_7B = dict(
