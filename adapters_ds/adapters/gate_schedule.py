@@ -190,26 +190,49 @@ def choose(
     """Close open units in increasing order of score until their costs add up to `need` parameters, passing over a
     unit that would take the sum above `limit` and keeping at least one open unit in each layer. Returns the newly
     closed units of each layer (bool). Ties go to the lower layer and unit index (a stable sort), so equal inputs
-    give equal choices on every rank."""
-    keys, owners = [], []
-    for i, (score, shut) in enumerate(zip(scores, closed, strict=True)):
-        open_units = (~shut).nonzero().flatten()
-        keys.append(score.float()[open_units])
-        owners.append(torch.stack([torch.full_like(open_units, i), open_units], dim=1))
+    give equal choices on every rank.
+
+    Vectorised (a 70B model has millions of units): a layer's last open unit in that order is never reached, so it
+    is left out up front; every unit before the one whose running sum reaches `need` is taken (those sums stay below
+    `need`, so below `limit`), and only where that unit would pass `limit` do the cheaper units after it fill in."""
     chosen = [torch.zeros_like(shut) for shut in closed]
     if need <= 0:
         return chosen
+    keys, owners, unit_costs = [], [], []
+    for i, (score, shut) in enumerate(zip(scores, closed, strict=True)):
+        open_units = (~shut).nonzero().flatten()
+        if len(open_units) < 2:
+            continue
+        key = score.float()[open_units]
+        kept = torch.ones_like(open_units, dtype=torch.bool)
+        kept[len(key) - 1 - int(torch.argmax(key.flip(0)))] = False  # the highest score (of ties, the last)
+        keys.append(key[kept])
+        owners.append(torch.stack([torch.full_like(open_units[kept], i), open_units[kept]], dim=1))
+        unit_costs.append(torch.full((int(kept.sum()),), float(costs[i]), dtype=torch.float64))
+    if not keys:
+        return chosen
     order = torch.argsort(torch.cat(keys), stable=True)
-    left = [int((~shut).sum()) for shut in closed]  # open units per layer
-    removed = 0.0
-    for layer, unit in torch.cat(owners)[order].tolist():
-        if removed >= need:
-            break
-        if left[layer] > 1 and removed + costs[layer] <= limit:
-            chosen[layer][unit] = True
-            left[layer] -= 1
-            removed += costs[layer]
-    return chosen
+    owner, cost = torch.cat(owners)[order], torch.cat(unit_costs)[order]
+    running = torch.cumsum(cost, 0)
+    taken = min(int(torch.searchsorted(running, torch.tensor(float(need), dtype=torch.float64))) + 1, len(running))
+    if running[taken - 1] > limit:
+        taken -= 1
+    removed = float(running[taken - 1]) if taken else 0.0
+    picks = [owner[:taken]]
+    if removed < need:  # the unit reaching `need` passes `limit`: the cheaper ones after it, in order
+        fits = cost[taken:] <= limit - removed
+        for unit, unit_cost in zip(owner[taken:][fits].tolist(), cost[taken:][fits].tolist(), strict=True):
+            if removed >= need:
+                break
+            if removed + unit_cost <= limit:
+                picks.append(torch.tensor([unit]))
+                removed += unit_cost
+    picked = torch.cat(picks)
+    sizes = [len(shut) for shut in closed]
+    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+    flat = torch.zeros(sum(sizes), dtype=torch.bool)
+    flat[starts[picked[:, 0]] + picked[:, 1]] = True
+    return [part.to(shut.device) for part, shut in zip(flat.split(sizes), closed, strict=True)]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

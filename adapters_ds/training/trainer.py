@@ -410,6 +410,7 @@ class Trainer:
             f"{values.get('train/answer_loss', math.nan):.4f} | lr {lr:.2e} | "
             f"grad_norm {grad_norm:.3f} | {values['train/tokens_per_s']:.0f} tok/s | "
             f"{values['train/memory_gb']:.2f} GB"
+            + "".join(f" | {tag} {value:.4g}" for tag, value in self.step_metrics.items())  # e.g. gates/removed
         )
         self.window = Window()
 

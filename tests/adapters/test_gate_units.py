@@ -8,15 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import FAMILIES, HEADS, INTER, LAYERS, H, make_model, sample_batch
+from training.test_persistence import SHAPES
+from transformers import AutoModelForCausalLM
 
 from adapters.test_gates import BLOCKS, GQA, MLP, O_PROJ, expected_removed
-from adapters_ds import adapter_layers, freeze_base, inject_adapters, load_adapter
+from adapters_ds import adapter_layers, adapter_parameters, freeze_base, inject_adapters, load_adapter
 from adapters_ds.adapters import gate_schedule as schedule
 from adapters_ds.adapters.gate_schedule import unit_layers
 from adapters_ds.adapters.gates import Gates, GatesConfig
 from adapters_ds.adapters.storage import save_adapter
 from adapters_ds.export.pruned import prune_model
 from adapters_ds.training.loss import forward_targets, token_losses
+from adapters_ds.zero import full_numel
 
 R = 2
 KV_GROUPS = 2  # the tiny GQA models: 4 query heads in 2 KV groups
@@ -152,6 +155,32 @@ def test_choose_takes_the_lowest_scores_keeps_a_unit_per_layer_and_respects_the_
     ]
     tied = [torch.zeros(3), torch.zeros(2)]
     assert [c.tolist() for c in schedule.choose(tied, [1, 1], closed, 2, 9)] == [[True, True, False], [False] * 2]
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_every_share_is_reachable_within_one_unit_on_real_shapes(name):
+    """On published sizes (meta device): the units cover the blocks' matrices, the largest unit is far below the
+    2-point tolerance, and the choice lands on 20, 30 and 40 % of the block parameters within the smallest unit."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(SHAPES[name]())
+    inject_adapters(model, GatesConfig())
+    freeze_base(model)
+    layers = unit_layers(model)
+    total = schedule.block_parameters(model, {id(p) for p in adapter_parameters(model).values()})
+    costs = [layer.unit_cost for layer in layers]
+    closed = [torch.zeros(full_numel(layer.theta_cols), dtype=torch.bool) for layer in layers]
+    covered = sum(len(shut) * cost for shut, cost in zip(closed, costs, strict=True)) / total
+    assert (0.6 if name.startswith("bloom") else 0.97) < covered <= 1  # BLOOM keeps its heads: the MLP alone
+    assert max(costs) / total < 0.005
+    generator = torch.Generator().manual_seed(0)
+    scores = [torch.rand(len(shut), generator=generator) / cost for shut, cost in zip(closed, costs, strict=True)]
+    for share in (0.2, 0.3, 0.4):
+        chosen = schedule.choose(scores, costs, closed, share * total, share * total + min(costs))
+        removed = sum(int(new.sum()) * cost for new, cost in zip(chosen, costs, strict=True)) / total
+        assert share <= removed <= share + min(costs) / total, (share, removed)
+        assert {kind for layer, new in zip(layers, chosen, strict=True) if new.any() for kind in [layer.unit_kind]} == (
+            {"mlp"} if name.startswith("bloom") else {"mlp", "attn"}
+        )
 
 
 def test_fisher_estimate_is_the_squared_gradient_of_each_gate():

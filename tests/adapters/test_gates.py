@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -641,10 +642,13 @@ def test_zero3_two_rank_training_with_default_settings_prunes_to_the_target(tmp_
                for a in range(1, 7) for b in range(1, 7)]  # fmt: skip
     (tmp_path / "data.json").write_text(json.dumps(records))
     out = tmp_path / "run"
-    run(["--ds_config", str(REPO / "ds_configs" / "zero3.json"), "--base_model", str(base),
-         "--data_path", str(tmp_path / "data.json"), "--output_dir", str(out), "--adapter", "gates",
-         "--max_steps", "8", "--logging_steps", "4", "--micro_batch_size", "2", "--batch_size", "4",
-         "--cutoff_len", "64", "--save_steps", "0", "--val_set_size", "8", "--eval_steps", "8"])  # fmt: skip
+    result = run(["--ds_config", str(REPO / "ds_configs" / "zero3.json"), "--base_model", str(base),
+                  "--data_path", str(tmp_path / "data.json"), "--output_dir", str(out), "--adapter", "gates",
+                  "--max_steps", "8", "--logging_steps", "4", "--micro_batch_size", "2", "--batch_size", "4",
+                  "--cutoff_len", "64", "--save_steps", "0", "--val_set_size", "8", "--eval_steps", "8"])  # fmt: skip
+    # the log line shows the schedule beside the answer-only loss: the target and the share the export would remove
+    assert re.search(r"step 8/8 \| loss .* answer loss .* gates/target 0\.3 \| gates/removed 0\.[23]\d*",
+                     result.stdout + result.stderr)  # fmt: skip
     events = EventAccumulator(str(out / "tensorboard" / "train"))
     events.Reload()
     last = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
