@@ -251,7 +251,7 @@ def test_closing_goes_through_the_optimizer_in_one_bf16_step_even_at_the_tail_of
 
 
 def test_distillation_is_zero_at_step_zero_and_its_teacher_is_the_dense_model():
-    model, config = unit_gated("llama", lora_r=R)
+    model, config = unit_gated("llama", lora_r=R, distill=1.0)
     batch = labelled(sample_batch(batch=3, seq=10))
     forward = forward_targets(model.train(), batch)
     with torch.no_grad(), schedule.opened(unit_layers(model)):
@@ -284,7 +284,7 @@ def test_distillation_is_zero_at_step_zero_and_its_teacher_is_the_dense_model():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_short_run_with_default_settings_reaches_the_target_and_exports_the_gated_model(family, tmp_path):
-    model, config = unit_gated(family)  # every setting a default: target 0.3, LoRA r 32, distillation on
+    model, config = unit_gated(family)  # every setting a default: target 0.3, LoRA r 32, no distillation
     batch = labelled(sample_batch(batch=4, seq=12))
     metrics = train(model, config, steps=20, batch=batch)
     metrics_end = config.step_begin(model, 20, 20)

@@ -297,7 +297,7 @@ def test_command_line_options_reach_the_config():
     )  # fmt: skip
     assert config.ramp_fractions == (0.2, 0.7)
     defaults = adapter_config(parse_train_args(["--ds_config", "x.json", "--adapter", "gates"]))
-    assert defaults == GatesConfig() and (defaults.scope, defaults.lora_r, defaults.distill) == ("units", 32, 1.0)
+    assert defaults == GatesConfig() and (defaults.scope, defaults.lora_r, defaults.distill) == ("units", 32, 0.0)
     assert config_from_dict(config.to_dict()) == config
 
 
@@ -652,11 +652,11 @@ def test_zero3_two_rank_training_with_default_settings_prunes_to_the_target(tmp_
     events = EventAccumulator(str(out / "tensorboard" / "train"))
     events.Reload()
     last = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
-    expected = {"gates/target", "gates/removed", "gates/closed_units/mlp", "gates/closed_units/attn", "gates/distill",
+    expected = {"gates/target", "gates/removed", "gates/closed_units/mlp", "gates/closed_units/attn",
                 "train/loss", "train/answer_loss", "eval/loss", "eval/answer_loss", "eval/digit_loss"}  # fmt: skip
     assert expected <= set(last)
     assert last["gates/target"] == pytest.approx(0.3) and abs(last["gates/removed"] - 0.3) <= 0.02
-    assert last["gates/distill"] > 0 and last["eval/digit_loss"] > 0
+    assert "gates/distill" not in last and last["eval/digit_loss"] > 0  # distillation is off by default
     assert [e.value for e in events.Scalars("gates/target")][0] < 0.3  # logged at steps 4 and 8: the ramp rises
     reports = json.loads((out / "zero3_partition.json").read_text())
     assert all(r["adapter_local_numel"] == r["adapter_numel"] for r in reports)  # gates replicated
