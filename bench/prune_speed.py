@@ -18,7 +18,8 @@ base, on the embedded model and the built-in problems, in one run (resumable).
    pruned model's logits equal the gated model's (evaluation mode) on a batch of held-out prompts.
 3. Forward latency of the dense base and each pruned model on the same random batch (--batch × --seq), the fastest
    of --reps runs after one warm-up (load on a shared machine only ever adds time: the median of 3 moved the
-   speed-up of one model between 1.14× and 1.37× from run to run on 2 busy cores; the fastest of 7 is stable), the
+   speed-up of one model between 1.14× and 1.37× from run to run on 2 busy cores; the fastest of 7 varies less, though
+   not to nothing: read differences of a few % as noise), the
    two models alternating (a shared machine's load drifts), in fp32 and bf16
    (on CPUs without AMX or AVX512-BF16, bf16 is emulated and far slower: reported anyway, with fewer runs and
    --bf16_batch 1 unless told otherwise); with --gen_tokens > 0 also greedy generation throughput (KV cache).
