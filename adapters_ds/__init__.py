@@ -5,12 +5,14 @@ Library API (the launchers are thin wrappers around it):
     model = load_base_model(path)
     config = LoRAConfig(r=32, alpha=64)            # or SeriesConfig / ParallelConfig / GatesConfig / ...
     inject_adapters(model, config); freeze_base(model)
+    strategy = strategy_for(config)                # how the method trains: param_groups, per-step hooks, loss terms
+    strategy.prepare(model)
     print(parameter_report(model))
     ... train ...
     save_adapter(model, config, "out/adapter")      # later: load_adapter(fresh_base, "out/adapter")
 """
 
-from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, adapter_parameters
+from adapters_ds.adapters.base import Adapter, AdapterConfig, Strategy, adapter_layers, adapter_parameters, option
 from adapters_ds.adapters.gates import GatesConfig
 from adapters_ds.adapters.inject import (
     count_parameters,
@@ -23,7 +25,7 @@ from adapters_ds.adapters.inject import (
 )
 from adapters_ds.adapters.lora import LoRAConfig
 from adapters_ds.adapters.parallel import ParallelConfig
-from adapters_ds.adapters.registry import METHODS, config_from_dict, get_method, register
+from adapters_ds.adapters.registry import METHODS, config_from_dict, get_method, register, strategy_for
 from adapters_ds.adapters.series import SeriesConfig
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, save_adapter
 from adapters_ds.errors import InputError
@@ -40,6 +42,7 @@ __all__ = [
     "LoRAConfig",
     "ParallelConfig",
     "SeriesConfig",
+    "Strategy",
     "adapter_layers",
     "adapter_parameters",
     "config_from_dict",
@@ -51,10 +54,12 @@ __all__ = [
     "load_base_model",
     "load_tokenizer",
     "merge_adapters",
+    "option",
     "parameter_report",
     "read_adapter_config",
     "register",
     "remove_adapters",
     "save_adapter",
+    "strategy_for",
     "unmerge_adapters",
 ]

@@ -219,11 +219,10 @@ class Ranks:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` summed over the ranks, in place (on the device the process group communicates on); returned."""
-        if self.active:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor
+    def sum(self, tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+        """`tensor` summed over the ranks (of `group`, a process group such as `tp_group`; default all), in place (on
+        the device the process group communicates on); returned."""
+        return group_sum(tensor, group) if self.active else tensor
 
     def barrier(self) -> None:
         """Wait until every rank has reached this call."""
@@ -242,6 +241,24 @@ class Ranks:
         if error is not None:
             raise InputError(error)
         return result
+
+
+def group_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """`tensor` summed in place over the ranks of `group` (default: all), returned; the identity without a process
+    group. Every rank of the group must call it. Method code sums through this (or `Ranks.sum`), never through
+    `torch.distributed` itself."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s `tensor` on every rank, in place, returned; the identity without a process group."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(tensor, src)
+    return tensor
 
 
 # ------------------------------------------------------------------------------------------------------ the end

@@ -5,7 +5,9 @@ scored on the same benchmarks, one table.
         [--data_dir D] [--datasets A,B] [--output_dir O] [--limit K] [--decontaminate]
         [--reference llm-adapters-llama7b] [--nproc N]
 
-For each method (default: every registered method at the reference project's settings, `REFERENCE_SETTINGS`) it
+For each method (default: every registered method, plugins included (`ADAPTERS_DS_METHODS`, entry points), at its
+defaults, which are the reference project's settings where it has one: LoRA r 32 / alpha 64, bottleneck 256 with
+the Pfeiffer placement, 30 virtual tokens) it
 trains through `launcher/train.py` under the shipped ZeRO-3 config with the same data order, steps, batch and cutoff,
 evaluates the adapter and the base model with the harness (`launcher/evaluate.py`) on the `--data_dir` sets, and
 prints one Markdown table (rows: base + methods; columns: the data sets, their average, trainable parameters, train
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from adapters_ds.adapters.registry import METHODS
+from adapters_ds.adapters.registry import METHODS, get_method, load_plugins
 from adapters_ds.demo.default_model import prepare_default_model
 from adapters_ds.evaluation.datasets import training_texts
 from adapters_ds.mathdata.convert import gsm8k_to_records, mawps_to_records
@@ -44,13 +46,6 @@ from adapters_ds.records import normalize_question, occurs_in_training, question
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
-# The reference project's settings (LLM-Adapters' math runs); methods not listed train with their defaults.
-REFERENCE_SETTINGS = {
-    "lora": ["--lora_r", "32", "--lora_alpha", "64"],
-    "series": ["--bottleneck_size", "256", "--series_preset", "pfeiffer"],
-    "parallel": ["--bottleneck_size", "256"],
-    "prefix": ["--num_virtual_tokens", "30"],
-}
 # Published rows (accuracy %), with their source, printed beside ours with --reference.
 REFERENCES = {
     "llm-adapters-llama7b": {
@@ -88,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", choices=sorted(REFERENCES), help="print a published table beside ours")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for training and evaluation (CPU: one per core)")
     args = parser.parse_args(argv)
+    load_plugins()  # the launched commands load them too (the environment is passed on)
     args.methods = args.methods.split(",") if args.methods else sorted(METHODS)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -171,13 +167,13 @@ def train(args: argparse.Namespace, method: str, base: str, data: str, run: Path
             "--batch_size", str(args.batch_size), "--micro_batch_size", str(args.micro_batch_size),
             "--cutoff_len", str(args.cutoff_len),
             "--learning_rate", str(args.learning_rate), "--save_steps", "0", "--logging_steps", "10",
-            "--resume", "auto", *REFERENCE_SETTINGS.get(method, [])]  # fmt: skip
+            "--resume", "auto"]  # fmt: skip
     seconds = launch("train.py", argv, args.nproc, run / "train.log")
     log = [json.loads(line) for line in (run / "train" / "train_log.jsonl").read_text().splitlines()]
     tokens, loop_s = sum(e.get("tokens", 0) for e in log), max((e.get("elapsed_s", 0.0) for e in log), default=0.0)
     facts = {
         "method": method,
-        "settings": REFERENCE_SETTINGS.get(method, []),
+        "settings": {k: v for k, v in get_method(method).config().to_dict().items() if k != "method"},
         "steps": len(log),
         "first_loss": log[0]["loss"],
         "last_loss": log[-1]["loss"],

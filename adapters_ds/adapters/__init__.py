@@ -3,6 +3,7 @@ adapter files. Importing this package registers the built-in methods."""
 
 from adapters_ds.adapters import (  # noqa: F401  (each registers itself)
     gates,
+    gates_paper,
     lora,
     parallel,
     prefix,

@@ -6,8 +6,11 @@ untouched, so its parameter names (`...q_proj.weight`) stay exactly those of a p
 checkpoint loads with the adapter tensors as the only extra keys. LoRA reads x, Series reads out, Parallel
 reads x: one hook covers all three.
 
-A method is one module: a config subclass (its fields are the method's hyperparameters and, through `option`, its
-command-line options), a layer subclass, and one `registry.register(Config, Layer)` call.
+A method is one module that owns everything about itself: a config subclass (data only: its fields are the method's
+hyperparameters and, through `option`, its command-line options), a layer subclass (its forward, merge/fold, its
+behaviour under tensor-parallel evaluation, its PEFT tensors), optionally a `Strategy` subclass (how it trains:
+parameter groups, per-step hooks, extra loss terms), and one `registry.register(Config, Layer, Strategy)` call. No
+other module names a method: commands ask the registry and these hooks.
 
 Two opt-in extensions serve methods that are not an addition (stochastic gates, y = z_r ⊙ (W (z_c ⊙ x) + b)):
 an adapter with `transforms_input` also gets a forward pre-hook that replaces the base layer's input by
@@ -26,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -64,6 +67,15 @@ class AdapterConfig:
     dtype: DTypeName = "auto"
     """Adapter parameter dtype; "auto" follows the adapted base weight (bf16 base → bf16 adapter)."""
 
+    peft_type: ClassVar[str | None] = None
+    """The method's `peft_type` in Hugging Face PEFT (e.g. "LORA"), None where PEFT has no such method: then
+    `export --peft` refuses it. A method with one implements `peft_config` and its layer `peft_tensors`."""
+
+    def peft_config(self, layers: list[Adapter]) -> dict[str, Any]:
+        """The method's fields of PEFT's `adapter_config.json` (beyond peft_type, task_type, base model and
+        inference_mode), given the model's adapter layers of this config."""
+        raise NotImplementedError(f"{self.method} has no Hugging Face PEFT mapping")
+
     def __post_init__(self) -> None:
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
@@ -75,11 +87,6 @@ class AdapterConfig:
                 )
         _check_choice("dtype", self.dtype, ("auto", *DTYPES))
 
-    def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups of the trainable parameters; a method with parameters that want their
-        own learning rate (e.g. stochastic gates) overrides this."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
     def layer_dims(self, name: str, module: nn.Module) -> Any:
         """The shape facts the adapter layer at `name` is built from: by default `families.linear_dims`, which
         refuses anything but a linear layer; a model-level method reads the model's geometry instead."""
@@ -89,28 +96,6 @@ class AdapterConfig:
         """Keyword arguments for the adapter layer at module path `name`, beyond the config (e.g. which sides of
         a layer stochastic gates cover); none by default."""
         return {}
-
-    def regularizer(self, model: nn.Module, step: int = 0) -> tuple[torch.Tensor, dict[str, float]] | None:
-        """An extra loss term of the method at optimizer step `step` (0-based; added to every micro-batch's loss)
-        and scalars to log, or None."""
-        return None
-
-    def step_begin(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
-        """Called on every rank before the first forward of optimizer step `step` (0-based) of `total_steps`, where
-        no forward or backward is in flight: a method that changes its adapters on a schedule (stochastic gates
-        closing units) does it here. Returns scalars to log; nothing by default."""
-        return {}
-
-    def batch_loss(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, logits: torch.Tensor, step: int
-    ) -> dict[str, torch.Tensor] | None:
-        """Extra loss terms of a training micro-batch, from its forward: `inputs` are the model inputs (no labels),
-        `keep` the (batch, seq) mask of the positions that predict a target and `logits` the model's (n_targets,
-        vocab) logits there. Returns {tag: sum over the target positions} (fp32 scalars), which the trainer adds to
-        the task loss's sum before normalising both alike and logs per target token under `tag`; None by default.
-        A method may run more forwards of `model` (e.g. a teacher for distillation); every rank must run the same
-        number (ZeRO-3 gathers collectively)."""
-        return None
 
     def default_targets(self, model_type: str) -> tuple[str, ...]:
         """Module names adapted when `target_modules` is None; an InputError for a family without them."""
@@ -144,6 +129,62 @@ class AdapterConfig:
         if unknown:
             raise InputError(f"unknown {cls.method} option(s) {unknown}; expected some of {sorted(known)}")
         return cls(**values)
+
+
+class Strategy:
+    """How a method trains, apart from its config (which is data only): optimizer parameter groups, per-step hooks,
+    extra loss terms. One object per training run (`registry.strategy_for(config)`); whatever a method must carry
+    from one forward to its loss terms lives here (or in buffers), never as hidden attributes of the layers. The
+    trainer calls, in order: `prepare` once after injection and before `deepspeed.initialize`, `param_groups`, then
+    per optimizer step `step_begin`, per micro-batch `batch_loss` (after the forward) and `regularizer`.
+
+    The base class is plain training: every trainable parameter in one group, no extra terms."""
+
+    def __init__(self, config: AdapterConfig) -> None:
+        self.config = config
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called once on the injected model before `deepspeed.initialize`: forward hooks registered here run while
+        ZeRO-3 still holds the module's parameters gathered (DeepSpeed's release hook is registered after them)."""
+
+    def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the trainable parameters; a method with parameters that want their own
+        learning rate (LoRA+, stochastic gates) overrides this."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def step_begin(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        """Called on every rank before the first forward of optimizer step `step` (0-based) of `total_steps`, where
+        no forward or backward is in flight: a method that changes its adapters on a schedule (stochastic gates
+        closing units) does it here. Returns scalars to log; nothing by default."""
+        return {}
+
+    def batch_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, logits: torch.Tensor, step: int
+    ) -> dict[str, torch.Tensor] | None:
+        """Extra loss terms of a training micro-batch, from its forward: `inputs` are the model inputs (no labels),
+        `keep` the (batch, seq) mask of the positions that predict a target and `logits` the model's (n_targets,
+        vocab) logits there. Returns {tag: sum over the target positions} (fp32 scalars), which the trainer adds to
+        the task loss's sum before normalising both alike and logs per target token under `tag`; None by default.
+        A method may run more forwards of `model` (e.g. a teacher for distillation); every rank must run the same
+        number (ZeRO-3 gathers collectively)."""
+        return None
+
+    def regularizer(self, model: nn.Module, step: int = 0) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """An extra loss term of the method at optimizer step `step` (0-based; added to every micro-batch's loss,
+        right after its forward) and scalars to log, or None."""
+        return None
+
+
+class Shard(NamedTuple):
+    """How tensor parallelism (DeepSpeed AutoTP) split an adapted layer: `split` is "row" (input features; the
+    output is whole after the layer's all-reduce), "column" (output features, one contiguous slice per rank),
+    "fused" (a fused projection, slices per sub-matrix) or "whole" (not split); `start`/`size` this rank's slice of
+    the split dimension; `group` the tensor-parallel process group."""
+
+    split: Literal["row", "column", "fused", "whole"]
+    start: int
+    size: int
+    group: Any
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:
@@ -210,6 +251,45 @@ class Adapter(nn.Module):
         if self.transforms_input:
             handles.append(base.register_forward_pre_hook(_transform_input))
         return handles
+
+    tensor_parallel: ClassVar[str | None] = None
+    """How the method is evaluated with tensor parallelism, in a few words for messages and docs (e.g. "merged into
+    the base weights before sharding"); None: it cannot be, and `evaluate --tensor_parallel` refuses it before the
+    model loads. A method that sets it implements `before_sharding` and, for "reattach", `shard`."""
+    prunable: ClassVar[bool] = False
+    """True: `fold` returns per-row/column scales whose zeros `export --prune` cuts out of the model."""
+
+    def before_sharding(self, base: nn.Module) -> Literal["stays", "folded", "reattach"]:
+        """Called (every rank) before AutoTP replaces `base` by its shard: "folded" when the adapter has been merged
+        or folded into `base`'s weights (it is then taken off), "reattach" when it is to be taken off and put back on
+        the sharded layer through `shard`, "stays" when sharding does not touch what it acts on (model-level
+        adapters on the input embeddings). By default mergeable adapters merge; others are refused."""
+        if self.mergeable:
+            self.merge(base)
+            return "folded"
+        raise InputError(f"{type(self).__name__} adapters cannot be evaluated with tensor parallelism")
+
+    def shard(self, name: str, shard: Shard) -> Adapter:
+        """This adapter (taken off the layer at `name` before sharding) in the form the sharded layer needs; a layer
+        that was not split keeps it as it is. Others are refused with what to do instead."""
+        if shard.split == "whole":
+            return self
+        side = "input" if shard.split == "row" else "output"
+        raise InputError(
+            f"{type(self).__name__} at {name!r}: tensor parallelism splits that layer by its {side} features, which "
+            "this adapter needs whole; evaluate it with --tensor_parallel 1"
+        )
+
+    def fold(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold the adapter's evaluation-mode effect into `base`'s weight and bias (also on ZeRO-3 partitions: call on
+        every rank) and return its per-row and per-column scales (fp32, ones where it has none); the adapter is then
+        to be taken off. Only methods whose effect is a fixed linear map have one."""
+        raise InputError(f"{type(self).__name__} adapters cannot be folded into the base weights")
+
+    def peft_tensors(self, path: str) -> dict[str, torch.Tensor]:
+        """This layer's tensors under Hugging Face PEFT's names (`path`: the adapted module's path, "" for a
+        model-level adapter), on the CPU; see `AdapterConfig.peft_type`."""
+        raise NotImplementedError(f"{type(self).__name__} has no Hugging Face PEFT mapping")
 
     def merge(self, base: nn.Module) -> None:
         raise InputError(f"{type(self).__name__} adapters are not mergeable (their update is not linear)")

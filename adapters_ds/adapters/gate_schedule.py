@@ -1,4 +1,4 @@
-"""Pruning by unit gates (stochastic gates' default scope, "units"): one gate per unit that `export --prune` removes,
+"""Pruning by unit gates (`--adapter gates`): one gate per unit that `export --prune` removes,
 closed on a schedule in the order of the task's importance estimates, so that a run ends exactly at its target.
 
 Units. A unit is what the export cuts out as a whole: an MLP intermediate unit (its rows in the MLP's producers, its
@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_ds.adapters.base import adapter_layers, adapter_parameters
+from adapters_ds.distributed import broadcast_tensor, group_sum
 from adapters_ds.errors import InputError
 from adapters_ds.families import layout_of, linear_dims
 from adapters_ds.pruned_model import geometry
@@ -64,10 +65,10 @@ MIN_FISHER_STEPS = 2  # steps of estimates needed before a choice (also after a 
 
 
 def unit_layers(model: nn.Module) -> list[Any]:
-    """The adapters with unit gates (stochastic gates' scope "units"), in module order."""
+    """The adapters with unit gates (`--adapter gates`), in module order."""
     layers = [a for _, _, a in adapter_layers(model) if getattr(a, "hard", False) and a.theta_cols is not None]
     if not layers:
-        raise InputError("the model has no unit gates: scope 'units' needs the MLP down projection or the attention "
+        raise InputError("the model has no unit gates: unit gates need the MLP down projection or the attention "
                          "output projection among the targets")  # fmt: skip
     return layers
 
@@ -109,7 +110,7 @@ def scheduled_sparsity(step: int, total_steps: int, target: float, start: float,
 
 
 def unit_options(model: nn.Module, name: str) -> dict[str, Any]:
-    """The gate of the layer at module path `name` in scope "units": {"gate_cols", "col_group", "unit_cost",
+    """The unit gate of the layer at module path `name`: {"gate_cols", "col_group", "unit_cost",
     "unit_kind"}, with gate_cols False where the layer's input is no prunable unit (producers, q/k/v: LoRA only)."""
     layout = layout_of(model.config.model_type)
     prefix, _, rest = name.partition(layout.blocks + ".")
@@ -151,29 +152,29 @@ def block_parameters(model: nn.Module, exclude: set[int]) -> int:
 
 
 def close_on_schedule(
-    model: nn.Module, layers: list[Any], target: float, final: float, importance: str, seed: int
+    model: nn.Module, layers: list[Any], fishers: list[Fisher], target: float, final: float, importance: str, seed: int
 ) -> dict[str, float]:
-    """Close open units of the unit-gate `layers` until the share of block parameters removed reaches `target`
-    (not above `final`, the run's target; least important first; `importance` "random": in an order drawn from
-    `seed`). Call on every rank at the same
-    step: the estimates are summed over ranks. Returns gates/target, gates/removed (the share the export would
+    """Close open units of the unit-gate `layers` (`fishers`: their importance estimates) until the share of block
+    parameters removed reaches `target` (not above `final`, the run's target; least important first; `importance`
+    "random": in an order drawn from `seed`). Call on every rank at the same step: the estimates are summed over
+    ranks. Returns gates/target, gates/removed (the share the export would
     remove now) and gates/closed_units/{mlp,attn} (shares of the units)."""
     with gathered([layer.theta_cols for layer in layers]):
         closed = [layer.closed_units().cpu() for layer in layers]
-    for layer in layers:
-        layer.fisher.fold()
+    for fisher in fishers:
+        fisher.fold()
     total = block_parameters(model, {id(p) for p in adapter_parameters(model).values()})
     costs = [layer.unit_cost for layer in layers]
     removed = sum(int(shut.sum()) * cost for shut, cost in zip(closed, costs, strict=True))
     need = target * total - removed
     # a large unit (a KV group) may overshoot a step of the ramp, not the final share by more than the smallest unit
     limit = final * total - removed + min(costs)
-    if need > 0 and all(layer.fisher.steps >= MIN_FISHER_STEPS for layer in layers):
+    if need > 0 and all(fisher.steps >= MIN_FISHER_STEPS for fisher in fishers):
         if importance == "random":  # the same draw on every rank
             generator = torch.Generator().manual_seed(seed)
             scores = [torch.rand(len(shut), generator=generator) for shut in closed]
         else:  # Fisher per parameter removed
-            flat = all_reduce_sum(torch.cat([layer.fisher.estimate for layer in layers])).cpu()
+            flat = all_reduce_sum(torch.cat([fisher.estimate for fisher in fishers])).cpu()
             scores = [s / cost for s, cost in zip(flat.split([len(s) for s in closed]), costs, strict=True)]
         for layer, shut, new in zip(layers, closed, choose(scores, costs, closed, need, limit), strict=True):
             layer.close(new)
@@ -242,10 +243,7 @@ def choose(
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, then rank 0's result to all (bit-identical choices everywhere); unchanged in one process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-        torch.distributed.broadcast(tensor, 0)
-    return tensor
+    return broadcast_tensor(group_sum(tensor))
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, check_range, option
+from adapters_ds.adapters.base import Adapter, AdapterConfig, Strategy, adapter_layers, check_range, option
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
 from adapters_ds.families import LinearDims
@@ -87,11 +87,37 @@ class LoRAConfig(AdapterConfig):
         """s: alpha / r, or alpha / √r with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    peft_type: ClassVar[str] = "LORA"
+
+    def peft_config(self, layers: list[Adapter]) -> dict[str, Any]:
+        """PEFT's LoRA fields: our target matching rule (exact name or dotted suffix) is PEFT's, so the same modules
+        are adapted; PEFT's DoRA norm and rsLoRA scale are ours, so both flags carry over as they are (LoRA+ only
+        changes training)."""
+        return {
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": list(self.target_modules),
+            "fan_in_fan_out": any(layer.transposed for layer in layers),  # GPT-2's Conv1D stores (in, out) weights
+            "bias": "none",
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "use_rslora": self.use_rslora,  # s = alpha / sqrt(r)
+            "use_dora": self.use_dora,
+        }
+
+
+class LoRAStrategy(Strategy):
+    """LoRA+ (`lora_plus_ratio` != 1) puts B and the DoRA magnitude in a faster optimizer group; plain training
+    otherwise."""
+
+    config: LoRAConfig
+
     def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
         """With LoRA+: A at `learning_rate` (the first group, so the logged rate stays the run's), B and the DoRA
         magnitude at ratio × `learning_rate` (the magnitude, a 1-D output-side parameter, goes with B as in the
         LoRA+ authors' code and PEFT's `create_loraplus_optimizer`). Weight decay stays the run's."""
-        if self.lora_plus_ratio == 1:
+        if self.config.lora_plus_ratio == 1:
             return super().param_groups(model, learning_rate)
         layers = [adapter for _, _, adapter in adapter_layers(model) if isinstance(adapter, LoRA)]
         if not layers:
@@ -102,7 +128,7 @@ class LoRAConfig(AdapterConfig):
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
         groups: list[dict[str, Any]] = [
             {"params": slow, "lr": learning_rate},
-            {"params": fast, "lr": learning_rate * self.lora_plus_ratio},
+            {"params": fast, "lr": learning_rate * self.config.lora_plus_ratio},
         ]
         if others:
             groups.append({"params": others, "lr": learning_rate})
@@ -130,6 +156,7 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
 
 class LoRA(Adapter):
     mergeable: ClassVar[bool] = True
+    tensor_parallel: ClassVar[str] = "merged into the base weights before sharding"
 
     def __init__(self, config: LoRAConfig, dims: LinearDims, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -146,6 +173,15 @@ class LoRA(Adapter):
 
     def trainable_names(self) -> tuple[str, ...]:
         return ("lora_A", "lora_B", "lora_magnitude") if self.use_dora else ("lora_A", "lora_B")
+
+    def peft_tensors(self, path: str) -> dict[str, torch.Tensor]:
+        """PEFT's names: `base_model.model.<module>.lora_A.weight` (r, in), `.lora_B.weight` (out, r), and for DoRA
+        `.lora_magnitude_vector` (out,), without a `.weight` suffix (PEFT adds it back when loading)."""
+        prefix = f"base_model.model.{path}"
+        tensors = {f"{prefix}.lora_A.weight": self.lora_A, f"{prefix}.lora_B.weight": self.lora_B}
+        if self.use_dora:
+            tensors[f"{prefix}.lora_magnitude_vector"] = self.lora_magnitude
+        return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
 
     def output_side(self) -> list[nn.Parameter]:
         """The parameters on the output side of the update (LoRA+'s fast group): B, and DoRA's magnitude."""
@@ -209,4 +245,4 @@ class LoRA(Adapter):
                 self.merged_norm = None
 
 
-register(LoRAConfig, LoRA)
+register(LoRAConfig, LoRA, LoRAStrategy)

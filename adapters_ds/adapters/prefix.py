@@ -67,6 +67,7 @@ REFUSED = {"bloom": "its ALiBi attention is its own code, outside transformers' 
 @dataclass
 class PrefixConfig(VirtualTokensConfig):
     method: ClassVar[str] = "prefix"
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
 
     projection: bool = option(
         False, "prefix: train the prefixes through an MLP (folded away on export)", flag="prefix_projection"
@@ -78,6 +79,9 @@ class PrefixConfig(VirtualTokensConfig):
         if not isinstance(self.projection, bool):
             raise InputError(f"prefix projection must be true or false, found {self.projection!r}")
         check_count("prefix encoder_hidden_size", self.encoder_hidden_size)
+
+    def peft_config(self, layers: list[Adapter]) -> dict[str, Any]:
+        return {**super().peft_config(layers), "prefix_projection": False}  # folded into prompt_embeddings
 
     def layer_dims(self, name: str, module: nn.Module) -> ModelDims:
         dims = super().layer_dims(name, module)
@@ -154,6 +158,9 @@ class PrefixTuning(Adapter):
             return tuple(getattr(self, f"prefix_{layer}").clone() for layer in range(self.dims.layers))
         hidden = torch.tanh(self.proj_in(self.embedding))  # (num_virtual_tokens, encoder_hidden_size)
         return tuple(out(hidden) for out in self.proj_out)
+
+    def peft_tensors(self, path: str) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.peft_embeddings().cpu().contiguous()}
 
     @torch.no_grad()
     def peft_embeddings(self) -> torch.Tensor:

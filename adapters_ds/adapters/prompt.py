@@ -37,6 +37,7 @@ from adapters_ds.zero import gathered
 @dataclass
 class PromptConfig(VirtualTokensConfig):
     method: ClassVar[str] = "prompt"
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
 
     init_text: str | None = option(
         None, "prompt: initialise the soft prompt from the embeddings of this text's tokens (default: random)",

@@ -39,6 +39,7 @@ LSTM_LAYERS = 2  # PEFT's PromptEncoderConfig.encoder_num_layers
 @dataclass
 class PTuningConfig(VirtualTokensConfig):
     method: ClassVar[str] = "ptuning"
+    peft_type: ClassVar[str] = "P_TUNING"
 
     encoder_type: Literal["mlp", "lstm"] = option(
         "mlp", "ptuning: prompt encoder, an MLP (PEFT's default) or a bidirectional LSTM + MLP (the paper's)",

@@ -1,9 +1,11 @@
-"""The adapter methods by name. A method registers itself (`register(Config, Layer)` at the end of its module);
-nothing here knows the methods, so adding one changes no other file.
+"""The adapter methods by name. A method registers itself (`register(Config, Layer, Strategy)` at the end of its
+module); nothing here knows the methods, so adding one changes no other file.
 
 The built-in methods are imported by `adapters_ds.adapters`; others load as plugins (`load_plugins`): modules named
 in the `ADAPTERS_DS_METHODS` environment variable (comma-separated) and entry points of the group
-`adapters_ds.methods` of installed packages.
+`adapters_ds.methods` of installed packages. Every command reaches a method through `get_method`, which loads the
+plugins before it calls a name unknown, so a plugin's adapter trains, evaluates (also sharded), exports and loads in
+a fresh process alike.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from importlib.metadata import entry_points
 from typing import Any, NamedTuple
 
-from adapters_ds.adapters.base import Adapter, AdapterConfig
+from adapters_ds.adapters.base import Adapter, AdapterConfig, Strategy
 from adapters_ds.errors import InputError
 
 PLUGINS_ENV = "ADAPTERS_DS_METHODS"
@@ -23,25 +25,39 @@ ENTRY_POINT_GROUP = "adapters_ds.methods"
 class Method(NamedTuple):
     config: type[AdapterConfig]
     layer: type[Adapter]
+    strategy: type[Strategy] = Strategy
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(config: type[AdapterConfig], layer: type[Adapter]) -> None:
-    """Make a method known under `config.method`; registering the same pair again is a no-op."""
+def register(config: type[AdapterConfig], layer: type[Adapter], strategy: type[Strategy] = Strategy) -> None:
+    """Make a method known under `config.method`; registering the same classes again is a no-op. `strategy` is how
+    it trains (`base.Strategy`: plain training by default)."""
     name = getattr(config, "method", None)
     if not isinstance(name, str) or not name.isidentifier():
         raise TypeError(f"{config.__name__}.method must be an identifier, found {name!r}")
-    if name in METHODS and METHODS[name] != (config, layer):
+    if not (issubclass(config, AdapterConfig) and issubclass(layer, Adapter) and issubclass(strategy, Strategy)):
+        raise TypeError("register(config, layer, strategy) takes subclasses of AdapterConfig, Adapter and Strategy")
+    method = Method(config, layer, strategy)
+    if name in METHODS and METHODS[name] != method:
         raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config.__name__}")
-    METHODS[name] = Method(config, layer)
+    METHODS[name] = method
 
 
 def get_method(name: str) -> Method:
+    """The method registered as `name`; the plugins are loaded first when it is not (yet) known."""
+    if name not in METHODS:
+        load_plugins()
     if name not in METHODS:
         raise InputError(f"unknown adapter method {name!r}; expected one of {sorted(METHODS)}")
     return METHODS[name]
+
+
+def strategy_for(config: AdapterConfig) -> Strategy:
+    """A new training strategy of `config`'s method (one per run: it may hold state between a forward and its loss
+    terms)."""
+    return get_method(config.method).strategy(config)
 
 
 def config_from_dict(values: dict[str, Any]) -> AdapterConfig:

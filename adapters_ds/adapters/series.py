@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 
-from adapters_ds.adapters.base import option
+from adapters_ds.adapters.base import Adapter, Shard, option
 from adapters_ds.adapters.bottleneck import Bottleneck, BottleneckConfig
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
@@ -39,11 +40,22 @@ class SeriesConfig(BottleneckConfig):
 
 
 class SeriesAdapter(Bottleneck):
+    tensor_parallel: ClassVar[str] = "applied after the sharded layer's all-reduce"
+
     def __init__(self, config: SeriesConfig, dims: LinearDims, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(config, dims.out_features, dims.out_features, dtype, device)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return self.bottleneck(out)
+
+    def before_sharding(self, base: nn.Module) -> str:
+        return "reattach"
+
+    def shard(self, name: str, shard: Shard) -> Adapter:
+        """On a row-parallel layer (the attention and MLP output projections, where it sits by default) h is whole
+        again after the layer's all-reduce: the adapter stays as it is. A layer split by its outputs holds a slice of
+        h only: refused."""
+        return self if shard.split == "row" else super().shard(name, shard)
 
 
 register(SeriesConfig, SeriesAdapter)

@@ -86,6 +86,11 @@ class VirtualTokensConfig(AdapterConfig):
     def layer_dims(self, name: str, module: nn.Module) -> ModelDims:
         return model_dims(module)
 
+    def peft_config(self, layers: list[Adapter]) -> dict[str, Any]:
+        """PEFT keeps one tensor for every virtual-token method, `prompt_embeddings` (see the layers'
+        `peft_embeddings`); its config needs the count only."""
+        return {"num_virtual_tokens": self.num_virtual_tokens}
+
 
 # ---------------------------------------------------------------------------------------------------- call inputs
 
@@ -224,9 +229,17 @@ class VirtualTokens(Adapter):
     """Base of the prompt-tuning and P-tuning layers: `forward()` returns the virtual tokens' embeddings
     (num_virtual_tokens, hidden), put in front of the input embeddings by this class's hooks."""
 
+    tensor_parallel: ClassVar[str] = "unchanged (the input embeddings are not sharded)"
+
     def __init__(self, num_virtual_tokens: int) -> None:
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
+
+    def before_sharding(self, base: nn.Module) -> str:
+        return "stays"  # hooks on the model's inputs, which sharding does not touch
+
+    def peft_tensors(self, path: str) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.peft_embeddings().cpu().contiguous()}
 
     def forward(self) -> torch.Tensor:  # type: ignore[override]  (no input: the prompt does not depend on it)
         raise NotImplementedError

@@ -2,11 +2,10 @@
 
     python launcher/export.py --base_model B --adapter_dir A --output_dir O --peft|--merge|--prune [--uniform_shapes]
 
-- `--peft`: a LoRA adapter in Hugging Face PEFT's format, or a prefix / prompt / ptuning adapter in PEFT's
-  PREFIX_TUNING / PROMPT_TUNING / P_TUNING format; `peft.PeftModel.from_pretrained(base, out)` gives the same
-  outputs as our adapted model.
-- `--merge`: LoRA folded into the base weights, written as a plain Hugging Face model folder.
-- `--prune`: a stochastic-gates adapter folded into the base and the closed rows, columns and heads cut out:
+- `--peft`: an adapter of a method Hugging Face PEFT has (LoRA, prefix, prompt, ptuning: `AdapterConfig.peft_type`)
+  in PEFT's format; `peft.PeftModel.from_pretrained(base, out)` gives the same outputs as our adapted model.
+- `--merge`: a mergeable adapter (LoRA) folded into the base weights, written as a plain Hugging Face model folder.
+- `--prune`: a pruning adapter (stochastic gates) folded into the base and the closed rows, columns and heads cut out:
   a physically smaller model (`--uniform_shapes` pads all layers to one shape so that plain
   `AutoModelForCausalLM.from_pretrained` loads it).
 """
@@ -20,7 +19,6 @@ from adapters_ds.distributed import closing_distributed
 from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.export.merged import export_merged
 from adapters_ds.export.peft import export_peft
-from adapters_ds.export.peft_prompts import export_peft_prompts, is_virtual_token_adapter
 from adapters_ds.export.pruned import export_pruned
 from adapters_ds.fileio import check_output_dir
 from adapters_ds.hardware import DTYPES
@@ -75,8 +73,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"({100 * counts['removed_fraction']:.1f} %; {100 * counts['blocks_removed_fraction']:.1f} % of the "
                 f"blocks); loads with plain transformers: {record['loads_with_transformers']}"
             )
-        elif args.peft and is_virtual_token_adapter(args.adapter_dir):
-            export_peft_prompts(args.base_model, args.adapter_dir, args.output_dir)
         else:
             (export_peft if args.peft else export_merged)(args.base_model, args.adapter_dir, args.output_dir)
         print(f"wrote {out}")

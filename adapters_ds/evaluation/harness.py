@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters_ds.adapters.inject import adapter_layers, merge_adapters, remove_adapters
+from adapters_ds.adapters.registry import get_method
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
 from adapters_ds.distributed import Ranks
 from adapters_ds.errors import InputError
@@ -362,7 +363,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         args.base_model,
         args.adapter_dir,
         method,
-        merged=method == "lora" and not args.no_merge,
+        merged=method != "none" and get_method(method).layer.mergeable and not args.no_merge,
         template=args.template,
         dtype=dtype,
         max_new_tokens=args.max_new_tokens,

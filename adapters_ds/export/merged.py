@@ -1,17 +1,17 @@
-"""`export --merge`: LoRA folded into the base weights (in fp32, cast back), written as a plain Hugging Face model
-folder that loads without adapters_ds. DoRA folds exactly as well (W' = m ⊙ (W + s·BA) / ‖W + s·BA‖, per output
-row); rsLoRA differs only in s."""
+"""`export --merge`: a mergeable adapter (LoRA; DoRA and rsLoRA included) folded into the base weights (in fp32, cast
+back), written as a plain Hugging Face model folder that loads without adapters_ds. DoRA folds exactly as well
+(W' = m ⊙ (W + s·BA) / ‖W + s·BA‖, per output row); rsLoRA differs only in s."""
 
 from __future__ import annotations
 
 from adapters_ds.adapters.inject import merge_adapters, remove_adapters
-from adapters_ds.export.peft import load_lora
+from adapters_ds.export.peft import load_mergeable
 from adapters_ds.fileio import atomic_dir
 from adapters_ds.modeling import has_tokenizer, load_tokenizer
 
 
 def export_merged(base_model: str, adapter_dir: str, output_dir: str) -> None:
-    model, _ = load_lora(base_model, adapter_dir, dtype="auto")
+    model, _ = load_mergeable(base_model, adapter_dir, dtype="auto")
     merge_adapters(model)
     remove_adapters(model)
     with atomic_dir(output_dir) as tmp:

@@ -48,8 +48,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from adapters_ds.adapters.base import adapter_layers
-from adapters_ds.adapters.gates import Gates, GatesConfig
 from adapters_ds.adapters.inject import remove_adapters
+from adapters_ds.adapters.registry import METHODS, get_method
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
 from adapters_ds.errors import InputError
 from adapters_ds.families import Layout, layout_of
@@ -63,7 +63,6 @@ from adapters_ds.pruned_model import (
     Geometry,
     geometry,
     shrink_block,
-    weight_out_in,
 )
 
 
@@ -148,25 +147,15 @@ def shape_of(plan: BlockPlan, geo: Geometry) -> dict[str, int]:
 
 @torch.no_grad()
 def fold_gates(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Fold every gates adapter into its base layer (W' = z_r (W + sBA) z_c, b' = z_r b, in fp32) and remove
-    the adapters; returns the evaluation-mode gates {module path: (z_rows, z_cols)}."""
+    """Fold every adapter into its base layer (`Adapter.fold`: for gates W' = z_r (W + sBA) z_c, b' = z_r b, in
+    fp32) and remove the adapters; returns the evaluation-mode scales {module path: (z_rows, z_cols)}."""
     layers = list(adapter_layers(model))
     if not layers:
         raise InputError("the model has no adapters: pruning needs a stochastic-gates adapter")
-    others = sorted({type(a).__name__ for _, _, a in layers if not isinstance(a, Gates)})
+    others = sorted({type(a).__name__ for _, _, a in layers if not a.prunable})
     if others:
         raise InputError(f"pruning needs a stochastic-gates adapter; this model holds {others} adapters")
-    gates = {}
-    for name, base, adapter in layers:
-        z_rows, z_cols = adapter.eval_gates()
-        weight = weight_out_in(base)
-        folded = weight.float()
-        if (delta := adapter.delta_weight()) is not None:
-            folded = folded + delta
-        weight.copy_((folded * z_rows[:, None] * z_cols[None, :]).to(weight.dtype))
-        if base.bias is not None:
-            base.bias.copy_((base.bias.float() * z_rows).to(base.bias.dtype))
-        gates[name] = (z_rows.cpu(), z_cols.cpu())
+    gates = {name: adapter.fold(base) for name, base, adapter in layers}
     remove_adapters(model)
     return gates
 
@@ -245,8 +234,12 @@ def export_pruned(
     `dtype` is that of the written weights: "auto" keeps the base checkpoint's (the folded gates and LoRA are
     rounded to it, as a LoRA merge is); "float32" keeps the gated model's outputs exactly."""
     config, _ = read_adapter_config(adapter_dir)  # a wrong or corrupt adapter fails before the (slow) model load
-    if not isinstance(config, GatesConfig):
-        raise InputError(f"--prune needs a stochastic-gates adapter; {adapter_dir!r} holds a {config.method} adapter")
+    if not get_method(config.method).layer.prunable:
+        prunable = sorted(name for name, method in METHODS.items() if method.layer.prunable)
+        raise InputError(
+            f"--prune needs an adapter of a pruning method ({', '.join(prunable)}); {adapter_dir!r} holds a "
+            f"{config.method} adapter"
+        )
     read_adapter_tensors(adapter_dir)
     model = load_base_model(base_model, dtype=dtype)
     load_adapter(model, adapter_dir)

@@ -172,7 +172,24 @@ def parse_train_args(argv: list[str] | None = None, defaults: dict[str, Any] | N
     namespace = parser.parse_args(argv, namespace=argparse.Namespace(**(defaults or {})))
     values = vars(namespace)
     flags = method_options()
+    check_method_flags(argv, values["adapter"], flags)
     return TrainArgs(
         **{k: v for k, v in values.items() if k not in flags},
         method_options={k: v for k, v in values.items() if k in flags},
     )
+
+
+def check_method_flags(argv: list[str] | None, adapter: str, flags: dict[str, Any]) -> None:
+    """Refuse (InputError) a method option given on the command line that the chosen method does not have: it would
+    otherwise be silently ignored."""
+    unset = object()  # argparse leaves an attribute the namespace already has alone unless the command line sets it
+    probe = build_parser().parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(flags, unset)))
+    given = [flag for flag in flags if getattr(probe, flag) is not unset]
+    config = get_method(adapter).config
+    own = {config.flag(f) for f in config.options()}
+    for flag in given:
+        if flag not in own:
+            owners = sorted(
+                name for name, method in METHODS.items() if flag in map(method.config.flag, method.config.options())
+            )
+            raise InputError(f"--{flag} does not apply to --adapter {adapter} (it is an option of {', '.join(owners)})")

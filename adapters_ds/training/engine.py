@@ -22,8 +22,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
-from adapters_ds.adapters.base import AdapterConfig, adapter_parameters
+from adapters_ds.adapters.base import AdapterConfig, Strategy, adapter_parameters
 from adapters_ds.adapters.inject import freeze_base, inject_adapters
+from adapters_ds.adapters.registry import strategy_for
 from adapters_ds.training.attention import AttnChoice
 from adapters_ds.training.ds_config import AUTO, compute_dtype, without_persistence_threshold, zero_stage
 from adapters_ds.training.packing import enable_packing
@@ -59,12 +60,15 @@ def build_engine(
     max_replicated_base_share: float = DEFAULT_MAX_SHARE,
     attn_implementation: AttnChoice = "auto",
     before_initialize: Callable[[], None] | None = None,
+    strategy: Strategy | None = None,
 ) -> Built:
     """`load(dtype)` creates the base model (from a checkpoint or a config); it runs under ZeRO-3's partitioned
     construction when the config asks for stage 3. `ds_config` is a resolved config; its persistence threshold is
     filled in here (the only change made to it). Under ZeRO-3 a plan that keeps more than `max_replicated_base_share`
     of the base whole on every rank is refused before `deepspeed.initialize`. `attn_implementation` is
-    `--attn_implementation` (see `attention.py`)."""
+    `--attn_implementation` (see `attention.py`). `strategy` is how the method trains (default: a new one of
+    `adapter_config`'s method); it is prepared on the injected model before `deepspeed.initialize`."""
+    strategy = strategy_for(adapter_config) if strategy is None else strategy
     hf_ds_config = None
     if zero_stage(ds_config) == 3:
         # must stay referenced until deepspeed.initialize; the threshold's "auto" can only be filled later
@@ -74,6 +78,7 @@ def build_engine(
     packed = enable_packing(model, attn_implementation)  # micro-batches as one packed row: no compute on padding
     inject_adapters(model, adapter_config)
     freeze_base(model)
+    strategy.prepare(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # a frozen embedding would give checkpointed blocks no grad input
@@ -86,7 +91,7 @@ def build_engine(
         before_initialize()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=adapter_config.param_groups(model, learning_rate),
+        model_parameters=strategy.param_groups(model, learning_rate),
         config=ds_config,
         lr_scheduler=lr_scheduler,
     )

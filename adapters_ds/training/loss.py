@@ -22,7 +22,8 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from adapters_ds.adapters.base import AdapterConfig
+from adapters_ds.adapters.base import Strategy
+from adapters_ds.distributed import group_sum
 from adapters_ds.training.data import IGNORE_INDEX, tokenize_records
 
 
@@ -104,14 +105,14 @@ class MicroBatchLoss(NamedTuple):
     """A training micro-batch's loss sums (over its target tokens, not yet normalised)."""
 
     task: torch.Tensor  # the summed token loss, fp32, with its graph
-    total: torch.Tensor  # task + the method's extra terms (`AdapterConfig.batch_loss`): what is backpropagated
+    total: torch.Tensor  # task + the method's extra terms (`Strategy.batch_loss`): what is backpropagated
     answer: torch.Tensor  # (2,) detached: summed answer-token loss, answer tokens
 
 
 def micro_batch_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    method: AdapterConfig,
+    method: Strategy,
     step: int,
     targets: Sequence[int],
     answers: Sequence[int],
@@ -180,7 +181,7 @@ def validation_means(
         mask = answer_mask(*([column[i] for i in indices or [0]] for column in counts), device=forward.targets.device)
         sums = narrow_sums(token_losses(forward), mask, digits.to(mask.device)[forward.targets]) * bool(indices)
         totals = sums if totals is None else totals + sums
-    torch.distributed.all_reduce(totals)
+    group_sum(totals)
     values = totals.tolist()
     names = ("eval/loss", "eval/answer_loss", "eval/digit_loss")
     return {name: values[2 * i] / values[2 * i + 1] for i, name in enumerate(names) if values[2 * i + 1] > 0}

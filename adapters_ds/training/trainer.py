@@ -36,8 +36,9 @@ from transformers import set_seed
 
 from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.inject import parameter_report
+from adapters_ds.adapters.registry import strategy_for
 from adapters_ds.adapters.storage import save_adapter
-from adapters_ds.distributed import DistInfo, Ranks, barrier, init_distributed
+from adapters_ds.distributed import DistInfo, Ranks, barrier, group_sum, init_distributed
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import check_output_dir, write_json
 from adapters_ds.modeling import check_causal_lm, load_base_model, load_tokenizer
@@ -130,6 +131,7 @@ class Trainer:
             {"enabled": True, "output_path": str(Path(args.output_dir) / "tensorboard"), "job_name": "train"},
         )
         self.adapter_config: AdapterConfig = adapter_config(args)
+        self.strategy = strategy_for(self.adapter_config)  # how the method trains (state of this run only)
         self.output_non_empty = check_output_dir(
             args.output_dir,
             allowed=bool(args.resume or args.overwrite_output_dir),
@@ -191,6 +193,7 @@ class Trainer:
             max_replicated_base_share=args.max_replicated_base_share,
             attn_implementation=args.attn_implementation,
             before_initialize=self.create_output_dir,
+            strategy=self.strategy,
         )
         self.engine, self.pack = built.engine, built.packed
         self.device = self.engine.device
@@ -267,7 +270,7 @@ class Trainer:
         # engine.backward divides by ga and DeepSpeed averages over ranks: undo both so the step's gradient
         # is that of (sum of token losses) / (target tokens in the global batch)
         scale = n_targets / (self.info.world_size * self.ga)
-        self.step_metrics = self.adapter_config.step_begin(self.engine.module, step, self.total_steps)
+        self.step_metrics = self.strategy.step_begin(self.engine.module, step, self.total_steps)
         # summed loss, non-padding tokens, ranks asked to stop, non-finite micro-batch losses, answer-token loss, tokens
         local = torch.zeros(6, device=self.device)
         local[2] = float(self.stop.received is not None)
@@ -275,17 +278,17 @@ class Trainer:
         for k, indices in enumerate(micro_batches):
             batch = self.batch(indices)
             counts = [self.targets[i] for i in indices], [self.answers[i] for i in indices]
-            terms = losses.micro_batch_loss(self.engine, batch, self.adapter_config, step, *counts, self.step_metrics)
+            terms = losses.micro_batch_loss(self.engine, batch, self.strategy, step, *counts, self.step_metrics)
             summed, loss = terms.task, terms.total / scale  # total: the task loss + the method's `batch_loss`
             local[4:] += terms.answer
-            regularizer = self.adapter_config.regularizer(self.engine.module, step)
+            regularizer = self.strategy.regularizer(self.engine.module, step)
             if regularizer is not None:  # identical on every rank and micro-batch: its gradient is unchanged
                 loss = loss + regularizer[0]  # by DeepSpeed's averaging over ranks and accumulation steps
                 self.regularizer_metrics = regularizer[1]
             local[:2] += torch.stack([summed.detach(), count_tokens(batch).float()])
             local[3] += (~torch.isfinite(loss.detach())).float()
             if k == len(micro_batches) - 1:  # before the update, every rank learns whether any loss was not finite
-                torch.distributed.all_reduce(local)
+                group_sum(local)
                 totals = local.tolist()  # the step's one read of the device: every scalar at once
                 skip = totals[3] > 0
             if skip and self.drops_overflow:

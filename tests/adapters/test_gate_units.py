@@ -1,4 +1,4 @@
-"""Unit gates, the default recipe of stochastic gates (scope "units", `adapters/gate_schedule.py`): one 0/1 gate per
+"""Unit gates (`--adapter gates`, `adapters/gate_schedule.py`): one 0/1 gate per
 unit the export removes, a schedule that reaches the target share of block parameters, closing through the
 optimizer, Fisher importance, distillation from the dense model; a short run with default settings on every family
 ends on target with gates in {0, 1} and an export whose logits are the gated model's."""
@@ -16,6 +16,7 @@ from adapters_ds import adapter_layers, adapter_parameters, freeze_base, inject_
 from adapters_ds.adapters import gate_schedule as schedule
 from adapters_ds.adapters.gate_schedule import unit_layers
 from adapters_ds.adapters.gates import Gates, GatesConfig
+from adapters_ds.adapters.registry import strategy_for
 from adapters_ds.adapters.storage import save_adapter
 from adapters_ds.export.pruned import prune_model
 from adapters_ds.training.loss import forward_targets, token_losses
@@ -26,11 +27,14 @@ KV_GROUPS = 2  # the tiny GQA models: 4 query heads in 2 KV groups
 
 
 def unit_gated(family: str, dtype=torch.float32, **kw):
+    """(model, its prepared training strategy); the config is `strategy.config`."""
     model = make_model(family, dtype)
-    config = GatesConfig(**kw)  # scope "units" is the default
+    config = GatesConfig(**kw)
     inject_adapters(model, config)
     freeze_base(model)
-    return model, config
+    strategy = strategy_for(config)
+    strategy.prepare(model)
+    return model, strategy
 
 
 def layers_by_name(model) -> dict[str, Gates]:
@@ -41,18 +45,18 @@ def labelled(batch: dict) -> dict:
     return {**batch, "labels": batch["input_ids"].clone()}
 
 
-def train(model, config, steps: int, batch: dict, lr: float = 1e-2, total: int | None = None) -> dict:
+def train(model, strategy, steps: int, batch: dict, lr: float = 1e-2, total: int | None = None) -> dict:
     """The trainer's calls in its order (step_begin, forward, batch_loss, regularizer, backward, step) with AdamW on
     `param_groups`; returns the last step's scalars."""
-    optimizer = torch.optim.AdamW(config.param_groups(model, lr))
+    optimizer = torch.optim.AdamW(strategy.param_groups(model, lr))
     model.train()
     metrics = {}
     for step in range(steps):
-        metrics = config.step_begin(model, step, total or steps)
+        metrics = strategy.step_begin(model, step, total or steps)
         forward = forward_targets(model, batch)
         summed = token_losses(forward).sum()
-        extra = config.batch_loss(model, forward.inputs, forward.keep, forward.logits, step) or {}
-        penalty, _ = config.regularizer(model, step)
+        extra = strategy.batch_loss(model, forward.inputs, forward.keep, forward.logits, step) or {}
+        penalty, _ = strategy.regularizer(model, step)
         ((summed + sum(extra.values())) / len(forward.targets) + penalty).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -185,7 +189,7 @@ def test_every_share_is_reachable_within_one_unit_on_real_shapes(name):
 
 def test_fisher_estimate_is_the_squared_gradient_of_each_gate():
     """Σ over micro-batches of (∂L/∂z_u)², checked against autograd on an explicit gate multiplier."""
-    model, _ = unit_gated("llama", lora_r=R)
+    model, strategy = unit_gated("llama", lora_r=R)
     model.train()
     down = model.model.layers[1].mlp.down_proj
     o_proj = model.model.layers[1].self_attn.o_proj
@@ -202,7 +206,7 @@ def test_fisher_estimate_is_the_squared_gradient_of_each_gate():
             z.grad = None
     for module, (_, grads) in reference.items():
         expected = sum(g.square() for g in grads)
-        fisher = module.adapter.fisher
+        fisher = strategy.fishers[module.adapter]
         torch.testing.assert_close(fisher.step_sum, expected, rtol=1e-4, atol=1e-12)
         fisher.fold()
         torch.testing.assert_close(fisher.estimate, (1 - schedule.FISHER_DECAY) * expected, rtol=1e-4, atol=0)
@@ -210,13 +214,13 @@ def test_fisher_estimate_is_the_squared_gradient_of_each_gate():
 
 def test_the_least_important_units_close_first():
     """Units whose input is always 0 carry no information (Fisher 0): the schedule closes them before any other."""
-    model, config = unit_gated("llama", lora_r=0, distill=0.0)
+    model, strategy = unit_gated("llama", lora_r=0, distill=0.0)
     dead = torch.arange(INTER) < 12
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.up_proj.weight[dead] = 0  # act(gate) * 0: these units output exactly 0
     batch = labelled(sample_batch(batch=4, seq=12))
-    metrics = train(model, config, steps=3, batch=batch, total=3)  # ramp from step 0.3 to 1.8: the target at step 2
+    metrics = train(model, strategy, steps=3, batch=batch, total=3)  # ramp from step 0.3 to 1.8: the target at step 2
     assert metrics["gates/removed"] == pytest.approx(0.3, abs=0.02)
     for layer in model.model.layers:
         assert layer.mlp.down_proj.adapter.closed_units()[dead].all()  # the dead ones went first
@@ -228,19 +232,19 @@ def test_the_least_important_units_close_first():
 def test_closing_goes_through_the_optimizer_in_one_bf16_step_even_at_the_tail_of_the_schedule():
     """A unit is closed from the forward after its choice, and its θ (a bf16 parameter, no fp32 master here) leaves 1
     in that step's update even at 1 % of the learning rate; open units keep θ exactly 1, however long the run."""
-    model, config = unit_gated("llama", torch.bfloat16, lora_r=R, distill=0.0)
+    model, strategy = unit_gated("llama", torch.bfloat16, lora_r=R, distill=0.0)
     down = layers_by_name(model)["model.layers.0.mlp.down_proj"]
-    optimizer = torch.optim.AdamW(config.param_groups(model, 1e-3))
+    optimizer = torch.optim.AdamW(strategy.param_groups(model, 1e-3))
     for group in optimizer.param_groups:
         group["lr"] *= 0.01  # the last steps of a linear decay
     batch = labelled(sample_batch())
     model.train()
     for step in range(3):
-        config.step_begin(model, 0, 10**6)  # before the ramp: no choice of its own
+        strategy.step_begin(model, 0, 10**6)  # before the ramp: no choice of its own
         if step == 1:
             down.close(torch.arange(INTER) < 5)
             assert down.eval_gates()[1][:5].eq(0).all() and down.eval_gates()[1][5:].eq(1).all()  # closed at once
-        model(**batch).loss.add(config.regularizer(model, step)[0]).backward()
+        model(**batch).loss.add(strategy.regularizer(model, step)[0]).backward()
         optimizer.step()
         optimizer.zero_grad()
         if step >= 1:
@@ -251,15 +255,15 @@ def test_closing_goes_through_the_optimizer_in_one_bf16_step_even_at_the_tail_of
 
 
 def test_distillation_is_zero_at_step_zero_and_its_teacher_is_the_dense_model():
-    model, config = unit_gated("llama", lora_r=R, distill=1.0)
+    model, strategy = unit_gated("llama", lora_r=R, distill=1.0)
     batch = labelled(sample_batch(batch=3, seq=10))
     forward = forward_targets(model.train(), batch)
     with torch.no_grad(), schedule.opened(unit_layers(model)):
         dense = forward_targets(model, batch).logits
     assert torch.equal(forward.logits, dense)
     assert schedule.kl_sum(forward.logits, dense).item() == 0.0  # student == teacher
-    config.step_begin(model, 0, 10)
-    assert config.batch_loss(model, forward.inputs, forward.keep, forward.logits, 0)["gates/distill"].item() == 0.0
+    strategy.step_begin(model, 0, 10)
+    assert strategy.batch_loss(model, forward.inputs, forward.keep, forward.logits, 0)["gates/distill"].item() == 0.0
 
     for adapter in unit_layers(model):
         with torch.no_grad():
@@ -269,7 +273,7 @@ def test_distillation_is_zero_at_step_zero_and_its_teacher_is_the_dense_model():
     inject_adapters(reference, GatesConfig(lora_r=R))
     reference.load_state_dict(model.state_dict())
     forward = forward_targets(model, batch)
-    distill = config.batch_loss(model, forward.inputs, forward.keep, forward.logits, 1)["gates/distill"]
+    distill = strategy.batch_loss(model, forward.inputs, forward.keep, forward.logits, 1)["gates/distill"]
     teacher = forward_targets(reference.eval(), batch).logits
     assert distill.item() > 0
     torch.testing.assert_close(distill, schedule.kl_sum(forward.logits, teacher), rtol=1e-5, atol=1e-6)
@@ -284,17 +288,17 @@ def test_distillation_is_zero_at_step_zero_and_its_teacher_is_the_dense_model():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_short_run_with_default_settings_reaches_the_target_and_exports_the_gated_model(family, tmp_path):
-    model, config = unit_gated(family)  # every setting a default: target 0.3, LoRA r 32, no distillation
+    model, strategy = unit_gated(family)  # every setting a default: target 0.3, LoRA r 32, no distillation
     batch = labelled(sample_batch(batch=4, seq=12))
-    metrics = train(model, config, steps=20, batch=batch)
-    metrics_end = config.step_begin(model, 20, 20)
+    metrics = train(model, strategy, steps=20, batch=batch)
+    metrics_end = strategy.step_begin(model, 20, 20)
     assert metrics_end["gates/target"] == 0.3 and metrics["gates/removed"] == metrics_end["gates/removed"]
     for adapter in unit_layers(model):  # every choice has landed in θ: 1 open, below 1 closed, nothing else
         assert torch.equal(adapter.closed_units(), adapter.theta_cols < 1)
         assert set(adapter.eval_gates()[1].unique().tolist()) <= {0.0, 1.0}
     model.eval()
     expected = logits(model, batch)
-    save_adapter(model, config, tmp_path)
+    save_adapter(model, strategy.config, tmp_path)
     reloaded = make_model(family)
     load_adapter(reloaded, tmp_path)
     torch.testing.assert_close(logits(reloaded.eval(), batch), expected, atol=0, rtol=0)
@@ -308,7 +312,7 @@ def test_short_run_with_default_settings_reaches_the_target_and_exports_the_gate
 def test_random_importance_is_the_same_draw_for_the_same_step():
     closed = []
     for _ in range(2):
-        model, config = unit_gated("llama", lora_r=0, distill=0.0, importance="random")
-        train(model, config, steps=4, batch=labelled(sample_batch()), total=4)
+        model, strategy = unit_gated("llama", lora_r=0, distill=0.0, importance="random")
+        train(model, strategy, steps=4, batch=labelled(sample_batch()), total=4)
         closed.append([a.closed_units() for a in unit_layers(model)])
     assert all(torch.equal(a, b) for a, b in zip(*closed, strict=True)) and any(c.any() for c in closed[0])

@@ -1,6 +1,7 @@
-"""Stochastic gates (FineGates): identity at init, the gate formula, deterministic evaluation, the penalty and its
-metrics; the pruning export (logits equal to the gated model's, parameter counts exactly what the gates say,
-loading per-layer and uniform folders); and a real 2-rank ZeRO-3 training run that closes gates."""
+"""The paper's stochastic gates (FineGates, `--adapter gates_paper`) and what every gates method shares: identity at
+init, the gate formula, deterministic evaluation, the penalty and its metrics; the pruning export (logits equal to
+the gated model's, parameter counts exactly what the gates say, loading per-layer and uniform folders); and a real
+2-rank ZeRO-3 training run of unit gates that closes gates."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from transformers.pytorch_utils import Conv1D
 
 from adapters_ds import InputError, adapter_layers, adapter_parameters, config_from_dict, freeze_base, inject_adapters
 from adapters_ds.adapters.base import attach, detach
-from adapters_ds.adapters.gates import Gates, GatesConfig, gate_values
+from adapters_ds.adapters.gates import GatesConfig
+from adapters_ds.adapters.gates_paper import PaperGates, PaperGatesConfig, gate_values
+from adapters_ds.adapters.registry import strategy_for
 from adapters_ds.adapters.storage import save_adapter
 from adapters_ds.export.pruned import SHAPES_NAME, prune_model
 from adapters_ds.families import linear_dims
@@ -34,7 +37,7 @@ CLOSED, OPEN = -3.0, 3.0  # tanh(-3) + 0.5 < 0: z = 0; tanh(3) + 0.5 > 1: z = 1
 def gated(family: str, lora_r: int = 0, dtype=torch.float32, scope: str = "all", **kw):
     """The paper's gates (scope "all") unless told otherwise; the unit gates have their own helper, `unit_gated`."""
     model = make_model(family, dtype)
-    config = GatesConfig(lora_r=lora_r, scope=scope, **kw)
+    config = PaperGatesConfig(lora_r=lora_r, scope=scope, **kw)
     inject_adapters(model, config)
     freeze_base(model)
     return model, config
@@ -45,7 +48,7 @@ def logits(model, batch=None):
         return model(**(batch or sample_batch())).logits
 
 
-def gates_of(model) -> dict[str, Gates]:
+def gates_of(model) -> dict[str, PaperGates]:
     return {name: adapter for name, _, adapter in adapter_layers(model)}
 
 
@@ -84,8 +87,8 @@ def test_identity_at_init_bf16(family):
 
 def test_init_is_exactly_open_for_every_gate_of_a_large_layer():
     """The truncated init keeps mu + 0.5 > 1 for all gates (an untruncated N(1, 0.1²) does not, at 10^6 draws)."""
-    config = GatesConfig(scope="all")
-    layer = Gates(config, linear_dims("big", nn.Linear(1000, 1000)), torch.float32, torch.device("cpu"))
+    config = PaperGatesConfig(scope="all")
+    layer = PaperGates(config, linear_dims("big", nn.Linear(1000, 1000)), torch.float32, torch.device("cpu"))
     for _ in range(3):
         layer.__init__(config, linear_dims("big", nn.Linear(1000, 1000)), torch.float32, torch.device("cpu"))
         assert bool((gate_values(layer.theta_rows, training=False) == 1).all())
@@ -99,8 +102,8 @@ def test_gate_formula_with_lora_inside_the_gates(kind):
     d_in, d_out = 6, 5
     base = nn.Linear(d_in, d_out) if kind == "linear" else Conv1D(d_out, d_in)
     nn.init.normal_(base.bias)
-    config = GatesConfig(lora_r=R, lora_alpha=3.0, scope="all")
-    adapter = Gates(config, linear_dims("x", base), torch.float32, torch.device("cpu"))
+    config = PaperGatesConfig(lora_r=R, lora_alpha=3.0, scope="all")
+    adapter = PaperGates(config, linear_dims("x", base), torch.float32, torch.device("cpu"))
     attach(base, adapter)
     with torch.no_grad():
         adapter.theta_rows.copy_(torch.tensor([CLOSED, -0.3, 0.1, 0.4, OPEN]))
@@ -123,7 +126,8 @@ def test_gate_formula_with_lora_inside_the_gates(kind):
 
 def test_no_bias_is_added_where_the_base_has_none():
     base = nn.Linear(4, 3, bias=False)
-    adapter = Gates(GatesConfig(lora_r=R, scope="all"), linear_dims("x", base), torch.float32, torch.device("cpu"))
+    config = PaperGatesConfig(lora_r=R, scope="all")
+    adapter = PaperGates(config, linear_dims("x", base), torch.float32, torch.device("cpu"))
     attach(base, adapter)
     assert sorted(n for n, _ in adapter.named_parameters()) == ["lora_A", "lora_B", "theta_cols", "theta_rows"]
     for mode in (True, False):
@@ -179,7 +183,7 @@ def test_penalty_value_metrics_and_gradient():
             adapter.theta_cols.fill_(theta)
             if "self_attn" in name:  # close 2 rows of every attention projection
                 adapter.theta_rows[:2] = CLOSED
-    penalty, metrics = config.regularizer(model)
+    penalty, metrics = strategy_for(config).regularizer(model)
     p_open = 0.5 * (1 + math.erf((math.tanh(theta) + 0.5) / (0.5 * math.sqrt(2))))
     p_closed = 0.5 * (1 + math.erf((math.tanh(CLOSED) + 0.5) / (0.5 * math.sqrt(2))))
     terms = []
@@ -205,56 +209,62 @@ def test_penalty_value_metrics_and_gradient():
 def test_penalty_stops_after_penalty_steps_but_the_metrics_go_on():
     model, config = gated("llama", R, penalty_steps=3, sparsity_lambda=9.0)
     partially_open(model)
-    during, metrics_during = config.regularizer(model, step=2)
-    after, metrics_after = config.regularizer(model, step=3)
+    strategy = strategy_for(config)
+    during, metrics_during = strategy.regularizer(model, step=2)
+    after, metrics_after = strategy.regularizer(model, step=3)
     assert during.item() > 0 and after.item() == 0 and metrics_after["gates/penalty"] == 0
     assert {k: v for k, v in metrics_during.items() if k != "gates/penalty"} == {
         k: v for k, v in metrics_after.items() if k != "gates/penalty"
     }
     after.backward()
     assert all(p.grad is None or not p.grad.any() for p in adapter_parameters(model).values())
-    forever = GatesConfig(sparsity_lambda=9.0, scope="all")  # penalty_steps 0: every step
+    forever = strategy_for(PaperGatesConfig(sparsity_lambda=9.0))  # penalty_steps 0: every step
     assert forever.regularizer(model, step=10**6)[0].item() == pytest.approx(during.item(), rel=1e-6)
 
 
 def test_penalty_inputs_come_from_the_training_forward_once():
     """Under ZeRO-3 the gates are gathered only inside forwards, so a training forward records what the penalty
-    needs; the regularizer takes it (once) and gives the same value as computing it from theta directly."""
+    needs (in the strategy, through its forward hooks: the layers hold no such state); the regularizer takes it
+    (once) and gives the same value as computing it from theta directly."""
     model, config = gated("llama", R)
     partially_open(model)
+    strategy = strategy_for(config)
+    strategy.prepare(model)
     model.train()
     model(**sample_batch())
-    assert all(set(a._pending) == {"rows", "cols"} for a in gates_of(model).values())
-    from_forward, metrics_forward = config.regularizer(model)
-    assert all(not a._pending for a in gates_of(model).values())
-    direct, metrics_direct = config.regularizer(model)
+    assert [set(strategy.pending[a]) for a in gates_of(model).values()] == [{"rows", "cols"}] * len(gates_of(model))
+    from_forward, metrics_forward = strategy.regularizer(model)
+    assert not strategy.pending
+    direct, metrics_direct = strategy.regularizer(model)
     assert from_forward.item() == pytest.approx(direct.item(), rel=1e-6) and metrics_forward == metrics_direct
     model.eval()
     model(**sample_batch())
-    assert all(not a._pending for a in gates_of(model).values())  # evaluation records nothing
+    assert not strategy.pending  # evaluation records nothing
 
 
 def test_param_groups_give_the_gates_their_own_learning_rate():
     model, config = gated("llama", R, gate_lr=0.05)
-    groups = config.param_groups(model, learning_rate=3e-4)
+    groups = strategy_for(config).param_groups(model, learning_rate=3e-4)
     gates = {id(a.theta_rows) for a in gates_of(model).values()} | {id(a.theta_cols) for a in gates_of(model).values()}
     assert groups[1]["lr"] == 0.05 and groups[1]["weight_decay"] == 0.0
     assert {id(p) for p in groups[1]["params"]} == gates
     assert groups[0]["lr"] == 3e-4 and len(groups[0]["params"]) == 2 * len(gates_of(model))  # lora A and B: first,
     # so the logged learning rate is the run's
     model, config = gated("llama")
-    assert len(config.param_groups(model, 3e-4)) == 1
+    assert len(strategy_for(config).param_groups(model, 3e-4)) == 1
 
 
 def test_training_with_high_lambda_closes_gates_and_leaves_the_base_alone():
     model, config = gated("llama", R, target_sparsity=0.6, sparsity_lambda=100.0, gate_lr=0.5)
     model.train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW(config.param_groups(model, 1e-3))
+    strategy = strategy_for(config)
+    strategy.prepare(model)
+    optimizer = torch.optim.AdamW(strategy.param_groups(model, 1e-3))
     batch = sample_batch()
     for _ in range(6):
         loss = model(**batch, labels=batch["input_ids"]).loss
-        penalty, metrics = config.regularizer(model)
+        penalty, metrics = strategy.regularizer(model)
         (loss + penalty).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -266,13 +276,17 @@ def test_training_with_high_lambda_closes_gates_and_leaves_the_base_alone():
     "values,message",
     [
         ({"method": "gates", "target_sparsity": 1.0}, "target_sparsity must be a number >= 0 and < 1"),
-        ({"method": "gates", "sparsity_lambda": -1}, "sparsity_lambda must be a number >= 0"),
-        ({"method": "gates", "gate_lr": 0}, "gate_lr must be a number > 0"),
+        ({"method": "gates_paper", "sparsity_lambda": -1}, "sparsity_lambda must be a number >= 0"),
+        ({"method": "gates_paper", "gate_lr": 0}, "gate_lr must be a number > 0"),
+        ({"method": "gates_paper", "target_sparsity": -0.1}, "target_sparsity must be a number >= 0 and < 1"),
         ({"method": "gates", "lora_r": -1}, "lora_r must be an integer >= 0"),
         ({"method": "gates", "lora_alpha": 0}, "lora_alpha must be a number > 0"),
         ({"method": "gates", "lambda": 5}, r"unknown gates option\(s\) \['lambda'\]"),
-        ({"method": "gates", "scope": "heads"}, "scope must be 'units', 'all' or 'mlp'"),
-        ({"method": "gates", "penalty_steps": -1}, "penalty_steps must be an integer >= 0"),
+        ({"method": "gates_paper", "scope": "heads"}, "scope must be 'all' or 'mlp'"),
+        ({"method": "gates_paper", "penalty_steps": -1}, "penalty_steps must be an integer >= 0"),
+        ({"method": "gates", "scope": "all"}, r"unknown gates option\(s\) \['scope'\]"),  # the paper's: gates_paper
+        ({"method": "gates", "gate_lr": 0.1}, r"unknown gates option\(s\) \['gate_lr'\]"),
+        ({"method": "gates_paper", "ramp": "0.1,0.5"}, r"unknown gates_paper option\(s\) \['ramp'\]"),
         ({"method": "gates", "ramp": "0.6,0.1"}, r"ramp must be 'start,end' with 0 <= start <= end <= 1"),
         ({"method": "gates", "ramp": "half"}, "ramp must be 'start,end'"),
         ({"method": "gates", "distill": -1}, "distill must be a number >= 0"),
@@ -286,19 +300,36 @@ def test_config_validation(values, message):
 
 def test_command_line_options_reach_the_config():
     args = parse_train_args(["--ds_config", "x.json", "--base_model", "m", "--adapter", "gates",
-                             "--gate_target_sparsity", "0.5", "--gate_lambda", "80", "--gate_lr", "0.02",
-                             "--gate_lora_r", "4", "--gate_scope", "mlp", "--gate_penalty_steps", "30",
-                             "--gate_ramp", "0.2,0.7", "--gate_distill", "0.5",
-                             "--gate_importance", "random"])  # fmt: skip
+                             "--gate_target_sparsity", "0.5", "--gate_lora_r", "4", "--gate_ramp", "0.2,0.7",
+                             "--gate_distill", "0.5", "--gate_importance", "random"])  # fmt: skip
     config = adapter_config(args)
-    assert config == GatesConfig(
-        target_sparsity=0.5, sparsity_lambda=80.0, gate_lr=0.02, lora_r=4, scope="mlp", penalty_steps=30,
-        ramp="0.2,0.7", distill=0.5, importance="random",
-    )  # fmt: skip
+    assert config == GatesConfig(target_sparsity=0.5, lora_r=4, ramp="0.2,0.7", distill=0.5, importance="random")
     assert config.ramp_fractions == (0.2, 0.7)
     defaults = adapter_config(parse_train_args(["--ds_config", "x.json", "--adapter", "gates"]))
-    assert defaults == GatesConfig() and (defaults.scope, defaults.lora_r, defaults.distill) == ("units", 32, 0.0)
+    assert defaults == GatesConfig() and (defaults.lora_r, defaults.distill) == (32, 0.0)
     assert config_from_dict(config.to_dict()) == config
+    args = parse_train_args(["--ds_config", "x.json", "--adapter", "gates_paper", "--gate_target_sparsity", "0.5",
+                             "--gate_lambda", "80", "--gate_lr", "0.02", "--gate_lora_r", "4", "--gate_scope", "mlp",
+                             "--gate_penalty_steps", "30"])  # fmt: skip
+    paper = adapter_config(args)
+    assert paper == PaperGatesConfig(
+        target_sparsity=0.5, sparsity_lambda=80.0, gate_lr=0.02, lora_r=4, scope="mlp", penalty_steps=30
+    )
+    assert config_from_dict(paper.to_dict()) == paper
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--adapter", "gates", "--gate_lambda", "5"], "--gate_lambda does not apply to --adapter gates"),
+        (["--adapter", "gates_paper", "--gate_ramp", "0.1,0.2"], "--gate_ramp does not apply to --adapter gates_paper"),
+        (["--adapter", "lora", "--bottleneck_size", "8"], "--bottleneck_size does not apply to --adapter lora"),
+        (["--gate_scope", "all"], "--gate_scope does not apply to --adapter lora"),
+    ],
+)
+def test_an_option_of_another_method_is_an_error(argv, message):
+    with pytest.raises(InputError, match=message):
+        parse_train_args(["--ds_config", "x.json", *argv])
 
 
 def test_gates_refuse_merge():
@@ -450,7 +481,7 @@ def test_per_layer_export_with_tied_embeddings_loads_tied(tmp_path):
     model = make_model("llama")
     model.config.tie_word_embeddings = True
     model.tie_weights()
-    inject_adapters(model, GatesConfig(scope="all"))
+    inject_adapters(model, PaperGatesConfig(scope="all"))
     close_units(model, "llama")
     expected = logits(model.eval())
     record = prune_model(model)
@@ -582,11 +613,12 @@ def test_mlp_scope_penalty_metrics_and_adapter_file(tmp_path):
     partially_open(model)
     with torch.no_grad():
         gates_of(model)["model.layers.0.mlp.down_proj"].theta_cols[:3] = CLOSED
-    penalty, metrics = config.regularizer(model)
+    strategy = strategy_for(config)
+    penalty, metrics = strategy.regularizer(model)
     terms = [
         (stats.p.mean() - 0.6).abs().item()
         for adapter in gates_of(model).values()
-        for stats in adapter.statistics()
+        for stats in strategy.statistics(adapter)
         if stats is not None
     ]
     assert len(terms) == LAYERS * 3  # gate_proj rows, up_proj rows, down_proj columns: one term each

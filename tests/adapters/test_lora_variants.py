@@ -25,6 +25,7 @@ from adapters_ds import (
     inject_adapters,
     load_adapter,
     merge_adapters,
+    strategy_for,
     unmerge_adapters,
 )
 from adapters_ds.training.args import adapter_config, parse_train_args
@@ -224,7 +225,7 @@ def test_training_changes_adapters_only(family, variant):
     model.train()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter_before = {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
-    optimizer = torch.optim.AdamW(config.param_groups(model, 1e-2), lr=1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(strategy_for(config).param_groups(model, 1e-2), lr=1e-2, weight_decay=0.0)
     batch = sample_batch()
     for _ in range(2):  # B = 0 at init: A's gradient is exactly zero in step one
         model(**batch, labels=batch["input_ids"]).loss.backward()
@@ -246,7 +247,7 @@ def test_lora_plus_groups_and_one_step(variant):
     inject_adapters(model, config)
     freeze_base(model)
     randomize_variant(model)  # B != 0, so A has a gradient in the first step
-    groups = config.param_groups(model, lr)
+    groups = strategy_for(config).param_groups(model, lr)
     params = adapter_parameters(model)
     names = {id(p): n.rsplit(".", 1)[-1] for n, p in params.items()}
     assert [g["lr"] for g in groups] == [lr, ratio * lr]
@@ -279,7 +280,7 @@ def test_lora_plus_ratio_one_is_plain_lora():
     config = LoRAConfig(r=R, lora_plus_ratio=1.0)
     inject_adapters(model, config)
     freeze_base(model)
-    (group,) = config.param_groups(model, 1e-3)
+    (group,) = strategy_for(config).param_groups(model, 1e-3)
     assert "lr" not in group and len(group["params"]) == len(adapter_parameters(model))
 
 

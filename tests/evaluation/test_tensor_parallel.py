@@ -24,14 +24,14 @@ from tiny_models import CONFIGS
 from tiny_tokenizer import make_tokenizer
 from transformers import AutoModelForCausalLM
 
-from adapters_ds import GatesConfig, InputError, LoRAConfig, ParallelConfig, SeriesConfig, inject_adapters, save_adapter
+from adapters_ds import InputError, LoRAConfig, ParallelConfig, SeriesConfig, inject_adapters, save_adapter
 from adapters_ds.adapters.base import adapter_layers, adapter_parameters, detach
+from adapters_ds.adapters.gates_paper import PaperGatesConfig
 from adapters_ds.adapters.prefix import PrefixConfig
 from adapters_ds.adapters.prompt import PromptConfig
 from adapters_ds.cli import evaluate as cli
 from adapters_ds.distributed import Ranks
 from adapters_ds.evaluation import tensor_parallel as tp
-from adapters_ds.evaluation.tp_adapters import fold_gates
 from adapters_ds.modeling import parameter_counts
 from adapters_ds.pruned_model import FORMAT, FORMAT_VERSION, SHAPES_NAME
 
@@ -83,7 +83,7 @@ def assets(tmp_path_factory):
         "lora": ("llama", LoRAConfig(r=4, alpha=8)),
         "series": ("llama", SeriesConfig(bottleneck_size=4, preset="houlsby")),
         "parallel": ("llama", ParallelConfig(bottleneck_size=4)),
-        "gates": ("llama", GatesConfig(scope="all", lora_r=2)),
+        "gates": ("llama", PaperGatesConfig(lora_r=2)),
         "prompt": ("llama", PromptConfig(num_virtual_tokens=3)),
         "prefix": ("llama", PrefixConfig(num_virtual_tokens=3)),
         "series_qwen2": ("qwen2", SeriesConfig(bottleneck_size=4)),
@@ -218,7 +218,7 @@ def test_the_shared_memory_all_reduce_is_kept_only_where_it_is_right(monkeypatch
 def test_folded_gates_compute_what_the_gates_compute():
     """In float64, so that a fold that is right only up to rounding cannot pass for exact."""
     model = _model("llama").double()
-    inject_adapters(model, GatesConfig(scope="all", lora_r=2))
+    inject_adapters(model, PaperGatesConfig(lora_r=2))
     _randomize(model, 1.0)
     ids = torch.tensor([[1, 17, 250, 33, 99, 7, 300, 12]])
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_folded_gates_compute_what_the_gates_compute():
         gates = [adapter.eval_gates() for _, _, adapter in layers]
         assert any((cols == 0).any() for _, cols in gates) and any(((rows > 0) & (rows < 1)).any() for rows, _ in gates)
         for _, base, adapter in layers:
-            fold_gates(base, adapter)
+            adapter.fold(base)
             detach(base)
         folded = model(input_ids=ids).logits
     torch.testing.assert_close(folded, gated, rtol=1e-10, atol=1e-10)

@@ -1,6 +1,6 @@
 """The narrower losses a run logs beside the all-token loss: the answer-only loss (the response's tokens, whatever
 --train_on_inputs trains on) and the digit-token loss, computed from the training forward's own per-token losses,
-and a method's extra loss terms (`AdapterConfig.batch_loss`) added to what is backpropagated."""
+and a method's extra loss terms (`Strategy.batch_loss`) added to what is backpropagated."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from tiny_models import make_model
 from tiny_tokenizer import make_tokenizer
 
-from adapters_ds import LoRAConfig, freeze_base, inject_adapters
+from adapters_ds import LoRAConfig, Strategy, freeze_base, inject_adapters
 from adapters_ds.training.data import IGNORE_INDEX, collate, collate_packed, tokenize_records
 from adapters_ds.training.loss import (
     answer_mask,
@@ -79,13 +79,14 @@ def test_micro_batch_loss_adds_the_method_terms_and_reports_the_answer_loss():
     full = tokenized(True)
     batch = collate([full[i] for i in range(len(full))], 0)
 
-    class Method(LoRAConfig):
+    class Method(Strategy):
         def batch_loss(self, model, inputs, keep, logits, step):
             assert keep.shape == batch["labels"].shape and logits.shape[0] == int(keep.sum())
             return {"test/extra": logits.float().square().sum() * 0 + 5.0 * step}
 
     metrics: dict[str, float] = {}
-    terms = micro_batch_loss(model, batch, Method(r=2), 3, target_counts(full), full["answer_targets"], metrics)
+    method = Method(LoRAConfig(r=2))
+    terms = micro_batch_loss(model, batch, method, 3, target_counts(full), full["answer_targets"], metrics)
     per_token = token_losses(forward_targets(model, batch))
     mask = answer_mask(target_counts(full), full["answer_targets"])
     torch.testing.assert_close(terms.task, per_token.sum())

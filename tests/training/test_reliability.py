@@ -312,7 +312,7 @@ CASES = [
     pytest.param("export", lambda a, t: export_(a, t / "out", a / "gpt2_lora", "--merge"),
                  "was trained on a 'gpt2' model", id="export-adapter-from-another-base"),
     pytest.param("export", lambda a, t: export_(a, t / "out", a / "series", "--peft"),
-                 "only LoRA adapters", id="export-peft-of-a-series-adapter"),
+                 "have no Hugging Face PEFT format", id="export-peft-of-a-series-adapter"),
     pytest.param("export", lambda a, t: export_(a, busy(t), a / "lora", "--peft"),
                  "is not empty; pass --overwrite", id="export-output-not-empty"),
     pytest.param("export", lambda a, t: export_(a, write(t / "out.txt", "a file") / "x", a / "lora", "--peft"),
