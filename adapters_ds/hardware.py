@@ -3,7 +3,9 @@ and the project's one dtype rule.
 
 The rule: a dtype is named "bfloat16", "float32" or "float16" (`DTYPES`), or "auto" (`DTYPE_NAMES`); "auto" means
 bf16 where the device computes bf16 natively (`native_bf16`), fp32 elsewhere, never an emulated bf16.
-`resolve_dtype` applies it; the DeepSpeed configs' `"bf16": {"enabled": "auto"}` follows `native_bf16` too.
+`resolve_dtype` applies it; the DeepSpeed configs' `"bf16": {"enabled": "auto"}` follows `native_bf16` too. Where
+a stored model is read to be written back (exports), "checkpoint" (`CHECKPOINT`) names the dtype it is stored in; an
+adapter's own "auto" dtype is that of the weight it adapts (`adapters.base.resolve_dtype`), which this rule chose.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from adapters_ds.errors import InputError
 DTypeName = Literal["auto", "bfloat16", "float32", "float16"]
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DTYPE_NAMES: tuple[DTypeName, ...] = ("auto", "bfloat16", "float32", "float16")
+CHECKPOINT = "checkpoint"  # the dtype a stored model is in (`modeling.load_base_model`, exports)
 
 # torch's CPU feature probes; private, so looked up by name (a torch without one counts as "not supported").
 _CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.integrations import HfDeepSpeedConfig
 
 from adapters_ds.errors import InputError
-from adapters_ds.hardware import DTYPES
+from adapters_ds.hardware import CHECKPOINT, resolve_dtype
 from adapters_ds.pruned_model import load_pruned_model, needs_pruned_loader
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -68,16 +68,20 @@ def check_weights_format(name: str, allow_pickle: bool = False) -> None:
 
 
 def load_base_model(
-    name: str, dtype: str | torch.dtype = "bfloat16", trust_remote_code: bool = False, allow_pickle: bool = False
+    name: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False, allow_pickle: bool = False
 ) -> PreTrainedModel:
     """A causal LM from a local folder or hub id; bad names, unsupported architectures and unreadable weights are
     InputErrors. Weights come from safetensors files only unless `allow_pickle`.
+
+    `dtype`: a torch dtype, a name of `hardware.DTYPE_NAMES` ("auto" is the project's one rule,
+    `hardware.resolve_dtype`: bf16 where the hardware computes it natively, else fp32), or "checkpoint": the dtype
+    the checkpoint is stored in (what an export writes back).
 
     A folder written by `export --prune` with per-layer shapes loads through `pruned_model.load_pruned_model`."""
     config = load_model_config(name, trust_remote_code)
     check_causal_lm(name, trust_remote_code, config)
     check_weights_format(name, allow_pickle)
-    torch_dtype = DTYPES.get(dtype, dtype)  # a name, a torch.dtype, or "auto" (the checkpoint's own dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else "auto" if dtype == CHECKPOINT else resolve_dtype(dtype)
     if needs_pruned_loader(name):
         return load_pruned_model(name, dtype=torch_dtype)
     try:

@@ -7,6 +7,7 @@ import re
 import shlex
 
 import torch
+from adapters.test_plugin_method import method_example
 from launch import REPO
 from tiny_models import make_model
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -53,10 +54,13 @@ def readme_train_commands() -> list[list[str]]:
     return [shlex.split(line) for line in found]
 
 
-def test_every_method_trains_under_the_shipped_zero3_config_as_printed():
-    """The README's `--adapter` commands and every registered method with the shipped ZeRO-3 config: the options
-    parse, and on the embedded model's shapes (SmolLM2-135M, grouped-query attention) the adapters stay whole and the
-    base is partitioned within the limit."""
+def test_every_method_trains_under_the_shipped_zero3_config_as_printed(tmp_path, monkeypatch):
+    """The README's `--adapter` commands and every registered method with the shipped ZeRO-3 config (and the README's
+    own plugin method, as a plugin): the options parse, and on the embedded model's shapes (SmolLM2-135M,
+    grouped-query attention) the adapters stay whole and the base is partitioned within the limit."""
+    (tmp_path / "outscale.py").write_text(method_example())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ADAPTERS_DS_METHODS", "outscale")
     commands = [argv for argv in readme_train_commands() if "--adapter" in argv]
     assert commands, "the README shows no --adapter command"
     commands += [["--ds_config", "ds_configs/zero3.json", "--adapter", name] for name in sorted(adapters_ds.METHODS)]

@@ -67,6 +67,9 @@ class AdapterConfig:
     dtype: DTypeName = "auto"
     """Adapter parameter dtype; "auto" follows the adapted base weight (bf16 base → bf16 adapter)."""
 
+    attn_implementations: ClassVar[tuple[str, ...] | None] = None
+    """The `--attn_implementation` values the method honours (None: every one); a method that runs its own attention
+    (prefix tuning) names the ones it keeps, and training refuses an explicit other one instead of replacing it."""
     peft_type: ClassVar[str | None] = None
     """The method's `peft_type` in Hugging Face PEFT (e.g. "LORA"), None where PEFT has no such method: then
     `export --peft` refuses it. A method with one implements `peft_config` and its layer `peft_tensors`."""

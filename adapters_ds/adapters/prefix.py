@@ -68,6 +68,7 @@ REFUSED = {"bloom": "its ALiBi attention is its own code, outside transformers' 
 class PrefixConfig(VirtualTokensConfig):
     method: ClassVar[str] = "prefix"
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    attn_implementations: ClassVar[tuple[str, ...]] = ("auto", "sdpa")  # `PREFIX_ATTENTION` is sdpa with the prefix
 
     projection: bool = option(
         False, "prefix: train the prefixes through an MLP (folded away on export)", flag="prefix_projection"

@@ -21,7 +21,7 @@ from adapters_ds.export.merged import export_merged
 from adapters_ds.export.peft import export_peft
 from adapters_ds.export.pruned import export_pruned
 from adapters_ds.fileio import check_output_dir
-from adapters_ds.hardware import DTYPES
+from adapters_ds.hardware import CHECKPOINT, DTYPE_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,9 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dtype",
-        choices=("auto", *DTYPES),
-        default="auto",
-        help="with --prune: dtype of the written model (auto: the base checkpoint's; float32 keeps outputs exact)",
+        choices=(CHECKPOINT, *DTYPE_NAMES),
+        default=CHECKPOINT,
+        help="with --prune: dtype of the written model (checkpoint: the base checkpoint's; float32 keeps outputs "
+        "exact; auto: bf16 where the hardware computes it natively, else fp32)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     return parser.parse_args(argv)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_args(argv)
         out = Path(args.output_dir)
         check_output_dir(out, allowed=args.overwrite)
-        if (args.uniform_shapes or args.dtype != "auto") and not args.prune:
+        if (args.uniform_shapes or args.dtype != CHECKPOINT) and not args.prune:
             raise InputError("--uniform_shapes and --dtype only apply to --prune")
         if args.prune:
             record = export_pruned(

@@ -2,9 +2,10 @@
 
     deepspeed [--num_gpus N] launcher/train.py --ds_config ds_configs/zero3.json [--base_model M --data_path D ...]
 
-Without --data_path it trains on the built-in arithmetic problems and then shows the accuracy gain on their held-out
-split; with neither --base_model nor --data_path it is the demo: the embedded SmolLM2-135M-Instruct, with the
-demo's defaults for the options the command line does not set.
+With neither --base_model nor --data_path it is the demo (the main job): the embedded SmolLM2-135M-Instruct trained
+on the built-in arithmetic problems, with the demo's defaults for the options the command line does not set, then the
+accuracy gain on their held-out split. Otherwise both are needed: one without the other is an error, never a silent
+fallback to the demo's model or data.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from adapters_ds.cli.output import quiet_third_party
 from adapters_ds.demo.default_model import prepare_default_model
 from adapters_ds.demo.gain import demo_options, report_gain, training_records
 from adapters_ds.distributed import closing_distributed
-from adapters_ds.errors import run_main
+from adapters_ds.errors import InputError, run_main
 from adapters_ds.training.args import parse_train_args
 from adapters_ds.training.trainer import train
 
@@ -24,13 +25,16 @@ def run(argv: Sequence[str] | None = None) -> None:
     quiet_third_party()
     argv = None if argv is None else list(argv)
     args = parse_train_args(argv)
-    if args.base_model is None and args.data_path is None:
-        args = parse_train_args(argv, defaults=demo_options())  # options on the command line still win
-    base_model = args.base_model or str(prepare_default_model())  # file-locked: one rank converts, others wait
-    builtin = args.data_path is None
-    adapter_dir = train(args, base_model, training_records() if builtin else None)
-    if builtin:
-        report_gain(args, base_model, adapter_dir)
+    demo = args.base_model is None and args.data_path is None
+    if not demo and (args.base_model is None or args.data_path is None):
+        given, missing = ("--base_model", "--data_path") if args.data_path is None else ("--data_path", "--base_model")
+        raise InputError(f"{given} needs {missing} too (the built-in demo runs only when neither is given)")
+    if not demo:
+        train(args, args.base_model)
+        return
+    args = parse_train_args(argv, defaults=demo_options())  # options on the command line still win
+    base_model = str(prepare_default_model())  # file-locked: one rank converts, others wait
+    report_gain(args, base_model, train(args, base_model, training_records()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 from adapters_ds.adapters.inject import merge_adapters, remove_adapters
 from adapters_ds.export.peft import load_mergeable
 from adapters_ds.fileio import atomic_dir
+from adapters_ds.hardware import CHECKPOINT
 from adapters_ds.modeling import has_tokenizer, load_tokenizer
 
 
 def export_merged(base_model: str, adapter_dir: str, output_dir: str) -> None:
-    model, _ = load_mergeable(base_model, adapter_dir, dtype="auto")
+    model, _ = load_mergeable(base_model, adapter_dir, dtype=CHECKPOINT)
     merge_adapters(model)
     remove_adapters(model)
     with atomic_dir(output_dir) as tmp:

@@ -22,6 +22,7 @@ from adapters_ds.adapters.storage import WEIGHTS_NAME, load_adapter, read_adapte
 from adapters_ds.errors import InputError
 from adapters_ds.export.peft_prompts import model_level_layer
 from adapters_ds.fileio import atomic_dir, write_json
+from adapters_ds.hardware import CHECKPOINT
 from adapters_ds.modeling import load_base_model
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -80,7 +81,7 @@ def export_peft(base_model: str, adapter_dir: str, output_dir: str) -> None:
         config, layer = model_level_layer(base_model, adapter_dir)
         layers, tensors = [layer], layer.peft_tensors("")
     else:
-        model, config = _load(base_model, adapter_dir, dtype="auto")
+        model, config = _load(base_model, adapter_dir, dtype=CHECKPOINT)
         layers, tensors = [a for _, _, a in adapter_layers(model)], peft_state_dict(model)
     with atomic_dir(output_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -54,6 +54,7 @@ from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read
 from adapters_ds.errors import InputError
 from adapters_ds.families import Layout, layout_of
 from adapters_ds.fileio import atomic_dir, write_json
+from adapters_ds.hardware import CHECKPOINT
 from adapters_ds.modeling import has_tokenizer, load_base_model, load_tokenizer
 from adapters_ds.pruned_model import (
     FORMAT,
@@ -227,12 +228,13 @@ def _write_config_sizes(config: Any, layout: Layout, geo: Geometry, shapes: list
 
 
 def export_pruned(
-    base_model: str, adapter_dir: str, output_dir: str, uniform: bool = False, dtype: str = "auto"
+    base_model: str, adapter_dir: str, output_dir: str, uniform: bool = False, dtype: str = CHECKPOINT
 ) -> dict[str, Any]:
     """Base model + gates adapter → a smaller model folder (see the module docstring). Returns the shapes record.
 
-    `dtype` is that of the written weights: "auto" keeps the base checkpoint's (the folded gates and LoRA are
-    rounded to it, as a LoRA merge is); "float32" keeps the gated model's outputs exactly."""
+    `dtype` is that of the written weights: "checkpoint" keeps the base checkpoint's (the folded gates and LoRA are
+    rounded to it, as a LoRA merge is); "float32" keeps the gated model's outputs exactly; "auto" is the project's
+    rule (`hardware.resolve_dtype`)."""
     config, _ = read_adapter_config(adapter_dir)  # a wrong or corrupt adapter fails before the (slow) model load
     if not get_method(config.method).layer.prunable:
         prunable = sorted(name for name, method in METHODS.items() if method.layer.prunable)

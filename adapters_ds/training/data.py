@@ -71,10 +71,12 @@ def load_records(data_path: str, cache_dir: str | None = None) -> datasets.Datas
 
 
 def _load_dataset(source: str, load: Callable[[], datasets.Dataset]) -> datasets.Dataset:
-    """Run a `datasets` loader; its many failure types (missing dataset, no network, schema) are all bad input."""
+    """Run a `datasets` loader; the failures that mean bad input (a missing dataset or file, no network: OSError; a
+    file that is no valid JSON or has no such split: ValueError, `datasets`' own DatasetsError) become InputError.
+    Anything else is a bug and keeps its traceback."""
     try:
         return load()
-    except Exception as exc:  # any loader failure is bad input; re-raised with the cause chained
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:  # re-raised with the cause chained
         raise InputError(
             f"data: expected a loadable dataset (split 'train'); could not load {source!r}: {type(exc).__name__}: {exc}"
         ) from exc

@@ -132,6 +132,12 @@ class Trainer:
         )
         self.adapter_config: AdapterConfig = adapter_config(args)
         self.strategy = strategy_for(self.adapter_config)  # how the method trains (state of this run only)
+        honoured = self.adapter_config.attn_implementations
+        if honoured is not None and args.attn_implementation not in honoured:
+            raise InputError(
+                f"--adapter {args.adapter} runs its own attention and cannot honour --attn_implementation "
+                f"{args.attn_implementation}; use one of {', '.join(honoured)}"
+            )
         self.output_non_empty = check_output_dir(
             args.output_dir,
             allowed=bool(args.resume or args.overwrite_output_dir),

@@ -489,7 +489,7 @@ def test_per_layer_export_with_tied_embeddings_loads_tied(tmp_path):
     model.save_pretrained(tmp_path)
     (tmp_path / SHAPES_NAME).write_text(json.dumps(record))
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
-    loaded = load_base_model(str(tmp_path), dtype="auto")
+    loaded = load_base_model(str(tmp_path), dtype="checkpoint")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     torch.testing.assert_close(logits(loaded), expected, atol=1e-4, rtol=0)
 
@@ -503,7 +503,7 @@ def test_per_layer_export_loads_through_adapters_ds_and_the_evaluation_harness(t
     record = json.loads((out / SHAPES_NAME).read_text())
     assert not record["loads_with_transformers"] and [s["heads"] for s in record["layers"]] == [2, 2]
     expected = logits(model)
-    loaded = load_base_model(str(out), dtype="auto")
+    loaded = load_base_model(str(out), dtype="checkpoint")
     assert type(loaded).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(logits(loaded), expected, atol=1e-4, rtol=0)
     evaluated, _, method = load_model(str(out), None, torch.float32, torch.device("cpu"))
@@ -525,11 +525,11 @@ def test_export_dtype_float32_keeps_a_bf16_base_s_gated_outputs(tmp_path):
     load_adapter(reference, tmp_path / "adapter")
     expected = logits(reference.eval())
     export_pruned(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "fp32"), dtype="float32")
-    pruned = load_base_model(str(tmp_path / "fp32"), dtype="auto")
+    pruned = load_base_model(str(tmp_path / "fp32"), dtype="checkpoint")
     assert pruned.dtype == torch.float32
     torch.testing.assert_close(logits(pruned), expected, atol=1e-4, rtol=0)
     export_pruned(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "auto"))
-    assert load_base_model(str(tmp_path / "auto"), dtype="auto").dtype == torch.bfloat16
+    assert load_base_model(str(tmp_path / "auto"), dtype="checkpoint").dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -701,6 +701,6 @@ def test_zero3_two_rank_training_with_default_settings_prunes_to_the_target(tmp_
     record = export_pruned(str(base), str(out / "adapter"), str(tmp_path / "pruned"))
     # every unit the run closed is closed in the saved adapter (θ < 1): the export removes the logged share
     assert record["parameters"]["blocks_removed_fraction"] == pytest.approx(last["gates/removed"], abs=1e-6)
-    pruned = load_base_model(str(tmp_path / "pruned"), dtype="auto")
+    pruned = load_base_model(str(tmp_path / "pruned"), dtype="checkpoint")
     atol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(logits(pruned).float(), expected_logits, atol=atol, rtol=0)

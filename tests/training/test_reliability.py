@@ -135,6 +135,12 @@ def train(a: Path, out: Path, *extra: str, data: Path | None = None, base: Path 
     ]  # fmt: skip
 
 
+def without(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option` and its value."""
+    i = argv.index(option)
+    return argv[:i] + argv[i + 2 :]
+
+
 def overwrite(a: Path, tmp: Path, *extra: str, **kw) -> list[str]:
     """Bad input with --overwrite_output_dir over earlier work: that work must survive."""
     return train(a, busy(tmp), "--overwrite_output_dir", *extra, **kw)
@@ -286,6 +292,17 @@ CASES = [
                  "lora r must be a positive integer", id="train-bad-hyperparameter"),
     pytest.param("train", lambda a, t: overwrite(a, t, "--max_nonfinite_steps", "0"),
                  "--max_nonfinite_steps must be >= 1", id="train-max-nonfinite-steps-zero"),
+    pytest.param("train", lambda a, t: without(overwrite(a, t), "--data_path"),
+                 "--base_model needs --data_path too (the built-in demo runs only when neither is given)",
+                 id="train-model-without-data"),
+    pytest.param("train", lambda a, t: without(overwrite(a, t), "--base_model"),
+                 "--data_path needs --base_model too", id="train-data-without-model"),
+    pytest.param("train", lambda a, t: without(without(overwrite(a, t, "--adapter", "prefix", "--attn_implementation",
+                                                                 "eager"), "--lora_r"), "--lora_alpha"),
+                 "--adapter prefix runs its own attention and cannot honour --attn_implementation eager",
+                 id="train-attention-a-method-cannot-honour"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--bottleneck_size", "8"),
+                 "--bottleneck_size does not apply to --adapter lora", id="train-option-of-another-method"),
     # ---- evaluate
     pytest.param("evaluate", lambda a, t: evaluate(a, busy(t), "--datasets", "Empty", data_dir=eval_data(a, t)),
                  "test.json", id="evaluate-dataset-without-test-json"),
