@@ -31,7 +31,6 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,17 +45,6 @@ from adapters_ds.errors import InputError
 T = TypeVar("T")
 
 EXIT_PREEMPTED = 75  # a training run's "checkpoint saved, continue later" (sysexits' EX_TEMPFAIL)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _free_port() -> int:
@@ -90,18 +78,15 @@ def map_launcher_env(env: dict[str, str] | None = None) -> None:
     env.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistInfo:
-    """Start (or join) the process group; collectives time out instead of hanging on a dead rank."""
+def init_distributed(timeout_s: float = 600.0) -> Ranks:
+    """Start (or join) the process group; collectives time out instead of hanging on a dead rank. Returns this
+    process's `Ranks`."""
     map_launcher_env()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(), timeout=timedelta(seconds=timeout_s)
         )
-    info = DistInfo(
-        rank=torch.distributed.get_rank(),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        world_size=torch.distributed.get_world_size(),
-    )
+    info = Ranks(start=False)
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(info.local_rank)
         return info
@@ -113,7 +98,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return info
 
 
-def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
+def _unlink_shm_allreduce_buffer(info: Ranks) -> None:
     """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer once every rank has mapped it.
 
     Where all ranks share one host (LOCAL_SIZE, set by the `deepspeed` launcher, equals the world size), DeepSpeed
@@ -122,20 +107,10 @@ def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
     returned from start-up, each has mapped all its peers' buffers (DeepSpeed waits for them there); the mappings
     stay valid after the names go, and the memory is freed when the last rank exits.
     """
-    barrier()
+    info.barrier()
     # the name DeepSpeed gives it (deepspeed/ops/csrc/cpu/comm/shm.cpp)
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{info.rank}").unlink(missing_ok=True)
-
-
-def is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def launched_world_size(env: dict[str, str] | None = None) -> int:
@@ -174,6 +149,7 @@ class Ranks:
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
         self.world_size = dist.get_world_size() if self.active else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0)) if self.active else 0  # the device index on its node
         size = tensor_parallel
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise InputError(f"tensor_parallel: expected a positive integer; found {size!r}")

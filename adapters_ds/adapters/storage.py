@@ -17,7 +17,7 @@ from torch import nn
 from adapters_ds.adapters.base import AdapterConfig, adapter_layers, adapter_parameters
 from adapters_ds.adapters.inject import inject_adapters, remove_adapters, resolve_targets
 from adapters_ds.adapters.registry import config_from_dict
-from adapters_ds.distributed import is_main_process
+from adapters_ds.distributed import Ranks
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import atomic_dir, read_json, write_json
 from adapters_ds.zero import gathered
@@ -53,7 +53,7 @@ def save_adapter(model: nn.Module, config: AdapterConfig, path: str | Path) -> N
     params = adapter_parameters(model)
     with gathered(params.values()):
         tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
-    if not is_main_process():
+    if not Ranks(start=False).is_main:
         return
     meta = {
         "format": FORMAT,

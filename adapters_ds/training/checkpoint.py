@@ -41,7 +41,7 @@ from transformers import set_seed
 
 from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.storage import save_adapter
-from adapters_ds.distributed import DistInfo, barrier, is_main_process
+from adapters_ds.distributed import Ranks
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import atomic_write_text, read_json, write_json
 from adapters_ds.training.trainable_state import (
@@ -105,7 +105,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     chosen = found[-1] if found else None
     skipped = [p for step, p in partial_checkpoints(root) if chosen is None or step >= chosen[0]]
-    if skipped and is_main_process():
+    if skipped and Ranks(start=False).is_main:
         logger.warning(
             "skipping incomplete checkpoint(s) %s (a run killed while saving); resuming from %s",
             [p.name for p in skipped],
@@ -120,9 +120,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return {"cpu": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
 
 
-def save_checkpoint(
-    engine, output_dir: Path, step: int, adapter_config: AdapterConfig, info: DistInfo, keep: int
-) -> Path:
+def save_checkpoint(engine, output_dir: Path, step: int, adapter_config: AdapterConfig, info: Ranks, keep: int) -> Path:
     """Save on every rank (collective); rank 0 completes it (marker, rename, `latest`) and prunes beyond `keep`
     (0 keeps all)."""
     root, tag = checkpoint_root(output_dir), f".step-{step}.partial"
@@ -130,7 +128,7 @@ def save_checkpoint(
     if info.is_main:
         for _, leftover in partial_checkpoints(root):  # never resumable: what killed saves left
             shutil.rmtree(leftover)
-    barrier()
+    info.barrier()
     engine.save_checkpoint(
         str(root), tag=tag, client_state={"global_step": step}, save_latest=False, exclude_frozen_parameters=True
     )
@@ -138,7 +136,7 @@ def save_checkpoint(
     save_adapter(engine.module, adapter_config, tmp / "adapter")
     if consolidates(engine):
         save_trainable_state(engine, tmp, info.is_main)
-    barrier()
+    info.barrier()
     if info.is_main:
         write_json(tmp / MARKER, {"step": step, **_layout(engine, info)})
         if path.exists():  # written before by a run that was then resumed from an earlier checkpoint
@@ -148,7 +146,7 @@ def save_checkpoint(
         if keep:
             for _, old in complete_checkpoints(root)[:-keep]:
                 _remove(old)
-    barrier()
+    info.barrier()
     return path
 
 
@@ -158,7 +156,7 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def _layout(engine, info: DistInfo) -> dict[str, int]:
+def _layout(engine, info: Ranks) -> dict[str, int]:
     """What a checkpoint's files depend on, as recorded in its marker."""
     return {
         "world_size": info.world_size,
@@ -175,7 +173,7 @@ def _marker(path: Path) -> dict:
     return marker
 
 
-def check_checkpoint(path: Path, info: DistInfo, ds_config: dict) -> bool:
+def check_checkpoint(path: Path, info: Ranks, ds_config: dict) -> bool:
     """Refuse, before any work, a checkpoint this run cannot resume. True when DeepSpeed can load it as it was
     written (same number of ranks and ZeRO stage), False when its consolidated state is partitioned for this run."""
     marker = _marker(path)
@@ -207,7 +205,7 @@ def check_checkpoint(path: Path, info: DistInfo, ds_config: dict) -> bool:
     return False
 
 
-def load_checkpoint(engine, path: Path, info: DistInfo, seed: int) -> int:
+def load_checkpoint(engine, path: Path, info: Ranks, seed: int) -> int:
     """Restore the adapter weights, optimizer and scheduler from `path` (its DeepSpeed files when the layout is
     the same, else its consolidated state), and this rank's RNG (re-seeded with `seed + step` on another layout);
     returns the step to continue from. `check_checkpoint` has accepted `path` before."""

@@ -38,7 +38,7 @@ from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.inject import parameter_report
 from adapters_ds.adapters.registry import strategy_for
 from adapters_ds.adapters.storage import save_adapter
-from adapters_ds.distributed import DistInfo, Ranks, barrier, group_sum, init_distributed
+from adapters_ds.distributed import Ranks, group_sum, init_distributed
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import check_output_dir, write_json
 from adapters_ds.modeling import check_causal_lm, load_base_model, load_tokenizer
@@ -72,13 +72,13 @@ from adapters_ds.training.stop import EXIT_PREEMPTED, StopSignal
 
 
 @contextlib.contextmanager
-def main_first(info: DistInfo) -> Iterator[None]:
+def main_first(info: Ranks) -> Iterator[None]:
     """Rank 0 runs the block first (downloads, dataset cache), the others then reuse its result."""
     if not info.is_main:
-        barrier()
+        info.barrier()
     yield
     if info.is_main:
-        barrier()
+        info.barrier()
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -211,12 +211,12 @@ class Trainer:
         """The run folder, emptied first with --overwrite_output_dir: called once all input is checked (the model
         loaded and adapted) and before `deepspeed.initialize`, whose TensorBoard monitor writes into it."""
         self.out = Path(self.args.output_dir)
-        barrier()  # every rank has checked before rank 0 changes anything
+        self.info.barrier()  # every rank has checked before rank 0 changes anything
         if self.info.is_main:
             if self.output_non_empty and self.args.overwrite_output_dir and not self.args.resume:
                 shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
-        barrier()
+        self.info.barrier()
 
     def prepare_output(self) -> None:
         """`train_args.json`, the start-up line and, under ZeRO-3, `zero3_partition.json`."""
@@ -227,7 +227,7 @@ class Trainer:
                 {"args": args.to_dict(), "base_model": self.base_model, "ds_config": self.ds_config,
                  "world_size": info.world_size},
             )  # fmt: skip
-        barrier()
+        info.barrier()
         self.log(
             f"training {Path(self.base_model).name} with {args.adapter} on {info.world_size} rank(s), "
             f"ZeRO stage {zero_stage(self.ds_config)}, {precision_name(self.ds_config)}; "

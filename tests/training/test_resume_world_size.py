@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,7 +34,6 @@ from safetensors.torch import load_file
 
 from adapters_ds.adapters.base import adapter_parameters
 from adapters_ds.adapters.storage import WEIGHTS_NAME
-from adapters_ds.distributed import DistInfo
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import read_json
 from adapters_ds.training import trainer
@@ -98,7 +98,7 @@ def config(stage: int = 3, batch: int = 8, **zero) -> dict:
 
 
 def test_which_checkpoints_resume_how(tmp_path):
-    two, one = DistInfo(0, 0, 2), DistInfo(0, 0, 1)
+    two, one = (SimpleNamespace(rank=0, local_rank=0, world_size=n, is_main=True) for n in (2, 1))
     folder = marked(tmp_path)
     assert check_checkpoint(folder, two, config()) is True  # DeepSpeed's own files (any micro-batch split)
     assert check_checkpoint(folder, one, config()) is False  # consolidated state, partitioned for 1 rank
