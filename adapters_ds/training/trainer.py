@@ -59,11 +59,16 @@ from adapters_ds.training.data import (
     collate,
     collate_packed,
     count_tokens,
-    load_records,
     split_validation,
-    tokenize_records,
+    training_examples,
 )
-from adapters_ds.training.ds_config import check_ds_config, load_ds_config, resolve_ds_config, zero_stage
+from adapters_ds.training.ds_config import (
+    check_ds_config,
+    load_ds_config,
+    monitor_config,
+    resolve_ds_config,
+    zero_stage,
+)
 from adapters_ds.training.engine import build_engine, partition_report
 from adapters_ds.training.loss import target_counts
 from adapters_ds.training.metrics import Window, peak_memory_gb, precision_name
@@ -125,10 +130,8 @@ class Trainer:
         )
         check_ds_config(self.ds_config)
         check_attn_implementation(args.attn_implementation, self.ds_config)  # a kernel this machine lacks
-        self.ds_config.setdefault(
-            "tensorboard",
-            {"enabled": True, "output_path": str(Path(args.output_dir) / "tensorboard"), "job_name": "train"},
-        )
+        for section, value in monitor_config(args.report_to, args.output_dir).items():
+            self.ds_config.setdefault(section, value)  # a monitor section of the DeepSpeed JSON wins
         self.adapter_config: AdapterConfig = adapter_config(args)
         self.output_non_empty = check_output_dir(
             args.output_dir,
@@ -146,8 +149,7 @@ class Trainer:
         args = self.args
         self.tokenizer = load_tokenizer(self.base_model, trust_remote_code=args.trust_remote_code)
         with main_first(self.info):
-            raw = datasets.Dataset.from_list(records) if records is not None else load_records(args.data_path)
-            tokenized = tokenize_records(raw, self.tokenizer, args.cutoff_len, args.train_on_inputs, args.template)
+            raw, tokenized = training_examples(self.tokenizer, args, records)
             tokenized = losses.with_answer_targets(tokenized, raw, self.tokenizer, args)  # for the answer-only loss
         self.train_set, self.val_set = split_validation(tokenized, args.val_set_size, args.seed)
         self.targets = target_counts(self.train_set)
