@@ -66,12 +66,13 @@ def tokenize_conversations(
             "bos_id": tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None,
         },
     )
-    dropped_turns, dropped = sum(tokenized["dropped_turns"]), len(ds) - len(tokenized)
+    dropped = len(ds) - len(tokenized)
     if len(tokenized) == 0:
         raise InputError(
             f"no conversation's first assistant turn fits in cutoff_len={cutoff_len} tokens; found all "
             f"{dropped} longer (raise cutoff_len)"
         )
+    dropped_turns = sum(tokenized["dropped_turns"])
     if dropped or dropped_turns:
         logger.warning(
             "cutoff_len=%d: dropped %d of %d conversations whose first answer does not fit, and %d assistant "
