@@ -8,12 +8,12 @@ import json
 
 import pytest
 from tiny_tokenizer import make_tokenizer
-from training.chat_templates import LLAMA3_STYLE, QWEN3_STYLE
 from transformers import AutoTokenizer
 
 from adapters_ds.demo.default_model import default_model_dir, is_complete
 from adapters_ds.errors import InputError
 from adapters_ds.training.data import IGNORE_INDEX, load_records, preview, tokenize_records
+from training.chat_templates import LLAMA3_STYLE, QWEN3_STYLE
 
 SYSTEM, Q1, A1, Q2, A2 = "Be brief.", "Hi there!", "Hello. How can I help?", "What is 2+2?", "2+2 is 4."
 WEATHER_CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
