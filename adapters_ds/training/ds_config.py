@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,11 @@ def monitor_config(report_to: str, output_dir: str | Path, job_name: str = "trai
     if "comet" in names:
         sections["comet"] = {"enabled": True, "project": "adapters_ds", "experiment_name": out.resolve().name}
     return sections
+
+
+def finish_trackers() -> None:
+    """End the W&B run DeepSpeed's monitor started (it never does): its last events are flushed and its files
+    complete before the process ends (the launcher's ranks may leave without running exit handlers)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

@@ -64,6 +64,7 @@ from adapters_ds.training.data import (
 )
 from adapters_ds.training.ds_config import (
     check_ds_config,
+    finish_trackers,
     load_ds_config,
     monitor_config,
     resolve_ds_config,
@@ -195,6 +196,9 @@ class Trainer:
             before_initialize=self.create_output_dir,
         )
         self.engine, self.pack = built.engine, built.packed
+        # the run's metrics go to DeepSpeed's monitors at optimizer-step numbers; the engine's own events (lr at the
+        # sample count) are turned off: W&B drops any event whose step is below one already logged
+        self.monitor, self.engine.monitor.enabled = self.engine.monitor.enabled and self.engine.monitor, False
         self.device = self.engine.device
         # ZeRO's optimizers and DeepSpeed's bf16/fp16 wrappers drop a step whose gradients are not finite (their
         # "overflow"); without them the engine steps a plain torch-style optimizer
@@ -320,8 +324,8 @@ class Trainer:
         return values
 
     def write_events(self, step: int, values: dict[str, float]) -> None:
-        if self.engine.monitor.enabled:
-            self.engine.monitor.write_events([(tag, value, step) for tag, value in values.items()])
+        if self.monitor:
+            self.monitor.write_events([(tag, value, step) for tag, value in values.items()])
 
     def nonfinite_error(self, step: int, in_a_row: int) -> InputError:
         found = complete_checkpoints(checkpoint_root(self.out))
@@ -432,6 +436,7 @@ class Trainer:
         if self.total_steps not in {step for step, _ in complete_checkpoints(checkpoint_root(self.out))}:
             self.checkpoint(self.total_steps)
         save_adapter(self.engine.module, self.adapter_config, self.out / "adapter")
+        finish_trackers()
         self.log(f"adapter saved to {self.out / 'adapter'}")
         return self.out / "adapter"
 
