@@ -10,6 +10,7 @@ fallback to the demo's model or data.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from adapters_ds.cli.output import quiet_third_party
@@ -17,7 +18,9 @@ from adapters_ds.demo.default_model import prepare_default_model
 from adapters_ds.demo.gain import demo_options, report_gain, training_records
 from adapters_ds.distributed import closing_distributed
 from adapters_ds.errors import InputError, run_main
+from adapters_ds.modeling import load_tokenizer
 from adapters_ds.training.args import parse_train_args
+from adapters_ds.training.data import preview, training_examples
 from adapters_ds.training.trainer import train
 
 
@@ -29,12 +32,19 @@ def run(argv: Sequence[str] | None = None) -> None:
     if not demo and (args.base_model is None or args.data_path is None):
         given, missing = ("--base_model", "--data_path") if args.data_path is None else ("--data_path", "--base_model")
         raise InputError(f"{given} needs {missing} too (the built-in demo runs only when neither is given)")
-    if not demo:
-        train(args, args.base_model)
+    if demo:
+        args = parse_train_args(argv, defaults=demo_options())  # options on the command line still win
+    base_model = str(prepare_default_model()) if demo else args.base_model  # file-locked: one rank converts
+    records = training_records() if demo else None
+    if args.preview_data:  # the examples as the loss sees them, then exit without training
+        tokenizer = load_tokenizer(base_model, trust_remote_code=args.trust_remote_code)
+        tokenized = training_examples(tokenizer, args, records)[1]
+        for example in preview(tokenized, tokenizer, args.preview_data):
+            print(json.dumps(example, ensure_ascii=False), flush=True)
         return
-    args = parse_train_args(argv, defaults=demo_options())  # options on the command line still win
-    base_model = str(prepare_default_model())  # file-locked: one rank converts, others wait
-    report_gain(args, base_model, train(args, base_model, training_records()))
+    adapter_dir = train(args, base_model, records)
+    if demo:
+        report_gain(args, base_model, adapter_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
