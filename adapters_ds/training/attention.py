@@ -50,6 +50,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_flash_attention_utils import _flash_attention_forward, flash_attn_supports_top_left_mask
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
+from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.errors import InputError
 from adapters_ds.training.ds_config import compute_dtype
 
@@ -100,8 +101,15 @@ def resolve_attn_implementation(choice: str, dtype: torch.dtype, packed: bool, d
     return PACKED_SDPA if packed else "sdpa"
 
 
-def check_attn_implementation(choice: str, ds_config: dict[str, Any]) -> None:
-    """Fail on a choice this machine cannot run (before a run loads anything): `resolve_attn_implementation`."""
+def check_attn_implementation(choice: str, ds_config: dict[str, Any], method: AdapterConfig | None = None) -> None:
+    """Fail on a choice this machine cannot run (`resolve_attn_implementation`) or that `method` cannot honour
+    (`AdapterConfig.attn_implementations`: a method that runs its own attention), before a run loads anything."""
+    honoured = None if method is None else method.attn_implementations
+    if honoured is not None and choice not in honoured:
+        raise InputError(
+            f"--adapter {method.method} runs its own attention and cannot honour --attn_implementation {choice}; "
+            f"use one of {', '.join(honoured)}"
+        )
     resolve_attn_implementation(choice, compute_dtype(ds_config), packed=True)
 
 

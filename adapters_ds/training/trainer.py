@@ -131,17 +131,11 @@ class Trainer:
             max_grad_norm=args.max_grad_norm,
         )
         check_ds_config(self.ds_config)
-        check_attn_implementation(args.attn_implementation, self.ds_config)  # a kernel this machine lacks
         for section, value in monitor_config(args.report_to, args.output_dir).items():
             self.ds_config.setdefault(section, value)  # a monitor section of the DeepSpeed JSON wins
         self.adapter_config: AdapterConfig = adapter_config(args)
         self.strategy = strategy_for(self.adapter_config)  # how the method trains (state of this run only)
-        honoured = self.adapter_config.attn_implementations
-        if honoured is not None and args.attn_implementation not in honoured:
-            raise InputError(
-                f"--adapter {args.adapter} runs its own attention and cannot honour --attn_implementation "
-                f"{args.attn_implementation}; use one of {', '.join(honoured)}"
-            )
+        check_attn_implementation(args.attn_implementation, self.ds_config, self.adapter_config)
         self.output_non_empty = check_output_dir(
             args.output_dir,
             allowed=bool(args.resume or args.overwrite_output_dir),
