@@ -1,16 +1,14 @@
 """Packed micro-batches: the examples of a micro-batch back to back in one row (`data.collate_packed`), so no
 compute is spent on padding, with attention computed per example.
 
-transformers keeps packed examples apart by itself: from `position_ids` that restart at 0 it builds a
-block-diagonal causal mask. With sdpa that mask is dense, so attention then costs (row length)² instead of
-Σ (example length)², and an explicit mask keeps the kernel from skipping the masked half (profiled on SmolLM2,
-4 GSM8K examples of ~190 tokens: attention went from 8 % to 21 % of a step). `packed_sdpa` is registered under
-transformers' attention interface; everything else about the model is unchanged. Given the row's boundaries from
-the host (`attention.packed_inputs`, as the trainer passes them) it runs a variable-length kernel or sdpa once per
-example without reading anything back from the device (`attention.varlen_sdpa`); without them it finds the
-examples from `position_ids` itself (one read-back per layer). `--attn_implementation` chooses among it, the
-flash-attn package's kernel and transformers' eager attention (`enable_packing`, `attention.py`).
-"""
+transformers keeps packed examples apart by itself: from `position_ids` that restart at 0 it builds a block-diagonal
+causal mask. With sdpa that mask is dense, so attention then costs (row length)² instead of Σ (example length)², and
+an explicit mask keeps the kernel from skipping the masked half. `packed_sdpa` is registered under transformers'
+attention interface; everything else about the model is unchanged. Given the row's boundaries from the host
+(`attention.packed_inputs`, as the trainer passes them) it runs a variable-length kernel or sdpa once per example
+without reading anything back from the device (`attention.varlen_sdpa`); without them it finds the examples from
+`position_ids` itself (one read-back per layer). `--attn_implementation` chooses among it, the flash-attn package's
+kernel and transformers' eager attention (`enable_packing`, `attention.py`)."""
 
 from __future__ import annotations
 
