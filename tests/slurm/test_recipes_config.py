@@ -47,3 +47,10 @@ def test_a_config_naming_another_config_is_an_error(tmp_path):
     (tmp_path / "a.yaml").write_text(f"config: {tmp_path / 'b.yaml'}\n")
     with pytest.raises(InputError, match="cannot name another config"):
         parse_train_args(["--config", str(tmp_path / "a.yaml"), "--ds_config", "x.json"])
+
+
+def test_readme_shows_the_shipped_lora_recipe():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("# slurm/recipes/llama13b_lora.yaml\n", 1)[1].split("```", 1)[0]
+    shipped = (REPO / "slurm" / "recipes" / "llama13b_lora.yaml").read_text()
+    assert block == "".join(line + "\n" for line in shipped.splitlines() if not line.startswith("#"))

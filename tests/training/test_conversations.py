@@ -118,7 +118,7 @@ def test_loss_covers_exactly_the_assistant_turns(tmp_path, template):
 
 
 def test_a_template_without_tool_calls_is_an_error(tmp_path, smol):
-    with pytest.raises(InputError, match="does not render the tool call 'get_weather'"):
+    with pytest.raises(InputError, match="data.jsonl: record 0 .* does not render the tool call 'get_weather'"):
         examples(tmp_path, smol, [TOOL_CALL])
 
 
