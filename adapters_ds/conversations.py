@@ -58,9 +58,10 @@ def record_format(record: Any) -> Format | None:
     return None
 
 
-def normalize(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+def normalize(record: Mapping[str, Any], where: str, prompt_only: bool = False) -> dict[str, Any]:
     """The record as `{"messages", "tools"}` for a chat template, checked; `where` ("data.json: record 3 (0-based)")
-    starts every error message."""
+    starts every error message. `prompt_only` (an evaluation question): the conversation may end with the user's
+    turn instead of the assistant's."""
     kind = record_format(record)
     if kind is None:
         found = f"fields {sorted(record)}" if isinstance(record, Mapping) else f"a JSON {json_type(record)}"
@@ -85,7 +86,7 @@ def normalize(record: Mapping[str, Any], where: str) -> dict[str, Any]:
         tools = _json(tools, f"{where}: 'tools'")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
         raise InputError(f"{where}: expected 'tools' to be a list of objects; found {json_type(tools)}")
-    _check_order(messages, where)
+    _check_order(messages, where, prompt_only)
     return {"messages": messages, "tools": tools or None}
 
 
@@ -162,7 +163,7 @@ def _sharegpt_message(turn: Any, where: str) -> dict[str, Any]:
     return _openai_message({"role": SHAREGPT_ROLES[kind], "content": turn["value"]}, where)
 
 
-def _check_order(messages: list[dict[str, Any]], where: str) -> None:
+def _check_order(messages: list[dict[str, Any]], where: str, prompt_only: bool = False) -> None:
     """System only first; tool results only answering the calls of the assistant turn before them; the last turn
     is the assistant's."""
     open_calls: list[dict[str, Any]] = []
@@ -182,7 +183,7 @@ def _check_order(messages: list[dict[str, Any]], where: str) -> None:
             open_calls.remove(next((c for c in open_calls if c.get("id") == wanted), open_calls[0]))
         else:
             open_calls = list(message.get("tool_calls", [])) if role == "assistant" else []
-    if messages[-1]["role"] != "assistant":
+    if messages[-1]["role"] != "assistant" and not prompt_only:
         raise InputError(
             f"{where}: expected the conversation to end with an assistant turn; found {messages[-1]['role']!r} last"
         )
