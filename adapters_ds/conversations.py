@@ -145,6 +145,8 @@ def _openai_message(message: Any, where: str) -> dict[str, Any]:
     for key in ("tool_call_id", "name"):
         if message.get(key) is not None and role == "tool":
             out[key] = str(message[key])
+    if isinstance(message.get("reasoning_content"), str) and role == "assistant":
+        out["reasoning_content"] = message["reasoning_content"]  # templates of reasoning models (Qwen3) read it
     if role != "tool" and not out["content"].strip() and not calls:
         raise InputError(f"{where}: expected text in a {role} message; found it empty")
     return out
@@ -221,11 +223,12 @@ def render(tokenizer: Any, conversation: Mapping[str, Any], n: int | None = None
 def end_of_turn(tokenizer: Any) -> str:
     """What the template writes after an assistant's answer (its end-of-turn marker, "<|im_end|>", "<|eot_id|>"),
     whitespace stripped: from a probe conversation rendered with and without the answer."""
-    probe = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    answer = "zq7x"  # text no template writes by itself
+    probe = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]}
     full, before = render(tokenizer, probe), render(tokenizer, probe, 1, prompt=True)
-    if not full.startswith(before) or "A" not in full[len(before) :]:
+    if not full.startswith(before) or answer not in full[len(before) :]:
         raise InputError("chat template: the generation prompt is not how the template starts an assistant turn")
-    return full[len(before) :].split("A", 1)[1].strip()
+    return full[len(before) :].split(answer, 1)[1].strip()
 
 
 @dataclass(frozen=True)
