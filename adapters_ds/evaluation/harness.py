@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from adapters_ds.adapters.inject import adapter_layers, merge_adapters, remove_adapters
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
+from adapters_ds.conversations import load_chat_template
 from adapters_ds.distributed import Ranks
 from adapters_ds.errors import InputError
 from adapters_ds.evaluation.datasets import (
@@ -355,6 +356,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model, tokenizer, method = load_model(args.base_model, args.adapter_dir, dtype, device, merge=not args.no_merge)
     resident = ranks.gather(parameter_bytes(model))
+    load_chat_template(tokenizer, getattr(args, "chat_template", None))
     if args.template == "chat":
         build_prompt("", "", "chat", tokenizer)  # no chat template: fail before any work
     mode = label_scoring_mode(args)
