@@ -24,11 +24,13 @@ setup(
         "tqdm>=4.66",
         "pydantic>=2",  # DeepSpeed's config validation errors (training/ds_config.py)
         "filelock>=3.12",  # one rank converts the embedded model while the others wait (demo/default_model.py)
+        "pyyaml>=6.0",  # --config recipe files
     ],
     extras_require={
         "test": ["pytest>=8", "peft>=0.17", "ruff>=0.6", "tokenizers>=0.20"],
         "mpi": ["mpi4py>=3.1"],
         "demo": ["gguf>=0.10", "accelerate>=1.0"],
+        "wandb": ["wandb>=0.19"],  # --report_to wandb (DeepSpeed's W&B monitor)
     },
     entry_points={
         "console_scripts": [

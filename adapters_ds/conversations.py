@@ -58,9 +58,10 @@ def record_format(record: Any) -> Format | None:
     return None
 
 
-def normalize(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+def normalize(record: Mapping[str, Any], where: str, prompt_only: bool = False) -> dict[str, Any]:
     """The record as `{"messages", "tools"}` for a chat template, checked; `where` ("data.json: record 3 (0-based)")
-    starts every error message."""
+    starts every error message. `prompt_only` (an evaluation question): the conversation may end with the user's
+    turn instead of the assistant's."""
     kind = record_format(record)
     if kind is None:
         found = f"fields {sorted(record)}" if isinstance(record, Mapping) else f"a JSON {json_type(record)}"
@@ -85,7 +86,7 @@ def normalize(record: Mapping[str, Any], where: str) -> dict[str, Any]:
         tools = _json(tools, f"{where}: 'tools'")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
         raise InputError(f"{where}: expected 'tools' to be a list of objects; found {json_type(tools)}")
-    _check_order(messages, where)
+    _check_order(messages, where, prompt_only)
     return {"messages": messages, "tools": tools or None}
 
 
@@ -144,6 +145,8 @@ def _openai_message(message: Any, where: str) -> dict[str, Any]:
     for key in ("tool_call_id", "name"):
         if message.get(key) is not None and role == "tool":
             out[key] = str(message[key])
+    if isinstance(message.get("reasoning_content"), str) and role == "assistant":
+        out["reasoning_content"] = message["reasoning_content"]  # templates of reasoning models (Qwen3) read it
     if role != "tool" and not out["content"].strip() and not calls:
         raise InputError(f"{where}: expected text in a {role} message; found it empty")
     return out
@@ -162,7 +165,7 @@ def _sharegpt_message(turn: Any, where: str) -> dict[str, Any]:
     return _openai_message({"role": SHAREGPT_ROLES[kind], "content": turn["value"]}, where)
 
 
-def _check_order(messages: list[dict[str, Any]], where: str) -> None:
+def _check_order(messages: list[dict[str, Any]], where: str, prompt_only: bool = False) -> None:
     """System only first; tool results only answering the calls of the assistant turn before them; the last turn
     is the assistant's."""
     open_calls: list[dict[str, Any]] = []
@@ -182,7 +185,7 @@ def _check_order(messages: list[dict[str, Any]], where: str) -> None:
             open_calls.remove(next((c for c in open_calls if c.get("id") == wanted), open_calls[0]))
         else:
             open_calls = list(message.get("tool_calls", [])) if role == "assistant" else []
-    if messages[-1]["role"] != "assistant":
+    if messages[-1]["role"] != "assistant" and not prompt_only:
         raise InputError(
             f"{where}: expected the conversation to end with an assistant turn; found {messages[-1]['role']!r} last"
         )
@@ -220,11 +223,12 @@ def render(tokenizer: Any, conversation: Mapping[str, Any], n: int | None = None
 def end_of_turn(tokenizer: Any) -> str:
     """What the template writes after an assistant's answer (its end-of-turn marker, "<|im_end|>", "<|eot_id|>"),
     whitespace stripped: from a probe conversation rendered with and without the answer."""
-    probe = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    answer = "zq7x"  # text no template writes by itself
+    probe = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]}
     full, before = render(tokenizer, probe), render(tokenizer, probe, 1, prompt=True)
-    if not full.startswith(before) or "A" not in full[len(before) :]:
+    if not full.startswith(before) or answer not in full[len(before) :]:
         raise InputError("chat template: the generation prompt is not how the template starts an assistant turn")
-    return full[len(before) :].split("A", 1)[1].strip()
+    return full[len(before) :].split(answer, 1)[1].strip()
 
 
 @dataclass(frozen=True)

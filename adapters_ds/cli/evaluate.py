@@ -55,6 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in output_dir")
     parser.add_argument("--no_merge", action="store_true", help="keep LoRA unmerged (slower; same outputs)")
     parser.add_argument("--template", choices=TEMPLATES, default="alpaca", help="prompt template, as in training")
+    parser.add_argument("--chat_template", help="Jinja chat template file, as in training (for a model without one)")
     parser.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bf16 where the hardware has it, else fp32"
     )

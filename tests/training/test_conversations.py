@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 from tiny_tokenizer import make_tokenizer
 from transformers import AutoTokenizer
 
 from adapters_ds.demo.default_model import default_model_dir, is_complete
 from adapters_ds.errors import InputError
+from adapters_ds.training import data
 from adapters_ds.training.data import IGNORE_INDEX, load_records, preview, tokenize_records
 from training.chat_templates import LLAMA3_STYLE, QWEN3_STYLE
 
@@ -118,7 +120,7 @@ def test_loss_covers_exactly_the_assistant_turns(tmp_path, template):
 
 
 def test_a_template_without_tool_calls_is_an_error(tmp_path, smol):
-    with pytest.raises(InputError, match="does not render the tool call 'get_weather'"):
+    with pytest.raises(InputError, match="data.jsonl: record 0 .* does not render the tool call 'get_weather'"):
         examples(tmp_path, smol, [TOOL_CALL])
 
 
@@ -164,3 +166,15 @@ def test_conversations_need_a_chat_template(tmp_path):
     tok.chat_template = None
     with pytest.raises(InputError, match="--chat_template FILE"):
         examples(tmp_path, tok, [MULTI_TURN])
+
+
+def test_a_hub_dataset_of_conversations_trains_like_the_same_file(tmp_path, monkeypatch):
+    """Arrow fills every message with every key of every record (null tool_calls, null content): the result is
+    the same as from the JSON file. `datasets.load_dataset` is stubbed with what it would return (no network)."""
+    tok = tokenizer_with(LLAMA3_STYLE)
+    records = [TOOL_CALL, MULTI_TURN]  # from_list takes its columns from the first record
+    stub = datasets.Dataset.from_list(records)
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda name, split, cache_dir: stub)
+    from_hub = tokenize_records(load_records("someone/chats"), tok, 512, True)
+    from_file, _ = examples(tmp_path, tok, records)
+    assert from_hub["input_ids"] == from_file["input_ids"] and from_hub["labels"] == from_file["labels"]
