@@ -90,6 +90,12 @@ class AdapterConfig:
                 )
         _check_choice("dtype", self.dtype, ("auto", *DTYPES))
 
+    def resolve(self, tokenizer: Any) -> AdapterConfig:
+        """What the config needs from the base model's tokenizer, resolved outside it (a config does no I/O and is
+        never changed during injection): a new config, for example with a prompt's init text as token ids; this one
+        by default. Training calls it before injecting; a library user with such a config does too."""
+        return self
+
     def layer_dims(self, name: str, module: nn.Module) -> Any:
         """The shape facts the adapter layer at `name` is built from: by default `families.linear_dims`, which
         refuses anything but a linear layer; a model-level method reads the model's geometry instead."""

@@ -12,12 +12,13 @@ Initialisation (the paper's section 3.2 compares them): random, N(0, 1) as PEFT'
 (`--prompt_init_text`), P = the model's own input embeddings of the text's tokens (encoded without special tokens,
 repeated or cut to num_virtual_tokens). Prompt tuning cannot be the identity at step 0 (it adds tokens to the
 input); what holds instead with a text: the model starts exactly as the base model reading that text before each
-input. The token ids are read once, from the base model's tokenizer when the adapter is first injected, and kept
-in the config (`init_token_ids`), so a saved adapter loads without a tokenizer.
+input. The token ids are read once, from the base model's tokenizer, outside the config (`PromptConfig.resolve`, which
+training calls before injecting), and kept in it (`init_token_ids`), so a saved adapter loads without a tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +30,6 @@ from adapters_ds.adapters.base import option
 from adapters_ds.adapters.registry import register
 from adapters_ds.adapters.virtual_tokens import ModelDims, VirtualTokens, VirtualTokensConfig
 from adapters_ds.errors import InputError
-from adapters_ds.modeling import load_tokenizer
 from adapters_ds.prompts import encode_texts
 from adapters_ds.zero import gathered
 
@@ -44,7 +44,8 @@ class PromptConfig(VirtualTokensConfig):
         flag="prompt_init_text",
     )  # fmt: skip
     init_token_ids: tuple[int, ...] | None = None
-    """The tokens of `init_text` (filled in from the base model's tokenizer at the first injection)."""
+    """The tokens of `init_text`, by the base model's tokenizer (`resolve`); kept in the saved config, so an adapter
+    loads without a tokenizer."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,11 +58,23 @@ class PromptConfig(VirtualTokensConfig):
             if not self.init_token_ids or not all(isinstance(i, int) and i >= 0 for i in self.init_token_ids):
                 raise InputError(f"prompt init_token_ids must be token ids, found {self.init_token_ids!r}")
 
+    def resolve(self, tokenizer: Any) -> PromptConfig:
+        """With `init_text` and no token ids yet: a copy holding its tokens (special tokens off)."""
+        if self.init_text is None or self.init_token_ids is not None:
+            return self
+        ids = encode_texts(tokenizer, [self.init_text], bos_id=None)[0]
+        if not ids:
+            raise InputError(f"--prompt_init_text {self.init_text!r} has no tokens")
+        return dataclasses.replace(self, init_token_ids=tuple(ids))
+
     def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
         if self.init_text is None:
             return {}
         if self.init_token_ids is None:
-            self.init_token_ids = tuple(text_token_ids(model, self.init_text))
+            raise InputError(
+                "--prompt_init_text needs the base model's tokenizer: resolve the config first "
+                "(`config.resolve(tokenizer)`, as training does)"
+            )
         embedding = model.get_input_embeddings()
         vocab = embedding.num_embeddings
         if max(self.init_token_ids) >= vocab:
@@ -69,19 +82,6 @@ class PromptConfig(VirtualTokensConfig):
         ids = repeat_to(self.init_token_ids, self.num_virtual_tokens)
         with gathered([embedding.weight]):  # a ZeRO-3 partition holds no rows; every rank injects, so all gather
             return {"init": embedding.weight[list(ids)].detach().clone()}
-
-
-def text_token_ids(model: nn.Module, text: str) -> list[int]:
-    """The tokens of `text` by the base model's tokenizer, special tokens off."""
-    source = getattr(model, "name_or_path", "") or ""
-    try:
-        tokenizer = load_tokenizer(source)
-    except InputError as exc:
-        raise InputError(f"--prompt_init_text needs the base model's tokenizer: {exc}") from None
-    ids = encode_texts(tokenizer, [text], bos_id=None)[0]
-    if not ids:
-        raise InputError(f"--prompt_init_text {text!r} has no tokens")
-    return ids
 
 
 def repeat_to(ids: tuple[int, ...], n: int) -> tuple[int, ...]:

@@ -134,7 +134,6 @@ class Trainer:
         for section, value in monitor_config(args.report_to, args.output_dir).items():
             self.ds_config.setdefault(section, value)  # a monitor section of the DeepSpeed JSON wins
         self.adapter_config: AdapterConfig = adapter_config(args)
-        self.strategy = strategy_for(self.adapter_config)  # how the method trains (state of this run only)
         check_attn_implementation(args.attn_implementation, self.ds_config, self.adapter_config)
         self.output_non_empty = check_output_dir(
             args.output_dir,
@@ -182,9 +181,10 @@ class Trainer:
         schedule = partial(lr_lambda, warmup=warmup, total=self.total_steps, kind=args.lr_scheduler)
 
         def load(dtype: torch.dtype) -> Any:
-            return load_base_model(
-                self.base_model, dtype=dtype, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle
-            )
+            return load_base_model(self.base_model, dtype, args.trust_remote_code, args.allow_pickle)
+
+        self.adapter_config = self.adapter_config.resolve(self.tokenizer)  # e.g. a prompt's init text → token ids
+        self.strategy = strategy_for(self.adapter_config)  # how the method trains (state of this run only)
 
         built = build_engine(
             load,

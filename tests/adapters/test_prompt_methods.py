@@ -333,9 +333,11 @@ def test_prompt_from_text_starts_as_the_base_model_reading_that_text(tmp_path, t
     ids = make_tokenizer()(text, add_special_tokens=False)["input_ids"]
     assert len(ids) != N  # the text is repeated, or cut, to N tokens
     model = load_base_model(path, dtype="float32")
-    config = PromptConfig(num_virtual_tokens=N, init_text=text)
+    unresolved = PromptConfig(num_virtual_tokens=N, init_text=text)
+    config = unresolved.resolve(make_tokenizer())
+    assert config.init_token_ids == tuple(ids) and unresolved.init_token_ids is None  # a new config, no mutation
     inject_adapters(model, config)
-    assert config.init_token_ids == tuple(ids)
+    assert config == unresolved.resolve(make_tokenizer())  # injection changes no config
     batch = sample_batch(2, 7)
     prompt = torch.tensor((ids * N)[:N]).expand(2, N)
     base = load_base_model(path, dtype="float32")
