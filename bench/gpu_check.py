@@ -112,16 +112,13 @@ def _default_model_dir() -> Path | None:
 
 def make_model(out: Path, like: Path | None, tiny: bool) -> None:
     """A randomly initialised causal LM saved to `out` with a tokenizer: the shape of `like`'s config (and its
-    tokenizer files), or a tiny LLaMA with the tests' tokenizer."""
+    tokenizer files), or a tiny LLaMA with a byte-level tokenizer (`byte_tokenizer`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     torch.manual_seed(0)
     if tiny:
-        spec = importlib.util.spec_from_file_location("tiny_tokenizer", REPO / "tests" / "tiny_tokenizer.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        tokenizer = module.make_tokenizer()
+        tokenizer = byte_tokenizer()
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -133,6 +130,25 @@ def make_model(out: Path, like: Path | None, tiny: bool) -> None:
     tokenizer.save_pretrained(out)
 
 
+def byte_tokenizer() -> object:
+    """A tokenizer built here, without files or network: one token per byte (byte-level BPE without merges), Llama's
+    special tokens, `<s>` put in front of every text; any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate([*specials, *pre_tokenizers.ByteLevel.alphabet()])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 def base_model(work: Path, dry_run: bool) -> tuple[Path, str]:
     """The model of the tests' companions and of the throughput bench, and where it came from."""
     out = work / ("tiny_llama" if dry_run else "smollm2_shape")
@@ -140,7 +156,7 @@ def base_model(work: Path, dry_run: bool) -> tuple[Path, str]:
         return out, "built earlier in this work folder"
     if dry_run:
         make_model(out, None, tiny=True)
-        return out, "tiny LLaMA (random), the tests' tokenizer"
+        return out, "tiny LLaMA (random), a byte-level tokenizer"
     embedded = _default_model_dir()
     if embedded is not None:
         return embedded, "the embedded SmolLM2-135M-Instruct"
