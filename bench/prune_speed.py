@@ -131,9 +131,12 @@ def training_summary(run_dir: Path, seconds: float) -> dict:
     """The run's method options, first / last loss and the last logged scalars of interest."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from adapters_ds.adapters.registry import get_method
+
     train_args = json.loads((run_dir / "train_args.json").read_text())["args"]
-    prefix = "gate_" if train_args["adapter"] == "gates" else "lora_"
-    summary = {k: v for k, v in train_args.items() if k.startswith(prefix) or k in ("adapter", "max_steps")}
+    config = get_method(train_args["adapter"]).config
+    flags = {config.flag(f) for f in config.options()}  # the method's own options
+    summary = {k: v for k, v in train_args.items() if k in flags or k in ("adapter", "max_steps")}
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     summary["loss_first_last"] = [round(log[0]["loss"], 4), round(log[-1]["loss"], 4)]
     events = EventAccumulator(str(run_dir / "tensorboard" / "train"))

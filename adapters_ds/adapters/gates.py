@@ -263,7 +263,8 @@ class Gates(GatedLinear):
         super().__init__(config, dims, dtype, device, False, gate_cols, col_group)
         self.unit_cost, self.unit_kind = unit_cost, unit_kind
         self.force_open = False  # all open (the dense teacher, inside `gate_schedule.opened`)
-        self.closing: torch.Tensor | None = None  # units chosen to close, until their θ has dropped below 1
+        # units chosen to close, until their θ has dropped below 1 (a buffer: moves with the module, not saved)
+        self.register_buffer("closing", None, persistent=False)
         self.any_closed = False  # whether any unit is closed, as of `step_begin` or the latest `close`
 
     def init_theta(self, theta: nn.Parameter) -> None:
