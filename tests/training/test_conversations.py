@@ -11,6 +11,7 @@ import pytest
 from tiny_tokenizer import make_tokenizer
 from transformers import AutoTokenizer
 
+from adapters_ds.conversations import assistant_spans, normalize
 from adapters_ds.demo.default_model import default_model_dir, is_complete
 from adapters_ds.errors import InputError
 from adapters_ds.training import data
@@ -178,3 +179,15 @@ def test_a_hub_dataset_of_conversations_trains_like_the_same_file(tmp_path, monk
     from_hub = tokenize_records(load_records("someone/chats"), tok, 512, True)
     from_file, _ = examples(tmp_path, tok, records)
     assert from_hub["input_ids"] == from_file["input_ids"] and from_hub["labels"] == from_file["labels"]
+
+
+def test_reasoning_is_trained_where_the_template_keeps_it():
+    """Qwen3-style: the last answer's reasoning (OpenAI's `reasoning_content`) is in its <think> block and trained;
+    an earlier answer's reasoning is dropped from the history by the template, so it is not."""
+    tok = tokenizer_with(QWEN3_STYLE)
+    messages = [dict(m) for m in MULTI_TURN["messages"]]
+    messages[2]["reasoning_content"], messages[4]["reasoning_content"] = "greet back", "add them"
+    rendered = assistant_spans(tok, normalize({"messages": messages}, "x"))
+    spans = [rendered.text[a:b] for a, b in rendered.spans]
+    assert spans == [f"{A1}<|im_end|>", f"<think>\nadd them\n</think>\n\n{A2}<|im_end|>"]
+    assert "greet back" not in rendered.text
