@@ -191,3 +191,9 @@ def test_reasoning_is_trained_where_the_template_keeps_it():
     spans = [rendered.text[a:b] for a, b in rendered.spans]
     assert spans == [f"{A1}<|im_end|>", f"<think>\nadd them\n</think>\n\n{A2}<|im_end|>"]
     assert "greet back" not in rendered.text
+
+
+def test_a_template_without_an_end_of_turn_marker_ends_each_answer_with_eos(tmp_path):
+    tok = make_tokenizer()  # its template writes "<|role|>\ncontent\n" and nothing to stop on
+    _, shown = examples(tmp_path, tok, [MULTI_TURN])
+    assert shown[0]["trained_segments"] == [f"{A1}</s>", f"{A2}</s>"]
