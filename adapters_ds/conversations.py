@@ -263,7 +263,8 @@ def assistant_spans(
         if not text.startswith(before):
             raise InputError(
                 f"chat template: the conversation before assistant message {i}, rendered with the generation prompt, "
-                "is not a prefix of the whole conversation's text, so its answer cannot be located"
+                "is not a prefix of the whole conversation's text, so its answer cannot be located (the template "
+                "writes earlier turns differently once later ones follow; --train_on_turns last trains the last one)"
             )
         start = len(before)
         upto = render(tokenizer, conversation, last + 1)
