@@ -197,3 +197,21 @@ def test_a_template_without_an_end_of_turn_marker_ends_each_answer_with_eos(tmp_
     tok = make_tokenizer()  # its template writes "<|role|>\ncontent\n" and nothing to stop on
     _, shown = examples(tmp_path, tok, [MULTI_TURN])
     assert shown[0]["trained_segments"] == [f"{A1}</s>", f"{A2}</s>"]
+
+
+# Mistral's style: the tool list written before the last user message, so an earlier prefix renders differently
+TOOLS_BEFORE_LAST_USER = (
+    "{%- set last = namespace(i=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set last.i = loop.index0 %}"
+    "{%- endif %}{%- endfor %}{{- bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- if tools and loop.index0 == last.i %}[TOOLS]{{ tools | tojson }}[/TOOLS]{%- endif %}"
+    "[INST]{{ m.content }}[/INST]{%- elif m.role == 'assistant' %}{{ m.content }}</s>{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_the_last_turn_only(tmp_path):
+    tok = tokenizer_with(TOOLS_BEFORE_LAST_USER)
+    record = {"messages": MULTI_TURN["messages"][1:], "tools": TOOLS}
+    with pytest.raises(InputError, match="record 0 .*before assistant message 1.*--train_on_turns last"):
+        examples(tmp_path, tok, [record])
+    _, shown = examples(tmp_path, tok, [record], train_on_turns="last")
+    assert shown[0]["trained_segments"] == [f"{A2}</s>"]
