@@ -59,8 +59,11 @@ def is_experts(module: nn.Module) -> bool:
 
 def expert_dims(name: str, module: nn.Module, use_dora: bool) -> ExpertDims:
     if use_dora:
-        raise InputError(f"DoRA cannot adapt the expert parameters of {name!r} (neither can PEFT); drop --use_dora or "
-                         "name only linear layers in --target_modules")  # fmt: skip
+        model_type = getattr(getattr(module, "config", None), "model_type", "this")
+        raise InputError(
+            f"lora with DoRA cannot adapt the expert parameters of {model_type} models ({name!r}; neither can PEFT): "
+            "drop --use_dora or name only linear layers in --target_modules"
+        )
     layout = (getattr(module, "is_concatenated", True), getattr(module, "has_gate", True),
               getattr(module, "is_transposed", False), getattr(module, "has_bias", False))  # fmt: skip
     if layout != (True, True, False, False):
