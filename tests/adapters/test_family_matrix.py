@@ -19,7 +19,7 @@ from adapters_ds.adapters.ptuning import PTuningConfig
 from adapters_ds.evaluation.generation import generate_ids
 from adapters_ds.families import family_of
 from adapters_ds.training.data import collate, collate_packed
-from adapters_ds.training.loss import causal_lm_loss_sum
+from adapters_ds.training.loss import causal_lm_loss_sum, enable_router_aux_loss, micro_batch_loss
 from adapters_ds.training.packing import enable_packing, supports_packing
 
 METHODS = {  # case: (config, adds to the output: the identity at step 0)
@@ -110,3 +110,22 @@ def test_batched_cached_generation_equals_one_prompt_at_a_time(family):
         generate_ids(model, tokenizer, [p], max_new_tokens=6, stop_strings=(), use_cache=False)[0] for p in prompts
     ]
     assert together == alone and all(together)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_the_models_router_aux_loss_joins_the_training_loss_and_is_logged(family):
+    model = make_recent_model(family)
+    assert enable_router_aux_loss(model) and model.config.output_router_logits
+    config = LoRAConfig(r=2, dropout=0.0)
+    inject_adapters(model, config)
+    freeze_base(model)
+    batch = _labelled(sample_batch())
+    metrics: dict[str, float] = {}
+    terms = micro_batch_loss(model, batch, config, 0, [11, 11], [11, 11], metrics)
+    with torch.no_grad():
+        reference = model(**batch)  # transformers' own: mean token loss + coef · aux
+    n = 2 * 11
+    expected = model.config.router_aux_loss_coef * reference.aux_loss
+    torch.testing.assert_close(metrics["moe/router_aux_loss"], expected.item(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close((terms.total / n).detach(), reference.loss, rtol=1e-5, atol=1e-6)
+    assert expected > 0
