@@ -126,7 +126,11 @@ def test_a_family_registered_in_one_place_trains_lora_and_prefix(trained):
     prefix = read_adapter_tensors(root / "adapters" / "toy_prefix")
     assert sorted(prefix) == [f"adapter.prefix_{layer}" for layer in range(LAYERS)]
     assert all(t.shape == (3, 2 * KV) and t.abs().sum() > 0 for t in prefix.values())
-    # without the record the same model is refused by name, with the way out
+    # without the record: LoRA with named modules works, the defaults and prefix say how to go on
+    model = _toy_model()
+    assert len(inject_adapters(model, LoRAConfig(target_modules=("q_proj", "c_fc")))) == 2 * LAYERS
+    with pytest.raises(InputError, match=r"no default target modules for model type 'starcoder2'.*--target_modules"):
+        inject_adapters(_toy_model(), LoRAConfig())
     with pytest.raises(InputError, match=r"prefix tuning needs a known model family; 'starcoder2' has no record"):
         inject_adapters(_toy_model(), PrefixConfig(num_virtual_tokens=3))
 

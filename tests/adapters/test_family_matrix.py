@@ -25,8 +25,7 @@ from adapters_ds.training.packing import enable_packing, supports_packing
 METHODS = {  # case: (config, adds to the output: the identity at step 0)
     "lora": (lambda: LoRAConfig(r=2, alpha=4, dropout=0.0), True),
     "dora": (lambda: LoRAConfig(r=2, alpha=4, dropout=0.0, use_dora=True), True),
-    "rslora": (lambda: LoRAConfig(r=2, alpha=4, use_rslora=True), True),
-    "loraplus": (lambda: LoRAConfig(r=2, alpha=4, lora_plus_ratio=16.0), True),
+    "rslora_loraplus": (lambda: LoRAConfig(r=2, alpha=4, use_rslora=True, lora_plus_ratio=16.0), True),
     "series": (lambda: SeriesConfig(bottleneck_size=4), True),
     "series_houlsby": (lambda: SeriesConfig(bottleneck_size=4, preset="houlsby"), True),
     "parallel": (lambda: ParallelConfig(bottleneck_size=4), True),
@@ -69,6 +68,8 @@ def test_every_method_trains_on_every_family_or_is_refused_by_name(family, case)
     if additive:  # LoRA, Series and Parallel start as the identity (MoE: another order of summing the experts)
         with torch.no_grad():
             torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=1e-5)
+    groups = config.param_groups(model, 1e-3)  # LoRA+: B in its own, faster group
+    assert sum(len(g["params"]) for g in groups) == len(adapter_parameters(model))
     model.train()
     loss = causal_lm_loss_sum(model, _labelled(batch))
     extra = config.regularizer(model, 0)  # the method's own loss term (gates: the sparsity penalty)
