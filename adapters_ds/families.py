@@ -66,6 +66,7 @@ class Layout:
     # (experts, 2 · I, hidden), `down_proj` (experts, hidden, I)) and its router (a linear layer, frozen by default).
     experts: str | None = None
     router: str | None = None
+    fused_gate_up: bool = False  # the one MLP producer holds [gate | up] rows (Phi-3's gate_up_proj)
 
 
 _LLAMA = Layout(
@@ -92,6 +93,7 @@ _PHI3 = Layout(
     mlp_in=("mlp.gate_up_proj",),  # [gate | up] in one matrix: the gate role has no module of its own
     mlp_out="mlp.down_proj",
     gqa=True,
+    fused_gate_up=True,
 )
 _MOE = Layout(
     blocks="model.layers",
@@ -323,6 +325,16 @@ def default_targets(model_type: str, roles: Iterable[Role], method: str, experts
             "give --target_modules explicitly"
         )
     return tuple(dict.fromkeys(names))
+
+
+def fused_up_rows(model_type: str, module_path: str) -> bool:
+    """Whether the module at `module_path` is a fused [gate | up] projection, whose second half of output rows is
+    the up projection (an adapter that adds to the up role's output writes there only)."""
+    family = find_family(model_type)
+    if family is None or not family.layout.fused_gate_up:
+        return False
+    fused = family.layout.mlp_in[-1]
+    return module_path == fused or module_path.endswith("." + fused)
 
 
 def _short_name(path: str, every: list[str]) -> str:

@@ -130,3 +130,16 @@ def test_the_models_router_aux_loss_joins_the_training_loss_and_is_logged(family
     torch.testing.assert_close(metrics["moe/router_aux_loss"], expected.item(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close((terms.total / n).detach(), reference.loss, rtol=1e-5, atol=1e-6)
     assert expected > 0
+
+
+def test_parallel_on_a_fused_gate_up_projection_adds_to_the_up_half_only():
+    model = make_recent_model("phi3")
+    inject_adapters(model, ParallelConfig(bottleneck_size=4))
+    fused = model.model.layers[0].mlp.gate_up_proj
+    with torch.no_grad():
+        fused.adapter.up.normal_()
+        x = torch.randn(3, fused.in_features)
+        delta = fused(x) - torch.nn.functional.linear(x, fused.weight)
+    half = fused.out_features // 2
+    assert fused.adapter.up.shape[0] == half
+    assert torch.equal(delta[:, :half], torch.zeros(3, half)) and delta[:, half:].abs().min() > 0
