@@ -21,7 +21,8 @@ conversation before it rendered with the generation prompt must be a prefix of t
 turn starts right after it. It ends where the conversation up to and including it ends, when that text is a prefix of
 the whole (the prefix property); where the template rewrites history (Qwen3 drops earlier turns' reasoning), it ends
 at the first end-of-turn marker after its start, the marker being what the template writes after an answer. The
-trailing whitespace of a turn (the separator after the end-of-turn marker) is not trained. Every span is checked to
+trailing whitespace of a turn (the separator after the end-of-turn marker) is not trained; a template that writes
+no marker gets the tokenizer's EOS after each answer, so the model still learns to stop. Every span is checked to
 hold the turn's tool calls (a template that drops them cannot train them). The pieces are then encoded one by one,
 context and answers apart, so no token straddles a boundary and an answer's tokens are those a model generates after
 the prompt's text.
@@ -262,7 +263,8 @@ def assistant_spans(
         if not text.startswith(before):
             raise InputError(
                 f"chat template: the conversation before assistant message {i}, rendered with the generation prompt, "
-                "is not a prefix of the whole conversation's text, so its answer cannot be located"
+                "is not a prefix of the whole conversation's text, so its answer cannot be located (the template "
+                "writes earlier turns differently once later ones follow; --train_on_turns last trains the last one)"
             )
         start = len(before)
         upto = render(tokenizer, conversation, last + 1)
@@ -286,9 +288,12 @@ def assistant_spans(
     return Rendered(text, spans)
 
 
-def encode_spans(tokenizer: Any, rendered: Rendered, bos_id: int | None) -> list[tuple[list[int], bool]]:
+def encode_spans(
+    tokenizer: Any, rendered: Rendered, bos_id: int | None, eos_id: int | None = None
+) -> list[tuple[list[int], bool]]:
     """The text as consecutive (token ids, trained) pieces: context before each span, the span, and what follows
-    the last one; `bos_id` is prepended where the text does not start with it (see `prompts.encode_texts`)."""
+    the last one; `bos_id` is prepended where the text does not start with it (see `prompts.encode_texts`), and
+    `eos_id` ends every span (for a template that writes no end-of-turn marker, so the model still learns to stop)."""
     cuts, pieces = 0, []
     for start, end in rendered.spans:
         pieces += [(rendered.text[cuts:start], False), (rendered.text[start:end], True)]
@@ -296,7 +301,7 @@ def encode_spans(tokenizer: Any, rendered: Rendered, bos_id: int | None) -> list
     pieces.append((rendered.text[cuts:], False))
     pieces = [(text, trained) for text, trained in pieces if text]
     ids = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
-    encoded = list(zip(ids, (trained for _, trained in pieces), strict=True))
+    encoded = [(p + [eos_id] if t and eos_id is not None else p, t) for p, (_, t) in zip(ids, pieces, strict=True)]
     if bos_id is not None and encoded and encoded[0][0][:1] != [bos_id]:
         encoded.insert(0, ([bos_id], False))
     return encoded

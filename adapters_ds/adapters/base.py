@@ -56,6 +56,9 @@ class AdapterConfig:
     method: ClassVar[str]
     target_roles: ClassVar[tuple[Role, ...]] = ()
     """Roles of the modules adapted by default (`families.ROLES`: q, k, v, o, mlp_gate, mlp_up, mlp_down)."""
+    adapts_experts: ClassVar[bool] = False
+    """True: the method can adapt a mixture of experts' fused 3-D parameters, so a mixture-of-experts family's MLP
+    roles default to its experts module (`families.default_targets`)."""
     model_level: ClassVar[bool] = False
     """True: the method attaches one adapter to the model itself (module path "", e.g. prompt and prefix tuning,
     which change the model's inputs or every attention layer) instead of one per target module; `target_modules`
@@ -74,9 +77,9 @@ class AdapterConfig:
     """The method's `peft_type` in Hugging Face PEFT (e.g. "LORA"), None where PEFT has no such method: then
     `export --peft` refuses it. A method with one implements `peft_config` and its layer `peft_tensors`."""
 
-    def peft_config(self, layers: list[Adapter]) -> dict[str, Any]:
+    def peft_config(self, layers: dict[str, Adapter]) -> dict[str, Any]:
         """The method's fields of PEFT's `adapter_config.json` (beyond peft_type, task_type, base model and
-        inference_mode), given the model's adapter layers of this config."""
+        inference_mode), given the model's adapter layers of this config by module path."""
         raise NotImplementedError(f"{self.method} has no Hugging Face PEFT mapping")
 
     def __post_init__(self) -> None:
@@ -108,7 +111,7 @@ class AdapterConfig:
 
     def default_targets(self, model_type: str) -> tuple[str, ...]:
         """Module names adapted when `target_modules` is None; an InputError for a family without them."""
-        return default_targets(model_type, self.roles(), self.method)
+        return default_targets(model_type, self.roles(), self.method, experts=self.adapts_experts)
 
     def roles(self) -> tuple[Role, ...]:
         """The roles adapted by default; a method whose placement depends on its options overrides this."""

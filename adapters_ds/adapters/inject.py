@@ -55,7 +55,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
 
     Works on a ZeRO-3-partitioned model: layer shapes come from module attributes, never from the weights.
     """
-    layer_cls = get_method(config.method).layer
+    method = get_method(config.method)
     selected = resolve_targets(model, config)
     modules = dict(model.named_modules())
     dims = {}
@@ -68,7 +68,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
         base = modules[name]
         dtype = resolve_dtype(config.dtype, base)
         options = config.layer_options(model, name)
-        attach(base, layer_cls(config, dims[name], dtype, reference_weight(base).device, **options))
+        attach(base, method.make(config, dims[name], dtype, reference_weight(base).device, **options))
     return list(selected)
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_ds.adapters.base import Adapter, AdapterConfig, Strategy, adapter_layers, check_range, option
+from adapters_ds.adapters.lora_experts import ExpertDims, ExpertLoRA, expert_dims, is_experts
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
 from adapters_ds.families import LinearDims
@@ -49,6 +50,7 @@ class LoRAConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     target_roles = ("q", "k", "v", "mlp_up", "mlp_down")
+    adapts_experts = True  # a mixture of experts' fused parameters: one pair per expert (`lora_experts`)
 
     r: int = option(32, "LoRA rank", flag="lora_r")
     alpha: float = option(
@@ -89,22 +91,38 @@ class LoRAConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "LORA"
 
-    def peft_config(self, layers: list[Adapter]) -> dict[str, Any]:
+    def peft_config(self, layers: dict[str, Adapter]) -> dict[str, Any]:
         """PEFT's LoRA fields: our target matching rule (exact name or dotted suffix) is PEFT's, so the same modules
         are adapted; PEFT's DoRA norm and rsLoRA scale are ours, so both flags carry over as they are (LoRA+ only
-        changes training)."""
+        changes training). LoRA on a mixture of experts' fused parameters goes to PEFT's `target_parameters`
+        (`lora_experts`), with `lora_dropout` 0, which PEFT requires there (dropout acts in training only, so the
+        exported model computes the same)."""
+        experts = {
+            target: [name for name, _, _ in layer.dims.shapes]
+            for target in self.target_modules
+            for path, layer in layers.items()
+            if isinstance(layer, ExpertLoRA) and (path == target or path.endswith("." + target))
+        }
+        extra = {"target_parameters": [f"{t}.{p}" for t, ps in experts.items() for p in ps], "lora_dropout": 0.0}
         return {
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
-            "target_modules": list(self.target_modules),
-            "fan_in_fan_out": any(layer.transposed for layer in layers),  # GPT-2's Conv1D stores (in, out) weights
+            "target_modules": [t for t in self.target_modules if t not in experts],
+            "fan_in_fan_out": any(layer.transposed for layer in layers.values()),  # GPT-2's Conv1D: (in, out)
             "bias": "none",
             "modules_to_save": None,
             "init_lora_weights": True,
             "use_rslora": self.use_rslora,  # s = alpha / sqrt(r)
             "use_dora": self.use_dora,
+            **(extra if experts else {}),
         }
+
+    def layer_dims(self, name: str, module: nn.Module) -> LinearDims | ExpertDims:
+        """A linear layer's shapes, or an experts module's fused expert matrices (`lora_experts`)."""
+        if is_experts(module):
+            return expert_dims(name, module, self.use_dora)
+        return super().layer_dims(name, module)
 
 
 class LoRAStrategy(Strategy):
@@ -119,10 +137,10 @@ class LoRAStrategy(Strategy):
         LoRA+ authors' code and PEFT's `create_loraplus_optimizer`). Weight decay stays the run's."""
         if self.config.lora_plus_ratio == 1:
             return super().param_groups(model, learning_rate)
-        layers = [adapter for _, _, adapter in adapter_layers(model) if isinstance(adapter, LoRA)]
+        layers = [adapter for _, _, adapter in adapter_layers(model) if isinstance(adapter, (LoRA, ExpertLoRA))]
         if not layers:
             raise InputError("the model has no LoRA adapters (inject a LoRAConfig first)")
-        slow = [adapter.lora_A for adapter in layers]
+        slow = [p for adapter in layers for p in adapter.input_side()]
         fast = [p for adapter in layers for p in adapter.output_side()]
         grouped = {id(p) for p in slow + fast}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
@@ -182,6 +200,10 @@ class LoRA(Adapter):
         if self.use_dora:
             tensors[f"{prefix}.lora_magnitude_vector"] = self.lora_magnitude
         return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+    def input_side(self) -> list[nn.Parameter]:
+        """The parameters on the input side of the update (LoRA+'s slow group): A."""
+        return [self.lora_A]
 
     def output_side(self) -> list[nn.Parameter]:
         """The parameters on the output side of the update (LoRA+'s fast group): B, and DoRA's magnitude."""
@@ -245,4 +267,11 @@ class LoRA(Adapter):
                 self.merged_norm = None
 
 
-register(LoRAConfig, LoRA, LoRAStrategy)
+def lora_layer(config: LoRAConfig, dims: LinearDims | ExpertDims, dtype: torch.dtype, device: torch.device) -> Adapter:
+    """The LoRA layer for what `LoRAConfig.layer_dims` found: a linear layer or an experts module."""
+    if isinstance(dims, ExpertDims):
+        return ExpertLoRA(config, dims, dtype, device)
+    return LoRA(config, dims, dtype, device)
+
+
+register(LoRAConfig, LoRA, LoRAStrategy, build=lora_layer)

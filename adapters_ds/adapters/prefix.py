@@ -80,7 +80,7 @@ class PrefixConfig(VirtualTokensConfig):
             raise InputError(f"prefix projection must be true or false, found {self.projection!r}")
         check_count("prefix encoder_hidden_size", self.encoder_hidden_size)
 
-    def peft_config(self, layers: list[Adapter]) -> dict[str, Any]:
+    def peft_config(self, layers: dict[str, Adapter]) -> dict[str, Any]:
         return {**super().peft_config(layers), "prefix_projection": False}  # folded into prompt_embeddings
 
     def layer_dims(self, name: str, module: nn.Module) -> ModelDims:

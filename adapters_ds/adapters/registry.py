@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, NamedTuple
 
@@ -25,21 +26,33 @@ ENTRY_POINT_GROUP = "adapters_ds.methods"
 class Method(NamedTuple):
     config: type[AdapterConfig]
     layer: type[Adapter]
+    """The layer class: what the method's layers are and what they can do (merge, tensor parallelism, pruning)."""
     strategy: type[Strategy] = Strategy
+    build: Callable[..., Adapter] | None = None
+    """Builds a layer from (config, dims, dtype, device, **options) where one class does not fit every module (LoRA
+    on an experts module); default: `layer` itself."""
+
+    def make(self, config: AdapterConfig, dims: Any, dtype: Any, device: Any, **options: Any) -> Adapter:
+        return (self.build or self.layer)(config, dims, dtype, device, **options)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(config: type[AdapterConfig], layer: type[Adapter], strategy: type[Strategy] = Strategy) -> None:
+def register(
+    config: type[AdapterConfig],
+    layer: type[Adapter],
+    strategy: type[Strategy] = Strategy,
+    build: Callable[..., Adapter] | None = None,
+) -> None:
     """Make a method known under `config.method`; registering the same classes again is a no-op. `strategy` is how
-    it trains (`base.Strategy`: plain training by default)."""
+    it trains (`base.Strategy`: plain training by default); `build`, see `Method.build`."""
     name = getattr(config, "method", None)
     if not isinstance(name, str) or not name.isidentifier():
         raise TypeError(f"{config.__name__}.method must be an identifier, found {name!r}")
     if not (issubclass(config, AdapterConfig) and issubclass(layer, Adapter) and issubclass(strategy, Strategy)):
         raise TypeError("register(config, layer, strategy) takes subclasses of AdapterConfig, Adapter and Strategy")
-    method = Method(config, layer, strategy)
+    method = Method(config, layer, strategy, build)
     if name in METHODS and METHODS[name] != method:
         raise ValueError(f"adapter method {name!r} is already registered by {METHODS[name].config.__name__}")
     METHODS[name] = method

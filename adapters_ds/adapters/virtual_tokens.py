@@ -86,7 +86,7 @@ class VirtualTokensConfig(AdapterConfig):
     def layer_dims(self, name: str, module: nn.Module) -> ModelDims:
         return model_dims(module)
 
-    def peft_config(self, layers: list[Adapter]) -> dict[str, Any]:
+    def peft_config(self, layers: dict[str, Adapter]) -> dict[str, Any]:
         """PEFT keeps one tensor for every virtual-token method, `prompt_embeddings` (see the layers'
         `peft_embeddings`); its config needs the count only."""
         return {"num_virtual_tokens": self.num_virtual_tokens}

@@ -1,5 +1,6 @@
 """`export --peft`: an adapter in Hugging Face PEFT's format, for every method PEFT has (`AdapterConfig.peft_type`:
-LoRA with DoRA and rsLoRA, prefix, prompt and P-tuning); `peft.PeftModel.from_pretrained(base, out)` gives the same
+LoRA with DoRA and rsLoRA, also on a mixture of experts' fused parameters, prefix, prompt and P-tuning);
+`peft.PeftModel.from_pretrained(base, out)` gives the same
 outputs as our adapted model. Each method maps itself (`AdapterConfig.peft_config`, `Adapter.peft_tensors`); this
 module loads the adapter and writes the folder. `task_type` is CAUSAL_LM: without it PEFT builds a model that ignores
 a virtual-token prompt.
@@ -28,8 +29,8 @@ from adapters_ds.modeling import load_base_model
 PEFT_CONFIG_NAME = "adapter_config.json"
 
 
-def peft_config(config: AdapterConfig, layers: list[Adapter], base_name: str) -> dict[str, Any]:
-    """PEFT's `adapter_config.json` of `config` whose adapter layers are `layers`."""
+def peft_config(config: AdapterConfig, layers: dict[str, Adapter], base_name: str) -> dict[str, Any]:
+    """PEFT's `adapter_config.json` of `config` whose adapter layers are `layers` (by module path)."""
     return {
         "peft_type": config.peft_type,
         "task_type": "CAUSAL_LM",
@@ -79,10 +80,10 @@ def export_peft(base_model: str, adapter_dir: str, output_dir: str) -> None:
     check_peft_method(config, adapter_dir)
     if config.model_level:
         config, layer = model_level_layer(base_model, adapter_dir)
-        layers, tensors = [layer], layer.peft_tensors("")
+        layers, tensors = {"": layer}, layer.peft_tensors("")
     else:
         model, config = _load(base_model, adapter_dir, dtype=CHECKPOINT)
-        layers, tensors = [a for _, _, a in adapter_layers(model)], peft_state_dict(model)
+        layers, tensors = {path: a for path, _, a in adapter_layers(model)}, peft_state_dict(model)
     with atomic_dir(output_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         write_json(tmp / PEFT_CONFIG_NAME, peft_config(config, layers, base_model))

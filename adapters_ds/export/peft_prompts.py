@@ -40,7 +40,7 @@ def model_level_layer(base_model: str, adapter_dir: str | Path) -> tuple[Adapter
         )
     with torch.device("meta"):  # the geometry only: no weights are allocated or read
         skeleton = AutoModelForCausalLM.from_config(model_config)
-    layer = get_method(config.method).layer(config, config.layer_dims("", skeleton), torch.float32, torch.device("cpu"))
+    layer = get_method(config.method).make(config, config.layer_dims("", skeleton), torch.float32, torch.device("cpu"))
     prefix = f"{ADAPTER_ATTR}."
     state = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
     try:

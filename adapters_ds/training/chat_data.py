@@ -101,7 +101,8 @@ def _tokenize_conversations(
             rendered = assistant_spans(tokenizer, json.loads(text), train_on_turns, eot)
         except (InputError, jinja2.TemplateError) as exc:  # a template's own raise_exception is a TemplateError
             raise InputError(f"{where}: {exc}") from None
-        ids, trained, dropped = fit_turns(encode_spans(tokenizer, rendered, bos_id), cutoff_len)
+        eos_id = None if eot else tokenizer.eos_token_id  # no end-of-turn marker: EOS ends each answer
+        ids, trained, dropped = fit_turns(encode_spans(tokenizer, rendered, bos_id, eos_id), cutoff_len)
         if not any(trained):
             continue
         out["input_ids"].append(ids)

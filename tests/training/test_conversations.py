@@ -11,6 +11,7 @@ import pytest
 from tiny_tokenizer import make_tokenizer
 from transformers import AutoTokenizer
 
+from adapters_ds.conversations import assistant_spans, normalize
 from adapters_ds.demo.default_model import default_model_dir, is_complete
 from adapters_ds.errors import InputError
 from adapters_ds.training import data
@@ -178,3 +179,39 @@ def test_a_hub_dataset_of_conversations_trains_like_the_same_file(tmp_path, monk
     from_hub = tokenize_records(load_records("someone/chats"), tok, 512, True)
     from_file, _ = examples(tmp_path, tok, records)
     assert from_hub["input_ids"] == from_file["input_ids"] and from_hub["labels"] == from_file["labels"]
+
+
+def test_reasoning_is_trained_where_the_template_keeps_it():
+    """Qwen3-style: the last answer's reasoning (OpenAI's `reasoning_content`) is in its <think> block and trained;
+    an earlier answer's reasoning is dropped from the history by the template, so it is not."""
+    tok = tokenizer_with(QWEN3_STYLE)
+    messages = [dict(m) for m in MULTI_TURN["messages"]]
+    messages[2]["reasoning_content"], messages[4]["reasoning_content"] = "greet back", "add them"
+    rendered = assistant_spans(tok, normalize({"messages": messages}, "x"))
+    spans = [rendered.text[a:b] for a, b in rendered.spans]
+    assert spans == [f"{A1}<|im_end|>", f"<think>\nadd them\n</think>\n\n{A2}<|im_end|>"]
+    assert "greet back" not in rendered.text
+
+
+def test_a_template_without_an_end_of_turn_marker_ends_each_answer_with_eos(tmp_path):
+    tok = make_tokenizer()  # its template writes "<|role|>\ncontent\n" and nothing to stop on
+    _, shown = examples(tmp_path, tok, [MULTI_TURN])
+    assert shown[0]["trained_segments"] == [f"{A1}</s>", f"{A2}</s>"]
+
+
+# Mistral's style: the tool list written before the last user message, so an earlier prefix renders differently
+TOOLS_BEFORE_LAST_USER = (
+    "{%- set last = namespace(i=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set last.i = loop.index0 %}"
+    "{%- endif %}{%- endfor %}{{- bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- if tools and loop.index0 == last.i %}[TOOLS]{{ tools | tojson }}[/TOOLS]{%- endif %}"
+    "[INST]{{ m.content }}[/INST]{%- elif m.role == 'assistant' %}{{ m.content }}</s>{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_the_last_turn_only(tmp_path):
+    tok = tokenizer_with(TOOLS_BEFORE_LAST_USER)
+    record = {"messages": MULTI_TURN["messages"][1:], "tools": TOOLS}
+    with pytest.raises(InputError, match="record 0 .*before assistant message 1.*--train_on_turns last"):
+        examples(tmp_path, tok, [record])
+    _, shown = examples(tmp_path, tok, [record], train_on_turns="last")
+    assert shown[0]["trained_segments"] == [f"{A2}</s>"]
