@@ -180,9 +180,8 @@ class Trainer:
         warmup = math.ceil(args.warmup_ratio * self.total_steps)
         schedule = partial(lr_lambda, warmup=warmup, total=self.total_steps, kind=args.lr_scheduler)
 
-        def load(dtype: torch.dtype) -> Any:
-            return load_base_model(self.base_model, dtype, args.trust_remote_code, args.allow_pickle)
-
+        load = partial(load_base_model, self.base_model, trust_remote_code=args.trust_remote_code,
+                       allow_pickle=args.allow_pickle)  # fmt: skip
         self.adapter_config = self.adapter_config.resolve(self.tokenizer)  # e.g. a prompt's init text → token ids
         self.strategy = strategy_for(self.adapter_config)  # how the method trains (state of this run only)
 

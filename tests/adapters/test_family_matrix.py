@@ -124,7 +124,7 @@ def test_the_models_router_aux_loss_joins_the_training_loss_and_is_logged(family
     freeze_base(model)
     batch = _labelled(sample_batch())
     metrics: dict[str, float] = {}
-    terms = micro_batch_loss(model, batch, config, 0, [11, 11], [11, 11], metrics)
+    terms = micro_batch_loss(model, batch, strategy_for(config), 0, [11, 11], [11, 11], metrics)
     with torch.no_grad():
         reference = model(**batch)  # transformers' own: mean token loss + coef · aux
     n = 2 * 11
