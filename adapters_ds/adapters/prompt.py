@@ -71,8 +71,9 @@ class PromptConfig(VirtualTokensConfig):
         vocab = embedding.num_embeddings
         if max(self.init_token_ids) >= vocab:
             raise InputError(f"prompt init_token_ids {max(self.init_token_ids)} is outside the model's {vocab} tokens")
+        ids = list(repeat_to(self.init_token_ids, self.num_virtual_tokens))  # an older config kept the text's tokens
         with gathered([embedding.weight]):  # a ZeRO-3 partition holds no rows; every rank injects, so all gather
-            return {"init": embedding.weight[list(repeat_to(self.init_token_ids, self.num_virtual_tokens))].detach().clone()}
+            return {"init": embedding.weight[ids].detach().clone()}
 
 
 class PromptTuning(VirtualTokens):

@@ -1,7 +1,7 @@
 """Evaluate a base model (plus a trained adapter) on math and commonsense benchmarks in the LLM-Adapters format.
 
-    python launcher/evaluate.py --base_model PATH [--adapter_dir DIR[,DIR...]] --datasets AddSub,MultiArith,gsm8k,AQuA \\
-        --data_dir DIR --output_dir DIR [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
+    python launcher/evaluate.py --base_model PATH [--adapter_dir DIR[,DIR...]] --datasets AddSub,gsm8k,AQuA \\
+        --data_dir DIR --output_dir DIR[,DIR...] [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
         [--train_data FILE] [--overwrite] [--no_merge] [--template alpaca|chat] [--dtype auto|bfloat16|float32|float16]
         [--label_scoring | --compare_label_scoring] [--label_lead TEXT] [--tensor_parallel N|auto]
 

@@ -63,6 +63,7 @@ from adapters_ds.evaluation.generation import (
 )
 from adapters_ds.evaluation.label_scoring import continuation_ids, continuation_log_likelihoods
 from adapters_ds.evaluation.labels import answer_lead, record_labels
+from adapters_ds.evaluation.loading import attached, check_adapter_dir, load_model
 from adapters_ds.evaluation.results import (
     LABEL_SCORING_SUFFIX,
     Row,
@@ -84,7 +85,6 @@ from adapters_ds.evaluation.results import (
 from adapters_ds.evaluation.tensor_parallel import group_consensus, load_sharded_model, parameter_bytes, resolve_size
 from adapters_ds.fileio import check_writable_dir
 from adapters_ds.hardware import accelerator_device, resolve_dtype
-from adapters_ds.evaluation.loading import attached, check_adapter_dir, load_model
 from adapters_ds.modeling import load_base_model, load_tokenizer
 from adapters_ds.prompts import TemplateName, build_prompt
 

@@ -31,6 +31,7 @@ from adapters_ds import (
     save_adapter,
 )
 from adapters_ds.adapters.prefix import PrefixConfig
+from adapters_ds.adapters.registry import METHODS, get_method
 from adapters_ds.adapters.prompt import PromptConfig
 from adapters_ds.adapters.ptuning import PTuningConfig
 from adapters_ds.adapters.storage import WEIGHTS_NAME
@@ -395,6 +396,14 @@ def test_config_validation(values, message):
 def test_config_round_trip(case):
     config = CASES[case]()
     assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains_at_its_own_learning_rate_unless_one_is_given(method):
+    args = parse_train_args(["--ds_config", "x.json", "--adapter", method])
+    assert args.learning_rate == get_method(method).config.default_learning_rate > 0
+    given = parse_train_args(["--ds_config", "x.json", "--adapter", method, "--learning_rate", "0.123"])
+    assert given.learning_rate == 0.123
 
 
 def test_command_line_options_are_shared_with_one_default():
