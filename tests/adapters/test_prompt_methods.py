@@ -31,9 +31,9 @@ from adapters_ds import (
     save_adapter,
 )
 from adapters_ds.adapters.prefix import PrefixConfig
-from adapters_ds.adapters.registry import METHODS, get_method
 from adapters_ds.adapters.prompt import PromptConfig
 from adapters_ds.adapters.ptuning import PTuningConfig
+from adapters_ds.adapters.registry import METHODS
 from adapters_ds.adapters.storage import WEIGHTS_NAME
 from adapters_ds.evaluation.generation import generate_ids
 from adapters_ds.evaluation.harness import load_model
