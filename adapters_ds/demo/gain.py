@@ -13,10 +13,12 @@ from pathlib import Path
 
 from adapters_ds.demo.problems import default_splits
 from adapters_ds.distributed import Ranks, init_distributed
-from adapters_ds.evaluation.harness import evaluate_records, load_model
+from adapters_ds.evaluation.harness import evaluate_records
+from adapters_ds.evaluation.loading import attached
 from adapters_ds.evaluation.stats import PAIRED_INTERVAL, PAIRED_TEST, accuracy_summary, paired_difference
 from adapters_ds.fileio import atomic_write_text, write_json
 from adapters_ds.hardware import accelerator_device, resolve_dtype
+from adapters_ds.modeling import load_base_model, load_tokenizer
 from adapters_ds.training.args import TrainArgs
 
 # Options the main job changes when the user sets neither --base_model nor --data_path (and not the option
@@ -56,15 +58,21 @@ def report_gain(args: TrainArgs, base_model: str, adapter_dir: Path) -> dict:
     shard = test[info.rank :: info.world_size]
     device = accelerator_device()
     dtype = resolve_dtype("auto", device)
+    model, tokenizer = load_base_model(base_model, dtype=dtype).to(device).eval(), load_tokenizer(base_model)
     flags: dict[str, list[bool]] = {}
     for name, adapter in (("base", None), ("adapted", str(adapter_dir))):
-        model, tokenizer, _ = load_model(base_model, adapter, dtype, device)
-        rows = evaluate_records(
-            model, tokenizer, shard, max_new_tokens=EVAL_MAX_NEW_TOKENS, template=args.template, progress=info.is_main
-        )
+        with attached(model, adapter):  # one base load; the adapter merged (LoRA) or attached as the harness does
+            rows = evaluate_records(
+                model,
+                tokenizer,
+                shard,
+                max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                template=args.template,
+                progress=info.is_main,
+            )
         gathered = Ranks(start=False).gather([bool(r["correct"]) for r in rows])
         flags[name] = [flag for part in gathered for flag in part]  # both models: the same questions, same order
-        del model
+    del model
     gain = paired_difference(flags["adapted"], flags["base"])
     result = {
         "adapter": args.adapter,
