@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, check_range, option
+from adapters_ds.adapters.dropout import SharedDropout
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
 from adapters_ds.families import LinearDims
@@ -136,7 +137,7 @@ class LoRA(Adapter):
         self.scaling = config.scaling
         self.transposed = dims.transposed
         add_lora_parameters(self, config.r, dims, dtype, device)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = SharedDropout(config.dropout)  # one mask per input tensor, shared with q/k/v's siblings
         self.use_dora = self.reads_base = config.use_dora
         if self.use_dora:
             # m, (out,): the norm of the base weight's rows, set by `on_attach` (which sees the base layer)
@@ -158,7 +159,9 @@ class LoRA(Adapter):
                 self.lora_magnitude.copy_(self.weight_norm(base))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module | None = None) -> torch.Tensor:
-        update = lora_update(self.dropout(x.to(self.lora_A.dtype)), self.lora_A, self.lora_B, self.scaling)
+        dropped, keep_scale = self.dropout(x.to(self.lora_A.dtype))  # keep_scale: dropout's 1/q, 1.0 without it
+        scaling = self.scaling if keep_scale == 1.0 else self.scaling * keep_scale
+        update = lora_update(dropped, self.lora_A, self.lora_B, scaling)
         if not self.use_dora:
             return update  # (..., out)
         scale = self.lora_magnitude.float() / self.weight_norm(base).float()  # (out,), m / ‖W + s·BA‖
