@@ -81,7 +81,8 @@ class SharedDropout(nn.Module):
         if last is not None and last.p == self.p and last.key == key:
             return last.dropped, last.scale
         kept = keep_threshold(self.p)
-        dropped = x * keep_mask(x.shape, self.p, x.device)  # (..., in), the dropped elements 0
+        # (..., in), the dropped elements 0; a mask in x's dtype: a bool operand takes a slow type-promoting path
+        dropped = x * keep_mask(x.shape, self.p, x.device).to(x.dtype)
         scale = LEVELS / kept if kept else 0.0
         SharedDropout._last = _Entry(x, key, self.p, dropped, scale)
         return dropped, scale

@@ -124,6 +124,12 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     return F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scaling
 
 
+def lora_update_train(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s · B A x with s applied to the (..., r) intermediate: r / out of the multiplies of `lora_update` (and of
+    their backward), equal to it up to rounding. Training's order; evaluation and export keep PEFT's."""
+    return F.linear(F.linear(x.to(lora_A.dtype), lora_A) * scaling, lora_B)
+
+
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """s · B A in fp32, (out, in)."""
     return (lora_B.float() @ lora_A.float()) * scaling
@@ -159,9 +165,11 @@ class LoRA(Adapter):
                 self.lora_magnitude.copy_(self.weight_norm(base))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module | None = None) -> torch.Tensor:
-        dropped, keep_scale = self.dropout(x.to(self.lora_A.dtype))  # keep_scale: dropout's 1/q, 1.0 without it
-        scaling = self.scaling if keep_scale == 1.0 else self.scaling * keep_scale
-        update = lora_update(dropped, self.lora_A, self.lora_B, scaling)
+        if self.training:  # dropout's 1/q (1.0 without it) and s on the (..., r) intermediate: one small multiply
+            dropped, keep_scale = self.dropout(x.to(self.lora_A.dtype))
+            update = lora_update_train(dropped, self.lora_A, self.lora_B, self.scaling * keep_scale)
+        else:
+            update = lora_update(x, self.lora_A, self.lora_B, self.scaling)
         if not self.use_dora:
             return update  # (..., out)
         scale = self.lora_magnitude.float() / self.weight_norm(base).float()  # (out,), m / ‖W + s·BA‖
