@@ -152,7 +152,7 @@ def with_answer_targets(
     """`tokenized` (from `tokenize_records(raw, tokenizer, ...)` with the run's `args`) with an `answer_targets`
     column: each example's response target tokens, counted on the same texts tokenized with the prompt masked."""
     answers = tokenized
-    if args.train_on_inputs:
+    if args.train_on_inputs and "conversation" not in raw.column_names:  # conversations: assistant tokens only
         answers = tokenize_records(raw, tokenizer, args.cutoff_len, False, args.template)
     return tokenized.add_column("answer_targets", target_counts(answers))
 
