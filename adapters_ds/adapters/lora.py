@@ -21,6 +21,11 @@ variants as options.
 - LoRA+ (`lora_plus_ratio`; Hayou et al. 2024, arXiv 2402.12354): B learns `ratio` times faster than A (their own
   optimizer groups, `param_groups`).
 
+Training computes the same update in a cheaper order: dropout is `dropout.SharedDropout` (one mask per input tensor,
+shared by q, k and v, which read the same one; its 1/q and s multiply the (..., r) intermediate rather than the
+(..., out) output: `lora_update_train`). Evaluation and export keep PEFT's order (`lora_update`), so exported
+adapters match PEFT's outputs bit for bit.
+
 B = 0 makes the adapted model equal to the base at step 0 in every variant. The update is linear in W (DoRA: a
 row scaling of W + s·BA), so it is merged into W (and unmerged) exactly up to rounding, in fp32; merging is always
 explicit, never a side effect of eval().
