@@ -92,7 +92,7 @@ class LoRAConfig(AdapterConfig):
     def layer_dims(self, name: str, module: nn.Module) -> LinearDims | ExpertDims:
         """A linear layer's shapes, or an experts module's fused expert matrices (`lora_experts`)."""
         if is_experts(module):
-            return expert_dims(name, module, self.use_dora)
+            return expert_dims(name, module, self.use_dora, self.target_modules)
         return super().layer_dims(name, module)
 
     def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
