@@ -21,7 +21,8 @@ conversation before it rendered with the generation prompt must be a prefix of t
 turn starts right after it. It ends where the conversation up to and including it ends, when that text is a prefix of
 the whole (the prefix property); where the template rewrites history (Qwen3 drops earlier turns' reasoning), it ends
 at the first end-of-turn marker after its start, the marker being what the template writes after an answer. The
-trailing whitespace of a turn (the separator after the end-of-turn marker) is not trained. Every span is checked to
+trailing whitespace of a turn (the separator after the end-of-turn marker) is not trained; a template that writes
+no marker gets the tokenizer's EOS after each answer, so the model still learns to stop. Every span is checked to
 hold the turn's tool calls (a template that drops them cannot train them). The pieces are then encoded one by one,
 context and answers apart, so no token straddles a boundary and an answer's tokens are those a model generates after
 the prompt's text.
@@ -58,9 +59,10 @@ def record_format(record: Any) -> Format | None:
     return None
 
 
-def normalize(record: Mapping[str, Any], where: str) -> dict[str, Any]:
+def normalize(record: Mapping[str, Any], where: str, prompt_only: bool = False) -> dict[str, Any]:
     """The record as `{"messages", "tools"}` for a chat template, checked; `where` ("data.json: record 3 (0-based)")
-    starts every error message."""
+    starts every error message. `prompt_only` (an evaluation question): the conversation may end with the user's
+    turn instead of the assistant's."""
     kind = record_format(record)
     if kind is None:
         found = f"fields {sorted(record)}" if isinstance(record, Mapping) else f"a JSON {json_type(record)}"
@@ -85,7 +87,7 @@ def normalize(record: Mapping[str, Any], where: str) -> dict[str, Any]:
         tools = _json(tools, f"{where}: 'tools'")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
         raise InputError(f"{where}: expected 'tools' to be a list of objects; found {json_type(tools)}")
-    _check_order(messages, where)
+    _check_order(messages, where, prompt_only)
     return {"messages": messages, "tools": tools or None}
 
 
@@ -144,6 +146,8 @@ def _openai_message(message: Any, where: str) -> dict[str, Any]:
     for key in ("tool_call_id", "name"):
         if message.get(key) is not None and role == "tool":
             out[key] = str(message[key])
+    if isinstance(message.get("reasoning_content"), str) and role == "assistant":
+        out["reasoning_content"] = message["reasoning_content"]  # templates of reasoning models (Qwen3) read it
     if role != "tool" and not out["content"].strip() and not calls:
         raise InputError(f"{where}: expected text in a {role} message; found it empty")
     return out
@@ -162,7 +166,7 @@ def _sharegpt_message(turn: Any, where: str) -> dict[str, Any]:
     return _openai_message({"role": SHAREGPT_ROLES[kind], "content": turn["value"]}, where)
 
 
-def _check_order(messages: list[dict[str, Any]], where: str) -> None:
+def _check_order(messages: list[dict[str, Any]], where: str, prompt_only: bool = False) -> None:
     """System only first; tool results only answering the calls of the assistant turn before them; the last turn
     is the assistant's."""
     open_calls: list[dict[str, Any]] = []
@@ -182,7 +186,7 @@ def _check_order(messages: list[dict[str, Any]], where: str) -> None:
             open_calls.remove(next((c for c in open_calls if c.get("id") == wanted), open_calls[0]))
         else:
             open_calls = list(message.get("tool_calls", [])) if role == "assistant" else []
-    if messages[-1]["role"] != "assistant":
+    if messages[-1]["role"] != "assistant" and not prompt_only:
         raise InputError(
             f"{where}: expected the conversation to end with an assistant turn; found {messages[-1]['role']!r} last"
         )
@@ -220,11 +224,12 @@ def render(tokenizer: Any, conversation: Mapping[str, Any], n: int | None = None
 def end_of_turn(tokenizer: Any) -> str:
     """What the template writes after an assistant's answer (its end-of-turn marker, "<|im_end|>", "<|eot_id|>"),
     whitespace stripped: from a probe conversation rendered with and without the answer."""
-    probe = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    answer = "zq7x"  # text no template writes by itself
+    probe = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]}
     full, before = render(tokenizer, probe), render(tokenizer, probe, 1, prompt=True)
-    if not full.startswith(before) or "A" not in full[len(before) :]:
+    if not full.startswith(before) or answer not in full[len(before) :]:
         raise InputError("chat template: the generation prompt is not how the template starts an assistant turn")
-    return full[len(before) :].split("A", 1)[1].strip()
+    return full[len(before) :].split(answer, 1)[1].strip()
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,8 @@ def assistant_spans(
         if not text.startswith(before):
             raise InputError(
                 f"chat template: the conversation before assistant message {i}, rendered with the generation prompt, "
-                "is not a prefix of the whole conversation's text, so its answer cannot be located"
+                "is not a prefix of the whole conversation's text, so its answer cannot be located (the template "
+                "writes earlier turns differently once later ones follow; --train_on_turns last trains the last one)"
             )
         start = len(before)
         upto = render(tokenizer, conversation, last + 1)
@@ -282,9 +288,12 @@ def assistant_spans(
     return Rendered(text, spans)
 
 
-def encode_spans(tokenizer: Any, rendered: Rendered, bos_id: int | None) -> list[tuple[list[int], bool]]:
+def encode_spans(
+    tokenizer: Any, rendered: Rendered, bos_id: int | None, eos_id: int | None = None
+) -> list[tuple[list[int], bool]]:
     """The text as consecutive (token ids, trained) pieces: context before each span, the span, and what follows
-    the last one; `bos_id` is prepended where the text does not start with it (see `prompts.encode_texts`)."""
+    the last one; `bos_id` is prepended where the text does not start with it (see `prompts.encode_texts`), and
+    `eos_id` ends every span (for a template that writes no end-of-turn marker, so the model still learns to stop)."""
     cuts, pieces = 0, []
     for start, end in rendered.spans:
         pieces += [(rendered.text[cuts:start], False), (rendered.text[start:end], True)]
@@ -292,7 +301,7 @@ def encode_spans(tokenizer: Any, rendered: Rendered, bos_id: int | None) -> list
     pieces.append((rendered.text[cuts:], False))
     pieces = [(text, trained) for text, trained in pieces if text]
     ids = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
-    encoded = list(zip(ids, (trained for _, trained in pieces), strict=True))
+    encoded = [(p + [eos_id] if t and eos_id is not None else p, t) for p, (_, t) in zip(ids, pieces, strict=True)]
     if bos_id is not None and encoded and encoded[0][0][:1] != [bos_id]:
         encoded.insert(0, ([bos_id], False))
     return encoded

@@ -10,6 +10,7 @@ demo's defaults for the options the command line does not set.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 
 from adapters_ds.cli.output import quiet_third_party
@@ -34,8 +35,9 @@ def run(argv: Sequence[str] | None = None) -> None:
     if args.preview_data:  # the examples as the loss sees them, then exit without training
         tokenizer = load_tokenizer(base_model, trust_remote_code=args.trust_remote_code)
         tokenized = training_examples(tokenizer, args, training_records() if builtin else None)[1]
-        for example in preview(tokenized, tokenizer, args.preview_data):
-            print(json.dumps(example, ensure_ascii=False), flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, one rank prints
+            for example in preview(tokenized, tokenizer, args.preview_data):
+                print(json.dumps(example, ensure_ascii=False), flush=True)
         return
     adapter_dir = train(args, base_model, training_records() if builtin else None)
     if builtin:

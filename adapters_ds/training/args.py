@@ -27,7 +27,7 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainArgs:
-    ds_config: str = _opt(None, "DeepSpeed JSON config (ds_configs/zero3.json, ...)", required=True)
+    ds_config: str | None = _opt(None, "DeepSpeed JSON config (ds_configs/zero3.json, ...); required to train")
     base_model: str | None = _opt(None, "base model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     data_path: str | None = _opt(
         None, "JSON/JSONL file of {instruction,input,output} records or a hub dataset (default: built-in problems)"
@@ -99,6 +99,8 @@ class TrainArgs:
     """Values of every registered method's options, by flag name (`lora_r`, `bottleneck_size`, ...)."""
 
     def __post_init__(self) -> None:
+        if self.ds_config is None and not self.preview_data:  # a preview only tokenizes
+            raise InputError("--ds_config: expected a DeepSpeed JSON config (ds_configs/zero3.json, ...); found none")
         positive = ("micro_batch_size", "batch_size", "cutoff_len", "logging_steps", "eval_steps", "num_epochs")
         positive += ("max_nonfinite_steps", "dist_timeout")
         for name in positive:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import datasets
+import jinja2
 
 from adapters_ds.conversations import (
     TrainOnTurns,
@@ -29,12 +30,13 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers'
 
 
 def conversation_dataset(records: Iterable[Any], source: str) -> datasets.Dataset:
-    """Records of any format (detected per record) as one `conversation` column of normalised JSON text: JSON keeps
-    each record's own tool-call arguments (an Arrow schema would merge every record's keys into each)."""
-    rows = [
-        {"conversation": json.dumps(normalize(record, f"{source}: record {index} (0-based)"))}
-        for index, record in enumerate(records)
-    ]
+    """Records of any format (detected per record) as a `conversation` column of normalised JSON text (JSON keeps
+    each record's own tool-call arguments; an Arrow schema would merge every record's keys into each) and a
+    `record` column naming the source and index, for the errors the chat template raises later."""
+    rows = []
+    for index, record in enumerate(records):
+        where = f"{source}: record {index} (0-based)"
+        rows.append({"conversation": json.dumps(normalize(record, where)), "record": where})
     if not rows:
         raise InputError(f"{source}: expected at least one record; found an empty dataset")
     return datasets.Dataset.from_list(rows)
@@ -94,9 +96,13 @@ def _tokenize_conversations(
     bos_id: int | None,
 ) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "dropped_turns": []}
-    for text in batch["conversation"]:
-        rendered = assistant_spans(tokenizer, json.loads(text), train_on_turns, eot)
-        ids, trained, dropped = fit_turns(encode_spans(tokenizer, rendered, bos_id), cutoff_len)
+    for text, where in zip(batch["conversation"], batch["record"], strict=True):
+        try:
+            rendered = assistant_spans(tokenizer, json.loads(text), train_on_turns, eot)
+        except (InputError, jinja2.TemplateError) as exc:  # a template's own raise_exception is a TemplateError
+            raise InputError(f"{where}: {exc}") from None
+        eos_id = None if eot else tokenizer.eos_token_id  # no end-of-turn marker: EOS ends each answer
+        ids, trained, dropped = fit_turns(encode_spans(tokenizer, rendered, bos_id, eos_id), cutoff_len)
         if not any(trained):
             continue
         out["input_ids"].append(ids)

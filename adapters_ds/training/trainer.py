@@ -198,7 +198,8 @@ class Trainer:
         self.engine, self.pack = built.engine, built.packed
         # the run's metrics go to DeepSpeed's monitors at optimizer-step numbers; the engine's own events (lr at the
         # sample count) are turned off: W&B drops any event whose step is below one already logged
-        self.monitor, self.engine.monitor.enabled = self.engine.monitor.enabled and self.engine.monitor, False
+        self.monitor = self.engine.monitor if self.engine.monitor.enabled else None
+        self.engine.monitor.enabled = False
         self.device = self.engine.device
         # ZeRO's optimizers and DeepSpeed's bf16/fp16 wrappers drop a step whose gradients are not finite (their
         # "overflow"); without them the engine steps a plain torch-style optimizer

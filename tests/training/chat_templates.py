@@ -2,8 +2,9 @@
 
 - `QWEN3_STYLE`: ChatML turns (`<|im_start|>role ... <|im_end|>`), tools listed in the system turn, tool calls as
   `<tool_call>` JSON, tool results inside a user turn as `<tool_response>`, and Qwen3's history rewriting: an answer
-  after the last user query is rendered with its `<think>` block (an empty one for the last turn), earlier answers
-  without it, so a conversation's prefixes are not prefixes of its text.
+  after the last user query is rendered with its `<think>` block (from `reasoning_content` or the content's own
+  `<think>...</think>`; an empty one for the last turn), earlier answers without it, so a conversation's prefixes
+  are not prefixes of its text.
 - `LLAMA3_STYLE`: Llama 3.x headers (`<|start_header_id|>role<|end_header_id|>\n\n ... <|eot_id|>`) after BOS, a
   system turn always written, tools as JSON in the system turn, tool calls as `{"name", "parameters"}` JSON, tool
   results under the `ipython` role.
@@ -25,7 +26,9 @@ QWEN3_STYLE = """
 {{- '<|im_start|>user\\n' + m.content + '<|im_end|>\\n' }}
 {%- elif m.role == 'assistant' %}
 {%- set content = m.content %}{%- set reasoning = '' %}
-{%- if '</think>' in content %}
+{%- if m.reasoning_content is defined and m.reasoning_content %}
+{%- set reasoning = m.reasoning_content.strip('\n') %}
+{%- elif '</think>' in content %}
 {%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}
 {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
 {%- endif %}

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 from tiny_tokenizer import make_tokenizer
 from transformers import AutoTokenizer
 
+from adapters_ds.conversations import assistant_spans, normalize
 from adapters_ds.demo.default_model import default_model_dir, is_complete
 from adapters_ds.errors import InputError
+from adapters_ds.training import data
 from adapters_ds.training.data import IGNORE_INDEX, load_records, preview, tokenize_records
 from training.chat_templates import LLAMA3_STYLE, QWEN3_STYLE
 
@@ -118,7 +121,7 @@ def test_loss_covers_exactly_the_assistant_turns(tmp_path, template):
 
 
 def test_a_template_without_tool_calls_is_an_error(tmp_path, smol):
-    with pytest.raises(InputError, match="does not render the tool call 'get_weather'"):
+    with pytest.raises(InputError, match="data.jsonl: record 0 .* does not render the tool call 'get_weather'"):
         examples(tmp_path, smol, [TOOL_CALL])
 
 
@@ -164,3 +167,51 @@ def test_conversations_need_a_chat_template(tmp_path):
     tok.chat_template = None
     with pytest.raises(InputError, match="--chat_template FILE"):
         examples(tmp_path, tok, [MULTI_TURN])
+
+
+def test_a_hub_dataset_of_conversations_trains_like_the_same_file(tmp_path, monkeypatch):
+    """Arrow fills every message with every key of every record (null tool_calls, null content): the result is
+    the same as from the JSON file. `datasets.load_dataset` is stubbed with what it would return (no network)."""
+    tok = tokenizer_with(LLAMA3_STYLE)
+    records = [TOOL_CALL, MULTI_TURN]  # from_list takes its columns from the first record
+    stub = datasets.Dataset.from_list(records)
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda name, split, cache_dir: stub)
+    from_hub = tokenize_records(load_records("someone/chats"), tok, 512, True)
+    from_file, _ = examples(tmp_path, tok, records)
+    assert from_hub["input_ids"] == from_file["input_ids"] and from_hub["labels"] == from_file["labels"]
+
+
+def test_reasoning_is_trained_where_the_template_keeps_it():
+    """Qwen3-style: the last answer's reasoning (OpenAI's `reasoning_content`) is in its <think> block and trained;
+    an earlier answer's reasoning is dropped from the history by the template, so it is not."""
+    tok = tokenizer_with(QWEN3_STYLE)
+    messages = [dict(m) for m in MULTI_TURN["messages"]]
+    messages[2]["reasoning_content"], messages[4]["reasoning_content"] = "greet back", "add them"
+    rendered = assistant_spans(tok, normalize({"messages": messages}, "x"))
+    spans = [rendered.text[a:b] for a, b in rendered.spans]
+    assert spans == [f"{A1}<|im_end|>", f"<think>\nadd them\n</think>\n\n{A2}<|im_end|>"]
+    assert "greet back" not in rendered.text
+
+
+def test_a_template_without_an_end_of_turn_marker_ends_each_answer_with_eos(tmp_path):
+    tok = make_tokenizer()  # its template writes "<|role|>\ncontent\n" and nothing to stop on
+    _, shown = examples(tmp_path, tok, [MULTI_TURN])
+    assert shown[0]["trained_segments"] == [f"{A1}</s>", f"{A2}</s>"]
+
+
+# Mistral's style: the tool list written before the last user message, so an earlier prefix renders differently
+TOOLS_BEFORE_LAST_USER = (
+    "{%- set last = namespace(i=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set last.i = loop.index0 %}"
+    "{%- endif %}{%- endfor %}{{- bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- if tools and loop.index0 == last.i %}[TOOLS]{{ tools | tojson }}[/TOOLS]{%- endif %}"
+    "[INST]{{ m.content }}[/INST]{%- elif m.role == 'assistant' %}{{ m.content }}</s>{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_the_last_turn_only(tmp_path):
+    tok = tokenizer_with(TOOLS_BEFORE_LAST_USER)
+    record = {"messages": MULTI_TURN["messages"][1:], "tools": TOOLS}
+    with pytest.raises(InputError, match="record 0 .*before assistant message 1.*--train_on_turns last"):
+        examples(tmp_path, tok, [record])
+    _, shown = examples(tmp_path, tok, [record], train_on_turns="last")
+    assert shown[0]["trained_segments"] == [f"{A2}</s>"]

@@ -101,9 +101,9 @@ def test_recipe_run_repeats_from_its_saved_arguments_with_equal_losses(recipe):
 
 
 def test_preview_data_shows_the_trained_spans_without_training(recipe, capsys):
-    run_command(
-        ["--config", str(recipe / "recipe.yaml"), "--output_dir", str(recipe / "preview"), "--preview_data", "2"]
-    )
+    # no --ds_config: nothing trains
+    options = {"base_model": "base", "data_path": "chat.jsonl", "chat_template": "qwen3.jinja", "output_dir": "preview"}
+    run_command([*(f"--{k}={recipe / v}" for k, v in options.items()), "--cutoff_len=512", "--preview_data=2"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 2 and not (recipe / "preview").exists()
     assert lines[0]["trained_segments"] == [
