@@ -20,6 +20,7 @@ from adapters_ds.adapters.prompt import PromptConfig
 from adapters_ds.adapters.ptuning import PTuningConfig
 from adapters_ds.adapters.storage import save_adapter
 from adapters_ds.evaluation.generation import generate_ids
+from adapters_ds.evaluation.tensor_parallel import check_tensor_parallel
 from adapters_ds.export.peft import export_peft
 from adapters_ds.families import family_of
 from adapters_ds.training.data import collate, collate_packed
@@ -173,3 +174,13 @@ def test_expert_lora_on_named_parameters_exports_to_peft_with_equal_logits(targe
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")(**batch).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert (ours - base).abs().max() > 1e-3  # the adapters change the outputs
+
+
+def test_tensor_parallel_evaluation_refuses_the_families_autotp_is_not_tested_on_by_name(tmp_path):
+    for family in RECENT_CONFIGS:
+        config = RECENT_CONFIGS[family]()
+        config.save_pretrained(tmp_path / family)
+        if family_of(config.model_type, "test").tensor_parallel is None:
+            continue
+        with pytest.raises(InputError, match=rf"--tensor_parallel 2: {config.model_type} models cannot be sharded"):
+            check_tensor_parallel(str(tmp_path / family), None, 2)
