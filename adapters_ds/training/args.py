@@ -76,6 +76,12 @@ class TrainArgs:
         "ZeRO-3: the largest share of the base's elements that may stay whole on every rank (frozen tensors at or "
         "below the persistence threshold; the adapters always do); a run above it stops with an error",
     )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = _opt(
+        "none",
+        "store the frozen base's linear layers in 4 bits (nf4, fp4: QLoRA) or 8 bits (int8); partitioned under "
+        "ZeRO-3; computes in the config's dtype",
+    )
+    double_quant: bool = _opt(False, "with nf4/fp4: store the 4-bit blocks' scales in 8 bits too")
     local_rank: int = _opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     """Values of every registered method's options, by flag name (`lora_r`, `bottleneck_size`, ...)."""

@@ -41,6 +41,7 @@ from adapters_ds.distributed import DistInfo, Ranks, barrier, init_distributed
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import check_output_dir, write_json
 from adapters_ds.modeling import check_causal_lm, load_base_model, load_tokenizer
+from adapters_ds.quantization import spec_from_args
 from adapters_ds.training import loss as losses
 from adapters_ds.training.args import TrainArgs, adapter_config
 from adapters_ds.training.attention import check_attn_implementation, packed_inputs, to_device
@@ -130,6 +131,7 @@ class Trainer:
             {"enabled": True, "output_path": str(Path(args.output_dir) / "tensorboard"), "job_name": "train"},
         )
         self.adapter_config: AdapterConfig = adapter_config(args)
+        self.quantization = spec_from_args(args.quantization, args.double_quant)
         self.output_non_empty = check_output_dir(
             args.output_dir,
             allowed=bool(args.resume or args.overwrite_output_dir),
@@ -191,6 +193,7 @@ class Trainer:
             max_replicated_base_share=args.max_replicated_base_share,
             attn_implementation=args.attn_implementation,
             before_initialize=self.create_output_dir,
+            quantization=self.quantization,
         )
         self.engine, self.pack = built.engine, built.packed
         self.device = self.engine.device
@@ -221,7 +224,8 @@ class Trainer:
         barrier()
         self.log(
             f"training {Path(self.base_model).name} with {args.adapter} on {info.world_size} rank(s), "
-            f"ZeRO stage {zero_stage(self.ds_config)}, {precision_name(self.ds_config)}; "
+            f"ZeRO stage {zero_stage(self.ds_config)}, {precision_name(self.ds_config)}"
+            f"{f', base quantized to {args.quantization}' if self.quantization else ''}; "
             f"{parameter_report(self.engine.module)}"
         )
         if zero_stage(self.ds_config) == 3:
@@ -235,7 +239,8 @@ class Trainer:
             write_json(self.out / "zero3_partition.json", reports)
             base = reports[0]
             self.log(
-                f"ZeRO-3: base {base['base_local_numel']:,} of {base['base_numel']:,} elements resident per rank "
+                f"ZeRO-3: base {base['base_local_numel']:,} of {base['base_numel']:,} elements "
+                f"({base['base_bytes_per_rank']:,} of {base['base_bytes_total']:,} bytes) resident per rank "
                 f"({base['base_replicated_numel']:,} = {100 * base['base_replicated_share']:.2f} % of the base kept "
                 f"whole on every rank), adapters {base['adapter_local_numel']:,} of {base['adapter_numel']:,} "
                 "(replicated)"
