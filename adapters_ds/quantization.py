@@ -278,6 +278,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, zero_config: dict[str, Any
             layer = QuantLinear(dense.in_features, dense.out_features, stored, spec)
         del stored
         layer.bias = dense.bias  # already what it should be (a ZeRO-3 partition, or a plain tensor)
+        layer.train(dense.training)  # a new module is in training mode; the model may not be
         setattr(parent, child, layer)
     return names
 
@@ -302,6 +303,16 @@ def dequantize_model(model: nn.Module) -> int:
                 if module.bias is not None:
                     dense.bias.copy_(module.bias)
             dense.requires_grad_(False)
+            dense.train(module.training)
             setattr(model.get_submodule(parent_name), child, dense)
             count += 1
     return count
+
+
+def round_trip(model: nn.Module, spec: QuantSpec | None) -> nn.Module:
+    """The model with the weights a run with `--quantization` (`spec`) trained against: quantized, then dequantized
+    into plain linear layers (for exporting: a merge or a pruned model in the checkpoint's dtype). No-op for None."""
+    if spec is not None:
+        quantize_model(model, spec)
+        dequantize_model(model)
+    return model

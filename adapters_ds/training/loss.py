@@ -81,7 +81,9 @@ def forward_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor], logi
         captured.append(args[0])  # (n_targets, hidden)
         return (args[0].narrow(-2, 0, 0), *args[1:])  # the head runs (ZeRO-3 gathers it as ever) on no rows
 
-    handle = head.register_forward_pre_hook(capture)
+    # first among the head's pre-hooks: ZeRO-3's own wraps the head's input for its backward bookkeeping, and the
+    # captured input must be the plain one (no gradient flows through the head, which runs on no rows)
+    handle = head.register_forward_pre_hook(capture, prepend=True)
     try:
         model(**inputs, logits_to_keep=keep, use_cache=False)
     finally:

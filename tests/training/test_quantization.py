@@ -95,6 +95,7 @@ def test_quantize_model_replaces_every_linear_but_the_head_and_refuses_whole():
     assert len(names) == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert not isinstance(model.lm_head, QuantLinear) and type(model.lm_head) is nn.Linear
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
+    assert not any(m.training for m in model.modules())  # the eval-mode model stays in eval mode (dropout off)
     assert dequantize_model(model) == 14 and not any(isinstance(m, QuantLinear) for m in model.modules())
     odd = quantizable_llama()
     odd.model.layers[1].mlp.down_proj = nn.Linear(96, 128, bias=False)  # 96 inputs: not whole 64-weight blocks
@@ -168,7 +169,7 @@ def qlora_run(root, config: str, nproc: int):
     out = root / f"{config}-{nproc}"
     run(["--ds_config", str(root / f"{config}.json"), "--base_model", str(root / "base"),
          "--data_path", str(root / "data.json"), "--output_dir", str(out), "--quantization", "nf4", "--double_quant",
-         "--lora_r", "8", "--max_steps", "4", "--micro_batch_size", str(4 // nproc), "--batch_size", "4",
+         "--lora_r", "8", "--lora_dropout", "0", "--max_steps", "4", "--micro_batch_size", str(4 // nproc), "--batch_size", "4",
          "--cutoff_len", "64", "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--logging_steps", "1",
          "--save_steps", "0"],
         launcher="deepspeed" if nproc > 1 else "python", nproc=nproc)  # fmt: skip
@@ -196,8 +197,63 @@ def test_two_rank_zero3_qlora_trains_like_one_process_and_saves_the_whole_adapte
     assert sum(r["base_bytes_per_rank"] for r in reports) < total + vectors + 128
     # the adapter saved after the ZeRO-3 run: every tensor whole, and the one-process run's values
     saved, reference = (load_file(run_dir / "adapter" / "adapter_model.safetensors") for run_dir in (sharded, single))
-    assert saved.keys() == reference.keys() and len(saved) == 2 * 2 * 7 // 7 * 2  # A and B of q, v per layer
+    assert saved.keys() == reference.keys() and len(saved) == 2 * 2 * 2  # A and B of q_proj and v_proj, 2 layers
     for name, tensor in saved.items():
         assert tensor.shape == reference[name].shape and tensor.numel() > 0
         torch.testing.assert_close(tensor, reference[name], atol=1e-4, rtol=1e-3)
     assert any(t.abs().sum() > 0 for n, t in saved.items() if "lora_B" in n)  # B moved from zero: trained
+
+
+def transformers_4bit(path):
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config, device_map="cpu")
+
+
+def test_an_adapter_of_our_quantized_base_loads_on_transformers_4bit_base_and_exports(qlora_assets, tmp_path):
+    """Our NF4 weights are bitsandbytes' NF4 weights of the same checkpoint; the adapter trained on them loads with
+    `load_adapter` on a base transformers loaded in 4 bits, its PEFT export loads there with PEFT to the same logits,
+    and `export --merge --quantization nf4` writes a plain model with the quantized model's logits."""
+    from peft import PeftModel
+
+    from adapters_ds.adapters.lora import LoRAConfig
+    from adapters_ds.adapters.storage import load_adapter, save_adapter
+    from adapters_ds.cli.export import main as export_main
+
+    base = qlora_assets / "base"
+    ours = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    quantize_model(ours, QuantSpec("nf4"))
+    config = LoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
+    inject_adapters(ours, config)
+    freeze_base(ours)
+    torch.manual_seed(0)
+    for name, param in ours.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter: B away from zero
+            torch.nn.init.normal_(param, std=0.1)
+    save_adapter(ours, config, tmp_path / "adapter")
+    ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+
+    four_bit = transformers_4bit(base)
+    for name, module in ours.named_modules():
+        if isinstance(module, QuantLinear):
+            theirs = four_bit.get_submodule(name).weight
+            assert torch.equal(module.dequantized(), bnb.dequantize_4bit(theirs.data, theirs.quant_state)), name
+    load_adapter(four_bit, tmp_path / "adapter")
+    with torch.no_grad():
+        ours_on_theirs = four_bit(input_ids=ids).logits
+
+    export_main(["--base_model", str(base), "--adapter_dir", str(tmp_path / "adapter"), "--output_dir",
+                 str(tmp_path / "peft"), "--peft"])  # fmt: skip
+    peft_model = PeftModel.from_pretrained(transformers_4bit(base), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ours_on_theirs, atol=1e-5, rtol=0)
+
+    export_main(["--base_model", str(base), "--adapter_dir", str(tmp_path / "adapter"), "--output_dir",
+                 str(tmp_path / "merged"), "--merge", "--quantization", "nf4"])  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert not any(isinstance(m, QuantLinear) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
