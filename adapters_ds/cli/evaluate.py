@@ -33,6 +33,7 @@ from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.evaluation.harness import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, evaluate
 from adapters_ds.hardware import DTYPE_NAMES
 from adapters_ds.prompts import TEMPLATES
+from adapters_ds.quantization import QUANT_KINDS, spec_from_args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -81,9 +82,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "attention heads), auto takes the smallest N whose shard fits a rank's memory (default 1)",
     )
     parser.add_argument(
+        "--quantization",
+        choices=("none", *QUANT_KINDS),
+        default="none",
+        help="the training run's --quantization: evaluate the base weights the adapter was trained against",
+    )
+    parser.add_argument("--double_quant", action="store_true", help="the training run's --double_quant")
+    parser.add_argument(
         "--local_rank", type=int, default=-1, help="set by the deepspeed launcher; ignored (LOCAL_RANK is read)"
     )
     args = parser.parse_args(argv)
+    args.quantization_spec = spec_from_args(args.quantization, args.double_quant)
     args.tensor_parallel = _tensor_parallel(args.tensor_parallel)
     for name in ("batch_size", "max_new_tokens", "num_beams", "limit"):
         value = getattr(args, name)

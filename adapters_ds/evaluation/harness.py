@@ -88,6 +88,7 @@ from adapters_ds.fileio import check_writable_dir
 from adapters_ds.hardware import accelerator_device, resolve_dtype
 from adapters_ds.modeling import load_base_model, load_tokenizer
 from adapters_ds.prompts import TemplateName, build_prompt
+from adapters_ds.quantization import QuantSpec, round_trip
 
 DEFAULT_BATCH_SIZE = 32  # prompts per generate call; bench/eval_throughput.py measures questions/s against it
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -221,18 +222,24 @@ def _batch_scorer(
 
 
 def load_model(
-    base_model: str, adapter_dir: str | None, dtype: torch.dtype, device: torch.device, merge: bool = True
+    base_model: str,
+    adapter_dir: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    merge: bool = True,
+    quantization: QuantSpec | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, tokenizer, adapter method or "none"): the base model with the adapter attached, in eval mode.
 
     No DeepSpeed engine: the adapter is loaded as `storage.load_adapter` loads it. Mergeable adapters (LoRA) are
     merged into the base weights (then the empty adapters are removed) unless `merge` is False: the same outputs at
-    the base model's speed. Adapters that cannot be merged (Series, Parallel) stay attached.
+    the base model's speed. Adapters that cannot be merged (Series, Parallel) stay attached. With `quantization`
+    (the training run's `--quantization`) the base's weights are the dequantized ones the adapter trained against.
     """
     if adapter_dir is not None:  # a bad adapter folder fails before the (slow) base model load
         read_adapter_config(adapter_dir)
         read_adapter_tensors(adapter_dir)
-    model = load_base_model(base_model, dtype=dtype)
+    model = round_trip(load_base_model(base_model, dtype=dtype), quantization)
     method = "none"
     if adapter_dir is not None:
         method = load_adapter(model, adapter_dir).method
@@ -349,11 +356,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(args.dtype, device)
     option = getattr(args, "tensor_parallel", 1)
     tp = resolve_size(option, args.base_model, args.adapter_dir, dtype, ranks, args.no_merge)
+    if tp > 1 and getattr(args, "quantization_spec", None) is not None:
+        raise InputError("--quantization evaluates on one rank per model copy: use --tensor_parallel 1")
     if tp > 1:
         ranks = Ranks(tensor_parallel=tp)
         model, tokenizer, method = load_sharded_model(args.base_model, args.adapter_dir, dtype, ranks)
     else:
-        model, tokenizer, method = load_model(args.base_model, args.adapter_dir, dtype, device, merge=not args.no_merge)
+        quantization = getattr(args, "quantization_spec", None)
+        model, tokenizer, method = load_model(
+            args.base_model, args.adapter_dir, dtype, device, merge=not args.no_merge, quantization=quantization
+        )
     resident = ranks.gather(parameter_bytes(model))
     if args.template == "chat":
         build_prompt("", "", "chat", tokenizer)  # no chat template: fail before any work

@@ -169,9 +169,9 @@ def qlora_run(root, config: str, nproc: int):
     out = root / f"{config}-{nproc}"
     run(["--ds_config", str(root / f"{config}.json"), "--base_model", str(root / "base"),
          "--data_path", str(root / "data.json"), "--output_dir", str(out), "--quantization", "nf4", "--double_quant",
-         "--lora_r", "8", "--lora_dropout", "0", "--max_steps", "4", "--micro_batch_size", str(4 // nproc), "--batch_size", "4",
-         "--cutoff_len", "64", "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--logging_steps", "1",
-         "--save_steps", "0"],
+         "--lora_r", "8", "--lora_dropout", "0", "--max_steps", "4", "--micro_batch_size", str(4 // nproc),
+         "--batch_size", "4", "--cutoff_len", "64", "--learning_rate", "1e-2", "--lr_scheduler", "constant",
+         "--logging_steps", "1", "--save_steps", "0"],
         launcher="deepspeed" if nproc > 1 else "python", nproc=nproc)  # fmt: skip
     return out
 
@@ -197,7 +197,7 @@ def test_two_rank_zero3_qlora_trains_like_one_process_and_saves_the_whole_adapte
     assert sum(r["base_bytes_per_rank"] for r in reports) < total + vectors + 128
     # the adapter saved after the ZeRO-3 run: every tensor whole, and the one-process run's values
     saved, reference = (load_file(run_dir / "adapter" / "adapter_model.safetensors") for run_dir in (sharded, single))
-    assert saved.keys() == reference.keys() and len(saved) == 2 * 2 * 2  # A and B of q_proj and v_proj, 2 layers
+    assert saved.keys() == reference.keys() and len(saved) == 2 * 5 * 2  # A and B of q,k,v,up,down_proj, 2 layers
     for name, tensor in saved.items():
         assert tensor.shape == reference[name].shape and tensor.numel() > 0
         torch.testing.assert_close(tensor, reference[name], atol=1e-4, rtol=1e-3)
