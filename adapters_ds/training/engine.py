@@ -105,8 +105,9 @@ def build_engine(
 
 def partition_report(model: nn.Module) -> dict[str, int]:
     """Elements of base and adapter parameters this rank holds, and their full sizes; the same in bytes for the base
-    (`base_bytes_per_rank`, `base_bytes_total`): a quantized base has fewer bytes than elements of its dtype suggest
-    only through its stored form, so bytes are what tell its memory."""
+    (`base_bytes_per_rank`, `base_bytes_total`). Elements are those of the stored tensors: a quantized weight counts
+    the compute-dtype elements its codes and scales occupy (`quantization.QuantLinear`), so bytes are what compare
+    a quantized base with a dense one."""
     adapter_ids = {id(p) for p in adapter_parameters(model).values()}
     keys = ("base_local_numel", "base_numel", "base_replicated_numel", "adapter_local_numel", "adapter_numel")
     report = dict.fromkeys(keys + ("base_bytes_per_rank", "base_bytes_total"), 0)
