@@ -162,7 +162,7 @@ def loss_main(spec: dict) -> None:
     before = proc_memory_gb()["rss_gb"]
     start = time.perf_counter()
     if spec["chunked"]:
-        forward = TargetForward(None, targets, torch.empty(0), {}, hidden, head)
+        forward = TargetForward(None, targets, torch.empty(0), {}, hidden=hidden, head=head)
     else:
         forward = TargetForward(head(hidden), targets, torch.empty(0), {})  # what the model's head returns
     loss = token_losses(forward).sum()

@@ -53,6 +53,9 @@ class AdapterConfig:
     method: ClassVar[str]
     target_roles: ClassVar[tuple[Role, ...]] = ()
     """Roles of the modules adapted by default (`families.ROLES`: q, k, v, o, mlp_gate, mlp_up, mlp_down)."""
+    adapts_experts: ClassVar[bool] = False
+    """True: the method can adapt a mixture of experts' fused 3-D parameters, so a mixture-of-experts family's MLP
+    roles default to its experts module (`families.default_targets`)."""
     model_level: ClassVar[bool] = False
     """True: the method attaches one adapter to the model itself (module path "", e.g. prompt and prefix tuning,
     which change the model's inputs or every attention layer) instead of one per target module; `target_modules`
@@ -114,7 +117,7 @@ class AdapterConfig:
 
     def default_targets(self, model_type: str) -> tuple[str, ...]:
         """Module names adapted when `target_modules` is None; an InputError for a family without them."""
-        return default_targets(model_type, self.roles(), self.method)
+        return default_targets(model_type, self.roles(), self.method, experts=self.adapts_experts)
 
     def roles(self) -> tuple[Role, ...]:
         """The roles adapted by default; a method whose placement depends on its options overrides this."""

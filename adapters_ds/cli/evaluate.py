@@ -2,7 +2,8 @@
 
     python launcher/evaluate.py --base_model PATH [--adapter_dir DIR] --datasets AddSub,MultiArith,gsm8k,AQuA \\
         --data_dir DIR --output_dir DIR [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
-        [--train_data FILE] [--overwrite] [--no_merge] [--template alpaca|chat] [--dtype auto|bfloat16|float32|float16]
+        [--train_data FILE] [--overwrite] [--no_merge] [--template alpaca|chat] [--chat_template FILE]
+        [--dtype auto|bfloat16|float32|float16]
         [--label_scoring | --compare_label_scoring] [--label_lead TEXT] [--tensor_parallel N|auto]
 
 Commonsense sets (BoolQ, PIQA, ARC, ...) are label tasks: each record's instruction ends with an `Answer format:` line
@@ -56,6 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in output_dir")
     parser.add_argument("--no_merge", action="store_true", help="keep LoRA unmerged (slower; same outputs)")
     parser.add_argument("--template", choices=TEMPLATES, default="alpaca", help="prompt template, as in training")
+    parser.add_argument("--chat_template", help="Jinja chat template file, as in training (for a model without one)")
     parser.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bf16 where the hardware has it, else fp32"
     )

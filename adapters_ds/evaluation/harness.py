@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from adapters_ds.adapters.inject import adapter_layers, merge_adapters, remove_adapters
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
+from adapters_ds.conversations import load_chat_template
 from adapters_ds.distributed import Ranks
 from adapters_ds.errors import InputError
 from adapters_ds.evaluation.datasets import (
@@ -87,7 +88,7 @@ from adapters_ds.evaluation.tensor_parallel import group_consensus, load_sharded
 from adapters_ds.fileio import check_writable_dir
 from adapters_ds.hardware import accelerator_device, resolve_dtype
 from adapters_ds.modeling import load_base_model, load_tokenizer
-from adapters_ds.prompts import TemplateName, build_prompt
+from adapters_ds.prompts import TemplateName, build_prompt, record_prompt
 from adapters_ds.quantization import QuantSpec, round_trip
 
 DEFAULT_BATCH_SIZE = 32  # prompts per generate call; bench/eval_throughput.py measures questions/s against it
@@ -181,7 +182,7 @@ def evaluate_records(
     """
     records = validate_records(list(records), "evaluate_records")
     kind = record_kind(records)
-    prompts = [build_prompt(r["instruction"], r["input"], template, tokenizer) for r in records]
+    prompts = [record_prompt(r, template, tokenizer) for r in records]
     encoded = encode_prompts(tokenizer, prompts)
     generation = _generation_kwargs(max_new_tokens, num_beams, stop_strings, synced_gpus)
     lead = _lead(label_lead, records) if label_scoring and kind == "labels" else None
@@ -270,7 +271,7 @@ def evaluate_dataset(
     --compare_label_scoring those rows go to the second rows file.
     """
     records = dataset.records[: args.limit] if args.limit else dataset.records
-    prompts = [build_prompt(r["instruction"], r["input"], args.template, tokenizer) for r in records]
+    prompts = [record_prompt(r, args.template, tokenizer) for r in records]
     answers = [r["answer"] for r in records]
     second = label_scoring and getattr(args, "compare_label_scoring", False)
     path = rows_path(out_dir, dataset.name, LABEL_SCORING_SUFFIX if second else "")
@@ -367,6 +368,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             args.base_model, args.adapter_dir, dtype, device, merge=not args.no_merge, quantization=quantization
         )
     resident = ranks.gather(parameter_bytes(model))
+    load_chat_template(tokenizer, getattr(args, "chat_template", None))
     if args.template == "chat":
         build_prompt("", "", "chat", tokenizer)  # no chat template: fail before any work
     mode = label_scoring_mode(args)

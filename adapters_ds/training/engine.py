@@ -27,6 +27,7 @@ from adapters_ds.adapters.inject import freeze_base, inject_adapters
 from adapters_ds.quantization import QuantSpec, quantize_model
 from adapters_ds.training.attention import AttnChoice
 from adapters_ds.training.ds_config import AUTO, compute_dtype, without_persistence_threshold, zero_stage
+from adapters_ds.training.loss import enable_router_aux_loss
 from adapters_ds.training.packing import enable_packing
 from adapters_ds.training.persistence import (
     DEFAULT_MAX_SHARE,
@@ -77,6 +78,7 @@ def build_engine(
     if quantization is not None:
         quantize_model(model, quantization, without_persistence_threshold(ds_config) if hf_ds_config else None)
     model.config.use_cache = False
+    enable_router_aux_loss(model)  # a mixture of experts' load-balancing loss joins the training loss (`loss.py`)
     packed = enable_packing(model, attn_implementation)  # micro-batches as one packed row: no compute on padding
     inject_adapters(model, adapter_config)
     freeze_base(model)
