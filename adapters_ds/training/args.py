@@ -17,6 +17,7 @@ from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.registry import METHODS, get_method, load_plugins
 from adapters_ds.conversations import TrainOnTurns
 from adapters_ds.errors import ArgumentParser, InputError
+from adapters_ds.quantization import QuantSpec, spec_from_args
 from adapters_ds.training.attention import AttnChoice
 from adapters_ds.training.recipes import config_argv
 
@@ -125,6 +126,11 @@ class TrainArgs:
             raise InputError(f"--max_replicated_base_share must be in [0, 1], found {self.max_replicated_base_share}")
         if self.learning_rate <= 0:
             raise InputError(f"--learning_rate must be > 0, found {self.learning_rate}")
+        self.quantization_spec()  # refuses --double_quant without 4-bit quantization
+
+    def quantization_spec(self) -> QuantSpec | None:
+        """The base's quantization (`--quantization`, `--double_quant`); None without."""
+        return spec_from_args(self.quantization, self.double_quant)
 
     def __getattr__(self, name: str) -> Any:  # a method option reads like any other: args.lora_r
         options = self.__dict__.get("method_options", {})

@@ -41,7 +41,6 @@ from adapters_ds.distributed import DistInfo, Ranks, barrier, init_distributed
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import check_output_dir, write_json
 from adapters_ds.modeling import check_causal_lm, load_base_model, load_tokenizer
-from adapters_ds.quantization import spec_from_args
 from adapters_ds.training import loss as losses
 from adapters_ds.training.args import TrainArgs, adapter_config
 from adapters_ds.training.attention import check_attn_implementation, packed_inputs, to_device
@@ -135,7 +134,6 @@ class Trainer:
         for section, value in monitor_config(args.report_to, args.output_dir).items():
             self.ds_config.setdefault(section, value)  # a monitor section of the DeepSpeed JSON wins
         self.adapter_config: AdapterConfig = adapter_config(args)
-        self.quantization = spec_from_args(args.quantization, args.double_quant)
         self.output_non_empty = check_output_dir(
             args.output_dir,
             allowed=bool(args.resume or args.overwrite_output_dir),
@@ -196,7 +194,7 @@ class Trainer:
             max_replicated_base_share=args.max_replicated_base_share,
             attn_implementation=args.attn_implementation,
             before_initialize=self.create_output_dir,
-            quantization=self.quantization,
+            quantization=args.quantization_spec(),
         )
         self.engine, self.pack = built.engine, built.packed
         # the run's metrics go to DeepSpeed's monitors at optimizer-step numbers; the engine's own events (lr at the
@@ -230,9 +228,8 @@ class Trainer:
             )  # fmt: skip
         barrier()
         self.log(
-            f"training {Path(self.base_model).name} with {args.adapter} on {info.world_size} rank(s), "
-            f"ZeRO stage {zero_stage(self.ds_config)}, {precision_name(self.ds_config)}"
-            f"{f', base quantized to {args.quantization}' if self.quantization else ''}; "
+            f"training {Path(self.base_model).name} with {args.adapter} on {info.world_size} rank(s), ZeRO stage "
+            f"{zero_stage(self.ds_config)}, {precision_name(self.ds_config)}, quantization {args.quantization}; "
             f"{parameter_report(self.engine.module)}"
         )
         if zero_stage(self.ds_config) == 3:
