@@ -20,6 +20,7 @@ from adapters_ds.adapters.storage import WEIGHTS_NAME, load_adapter, read_adapte
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import atomic_dir, write_json
 from adapters_ds.modeling import load_base_model
+from adapters_ds.quantization import QuantSpec, round_trip
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 
@@ -71,9 +72,13 @@ def peft_state_dict(model: nn.Module, targets: tuple[str, ...]) -> tuple[dict, d
     return tensors, experts
 
 
-def load_lora(base_model: str, adapter_dir: str, dtype: str) -> tuple[nn.Module, LoRAConfig]:
+def load_lora(
+    base_model: str, adapter_dir: str, dtype: str, quantization: QuantSpec | None = None
+) -> tuple[nn.Module, LoRAConfig]:
+    """The base with the LoRA adapter; with `quantization` the base's weights are those a run with that
+    `--quantization` trained against (quantized, then dequantized into plain linear layers)."""
     read_adapter_tensors(adapter_dir)  # a corrupt file fails before the (slow) base model load
-    model = load_base_model(base_model, dtype=dtype)
+    model = round_trip(load_base_model(base_model, dtype=dtype), quantization)
     config = load_adapter(model, adapter_dir)
     if not isinstance(config, LoRAConfig):
         raise InputError(
