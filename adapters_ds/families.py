@@ -1,9 +1,15 @@
-"""Model families: where each `transformers` architecture keeps its attention and MLP modules.
+"""Model families: everything the package knows about one `transformers` architecture, in one record per family.
 
-One table (`LAYOUTS`, keyed by `config.model_type`) serves every part that must know a family's module names:
-adapter methods pick their default targets by *role* (`ROLES`: q, k, v, o, mlp_gate, mlp_up, mlp_down), so a new
-family is one entry here and a new method names roles, not modules; the pruning export and the pruned-model loader
-read the prunable dimensions from the same entries. Module paths are relative to one block.
+A `Family` (keyed by `config.model_type`) holds the module layout (where a block keeps its attention and MLP
+projections), whether packed rows keep examples apart (`training.packing`), whether DeepSpeed's AutoTP sharding is
+supported (`evaluation.tensor_parallel`), whether prefix tuning can put its keys in front of the attention's
+(`adapters.prefix`), and the quirks those parts must know (ALiBi, positions counted from the attention mask). Every
+part asks the record (`family_of`, `find_family`); no other module keeps a list of model types, so a new family is
+one `register_family` call, in the package or in a plugin module (`ADAPTERS_DS_METHODS` imports it in every command).
+
+Adapter methods pick their default targets by *role* (`ROLES`: q, k, v, o, mlp_gate, mlp_up, mlp_down), so a new
+method names roles, not modules; the pruning export and the pruned-model loader read the prunable dimensions from
+the same layouts. Module paths are relative to one block.
 
 Also here: the shape facts of an adaptable linear layer (`linear_dims`), read from module attributes so that they
 work on ZeRO-3 partitions, whose weights have no shape.
@@ -73,75 +79,154 @@ _LLAMA = Layout(
     config_heads=True,
 )
 
-LAYOUTS: dict[str, Layout] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gpt_neox": Layout(
-        blocks="gpt_neox.layers",
-        attention="attention",
-        qkv="attention.query_key_value",
-        qkv_order="per_head",
-        o="attention.dense",
-        mlp_in=("mlp.dense_h_to_4h",),
-        mlp_out="mlp.dense_4h_to_h",
-        patch=_set_attrs(),  # its forward infers the head count from the projection width
-        config_intermediate="intermediate_size",
+# BLOOM's ALiBi, written once: each head's attention bias is a slope from the head's index and the head count,
+# computed in BLOOM's own attention code (not transformers' attention interface) from the attention mask.
+_ALIBI = "its ALiBi attention bias (a slope per head, from the head's index and the head count) is BLOOM's own code"
+UNTESTED_TP = "DeepSpeed's AutoTP sharding of this family is not tested here"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: what every part of the package must know about it. A reason string means "not supported,
+    because ..."; None means supported (and tested)."""
+
+    model_type: str  # `config.model_type`
+    layout: Layout
+    packing: str | None = None  # why packed rows would mix examples (then it trains on padded batches)
+    tensor_parallel: str | None = UNTESTED_TP  # why `--tensor_parallel N > 1` is refused (None: AutoTP tested)
+    prefix: str | None = None  # why prefix tuning cannot be applied
+    positions_from_mask: bool = False  # default position ids count the unpadded tokens (OPT), not 0, 1, ...
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Make `family` known to every part of the package (the default targets, packing, tensor-parallel evaluation,
+    prefix tuning, pruning, gates). Registering the same record again is a no-op; a different record for a known
+    model type is an error."""
+    known = _FAMILIES.get(family.model_type)
+    if known is not None and known != family:
+        raise ValueError(f"model family {family.model_type!r} is already registered with another record")
+    _FAMILIES[family.model_type] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """The registered families by model type (a copy)."""
+    return dict(_FAMILIES)
+
+
+def find_family(model_type: str | None) -> Family | None:
+    return _FAMILIES.get(model_type) if model_type is not None else None
+
+
+def family_of(model_type: str, needed_for: str) -> Family:
+    """The record of `model_type`; for an unknown one an error saying what `needed_for` needs and how to go on."""
+    if model_type not in _FAMILIES:
+        raise InputError(
+            f"{needed_for} needs a known model family; {model_type!r} has no record (known: {sorted(_FAMILIES)}); "
+            "LoRA, series and parallel adapters work on any model with --target_modules, or register a record "
+            "(adapters_ds.families.register_family, e.g. in a module named by ADAPTERS_DS_METHODS)"
+        )
+    return _FAMILIES[model_type]
+
+
+def _llama_like(model_type: str, tensor_parallel: str | None = UNTESTED_TP) -> Family:
+    return Family(model_type, _LLAMA, tensor_parallel=tensor_parallel)
+
+
+for _family in (
+    _llama_like("llama", tensor_parallel=None),
+    _llama_like("mistral", tensor_parallel=None),
+    _llama_like("qwen2", tensor_parallel=None),
+    Family(
+        "gpt_neox",
+        Layout(
+            blocks="gpt_neox.layers",
+            attention="attention",
+            qkv="attention.query_key_value",
+            qkv_order="per_head",
+            o="attention.dense",
+            mlp_in=("mlp.dense_h_to_4h",),
+            mlp_out="mlp.dense_4h_to_h",
+            patch=_set_attrs(),  # its forward infers the head count from the projection width
+            config_intermediate="intermediate_size",
+        ),
+        tensor_parallel=None,
     ),
-    "bloom": Layout(
-        blocks="transformer.h",
-        attention="self_attention",
-        qkv="self_attention.query_key_value",
-        o="self_attention.dense",
-        mlp_in=("mlp.dense_h_to_4h",),
-        mlp_out="mlp.dense_4h_to_h",
-        why_heads_kept="ALiBi slopes depend on each head's index and the head count",
+    Family(
+        "bloom",
+        Layout(
+            blocks="transformer.h",
+            attention="self_attention",
+            qkv="self_attention.query_key_value",
+            o="self_attention.dense",
+            mlp_in=("mlp.dense_h_to_4h",),
+            mlp_out="mlp.dense_4h_to_h",
+            why_heads_kept=f"{_ALIBI}: removing a head would change the others' slopes",
+        ),
+        packing=f"{_ALIBI}, built from the padding mask, so packed examples would see each other",
+        tensor_parallel=f"{_ALIBI}, and DeepSpeed's AutoTP leaves it unsharded under transformers 5 (its fix patches "
+        "a method transformers 5 no longer calls), so each rank's attention gets every head's bias",
+        prefix=f"{_ALIBI}, outside transformers' attention interface",
     ),
-    "gptj": Layout(
-        blocks="transformer.h",
-        attention="attn",
-        q="attn.q_proj",
-        k="attn.k_proj",
-        v="attn.v_proj",
-        o="attn.out_proj",
-        mlp_in=("mlp.fc_in",),
-        mlp_out="mlp.fc_out",
-        patch=_set_attrs(num_attention_heads="heads"),
-        config_intermediate="n_inner",
+    Family(
+        "gptj",
+        Layout(
+            blocks="transformer.h",
+            attention="attn",
+            q="attn.q_proj",
+            k="attn.k_proj",
+            v="attn.v_proj",
+            o="attn.out_proj",
+            mlp_in=("mlp.fc_in",),
+            mlp_out="mlp.fc_out",
+            patch=_set_attrs(num_attention_heads="heads"),
+            config_intermediate="n_inner",
+        ),
+        tensor_parallel=None,
     ),
-    "opt": Layout(
-        blocks="model.decoder.layers",
-        attention="self_attn",
-        q="self_attn.q_proj",
-        k="self_attn.k_proj",
-        v="self_attn.v_proj",
-        o="self_attn.out_proj",
-        mlp_in=("fc1",),
-        mlp_out="fc2",
-        patch=_set_attrs(num_heads="heads"),
-        config_intermediate="ffn_dim",
+    Family(
+        "opt",
+        Layout(
+            blocks="model.decoder.layers",
+            attention="self_attn",
+            q="self_attn.q_proj",
+            k="self_attn.k_proj",
+            v="self_attn.v_proj",
+            o="self_attn.out_proj",
+            mlp_in=("fc1",),
+            mlp_out="fc2",
+            patch=_set_attrs(num_heads="heads"),
+            config_intermediate="ffn_dim",
+        ),
+        packing="its learned positions are counted from the attention mask, which a packed row does not restart",
+        tensor_parallel=None,
+        positions_from_mask=True,
     ),
-    "gpt2": Layout(
-        blocks="transformer.h",
-        attention="attn",
-        qkv="attn.c_attn",
-        qkv_order="qkv",
-        o="attn.c_proj",
-        mlp_in=("mlp.c_fc",),
-        mlp_out="mlp.c_proj",
-        patch=_set_attrs(num_heads="heads", split_size="width"),
-        config_intermediate="n_inner",
+    Family(
+        "gpt2",
+        Layout(
+            blocks="transformer.h",
+            attention="attn",
+            qkv="attn.c_attn",
+            qkv_order="qkv",
+            o="attn.c_proj",
+            mlp_in=("mlp.c_fc",),
+            mlp_out="mlp.c_proj",
+            patch=_set_attrs(num_heads="heads", split_size="width"),
+            config_intermediate="n_inner",
+        ),
+        tensor_parallel="DeepSpeed's AutoTP does not shard GPT-2 (its Conv1D layers; AutoTP lists the family as "
+        "unsupported)",
     ),
-}
+):
+    register_family(_family)
 
 
 def layout_of(model_type: str) -> Layout:
-    if model_type not in LAYOUTS:
-        raise InputError(
-            f"no module layout for model type {model_type!r} (known: {sorted(LAYOUTS)}); give --target_modules "
-            "explicitly (pruning needs a known layout)"
-        )
-    return LAYOUTS[model_type]
+    return family_of(model_type, "pruning").layout
 
 
 def role_paths(layout: Layout, role: Role) -> tuple[str, ...]:
@@ -164,12 +249,13 @@ def default_targets(model_type: str, roles: Iterable[Role], method: str) -> tupl
     Each name is the shortest suffix of the module path that no other module of the block shares (`q_proj`, but
     `mlp.c_proj` for GPT-2, whose attention output is `attn.c_proj`): what the target matching rule needs.
     """
-    if model_type not in LAYOUTS:
+    family = find_family(model_type)
+    if family is None:
         raise InputError(
             f"adapter method {method!r} has no default target modules for model type {model_type!r} (known: "
-            f"{sorted(LAYOUTS)}); give --target_modules explicitly"
+            f"{sorted(_FAMILIES)}); give --target_modules explicitly"
         )
-    layout = LAYOUTS[model_type]
+    layout = family.layout
     every = [p for r in ROLES for p in role_paths(layout, r)]
     names = [_short_name(p, every) for r in roles for p in role_paths(layout, r)]
     if not names:

@@ -27,8 +27,9 @@ cannot be the identity at step 0, since every query attends to the prefix from t
 How: the adapter switches the model to `PREFIX_ATTENTION`, transformers' sdpa attention with the layer's prefix
 put in front of key and value (registered under transformers' attention interface like `training.packing`'s, whose
 packed rows it handles itself), and a pre-hook on the transformer computes the prefixes once per forward and shifts
-the positions. Families whose attention does not go through that interface cannot take a prefix: BLOOM (ALiBi in
-its own attention code) is refused with an error, as are families of unknown layout.
+the positions. Families whose attention does not go through that interface cannot take a prefix: their family record
+says why (`families.Family.prefix`, BLOOM's ALiBi) and they are refused with that reason, as are models of no
+known family.
 """
 
 from __future__ import annotations
@@ -56,12 +57,10 @@ from adapters_ds.adapters.virtual_tokens import (
     transformer_of,
 )
 from adapters_ds.errors import InputError
-from adapters_ds.families import LAYOUTS
+from adapters_ds.families import family_of, find_family
 
 PREFIX_ATTENTION = "adapters_ds_prefix_sdpa"
 SLOT_ATTR = "_adapters_ds_prefix"  # on each attention module: its layer's current prefix (a `_Slot`)
-POSITIONS_FROM_MASK = frozenset({"opt"})  # families that derive default positions from the attention mask
-REFUSED = {"bloom": "its ALiBi attention is its own code, outside transformers' attention interface"}
 
 
 @dataclass
@@ -81,11 +80,9 @@ class PrefixConfig(VirtualTokensConfig):
 
     def layer_dims(self, name: str, module: nn.Module) -> ModelDims:
         dims = super().layer_dims(name, module)
-        if dims.model_type in REFUSED:
-            raise InputError(f"prefix tuning cannot be applied to {dims.model_type} models: {REFUSED[dims.model_type]}")
-        if dims.model_type not in LAYOUTS:
-            known = sorted(set(LAYOUTS) - set(REFUSED))
-            raise InputError(f"prefix tuning supports the model types {known}; this model is {dims.model_type!r}")
+        family = family_of(dims.model_type, "prefix tuning")
+        if family.prefix is not None:
+            raise InputError(f"prefix tuning cannot be applied to {dims.model_type} models: {family.prefix}")
         found = len(attention_modules(module, dims.model_type))
         if found != dims.layers:
             raise InputError(f"prefix tuning: this model has {found} attention layers, its config {dims.layers}")
@@ -94,7 +91,7 @@ class PrefixConfig(VirtualTokensConfig):
 
 def attention_modules(model: nn.Module, model_type: str) -> list[nn.Module]:
     """The attention module of every block, in layer order (the family table's paths)."""
-    layout = LAYOUTS[model_type]
+    layout = family_of(model_type, "prefix tuning").layout
     return [block.get_submodule(layout.attention) for block in model.get_submodule(layout.blocks)]
 
 
@@ -197,7 +194,8 @@ def default_positions(kwargs: dict[str, Any], model_type: str) -> torch.Tensor:
     source = source if source is not None else kwargs["inputs_embeds"]
     batch, length, past = source.shape[0], source.shape[1], cache_length(kwargs)
     mask = kwargs.get("attention_mask")
-    if model_type in POSITIONS_FROM_MASK:  # as OPT's decoder does: count the unpadded tokens
+    family = find_family(model_type)
+    if family is not None and family.positions_from_mask:  # as OPT's decoder does: count the unpadded tokens
         if mask is None or mask.ndim != 2:
             mask = torch.ones(batch, past + length, dtype=torch.long, device=source.device)
         return ((torch.cumsum(mask, dim=1) * mask - 1)[:, past:]).long()

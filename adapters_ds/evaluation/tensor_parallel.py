@@ -19,8 +19,8 @@ of its partitions and its final shard, plus one gathered weight; `bench/eval_thr
 measures it.
 
 Which models (`check_tensor_parallel`, from the configs alone, before any weight loads): the families whose AutoTP
-sharding is tested here (`TP_FAMILIES`); GPT-2 and BLOOM are refused with the reason (`REFUSED_FAMILIES`), as is
-any family not tested. N must divide the attention heads and the key/value heads. Pruned models with per-layer
+sharding is tested here (their record's `families.Family.tensor_parallel` is None); every other family is refused
+with its record's reason. N must divide the attention heads and the key/value heads. Pruned models with per-layer
 shapes are refused: AutoTP splits every layer by the head counts of the config, which such a model does not have.
 
 Lockstep: a group's ranks must take the same decisions, or one would wait forever in an all-reduce its peer never
@@ -57,18 +57,18 @@ from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read
 from adapters_ds.distributed import Ranks
 from adapters_ds.errors import InputError
 from adapters_ds.evaluation.tp_adapters import check_method, prepare_adapters, reattach
+from adapters_ds.families import families, find_family
 from adapters_ds.hardware import accelerator_device
 from adapters_ds.modeling import load_base_model_partitioned, load_model_config, load_tokenizer, parameter_counts
 from adapters_ds.pruned_model import needs_pruned_loader
 from adapters_ds.zero import gathered, is_partitioned
 
-# Families whose AutoTP sharding the tests compare with the unsharded model (logits and generated text).
-TP_FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox", "gptj", "opt")
-REFUSED_FAMILIES = {
-    "gpt2": "DeepSpeed's AutoTP does not shard GPT-2 (its Conv1D layers; AutoTP lists the family as unsupported)",
-    "bloom": "DeepSpeed's AutoTP leaves BLOOM's ALiBi bias unsharded under transformers 5 (its fix patches a method "
-    "that transformers 5 no longer calls), so each rank's attention gets every head's bias",
-}
+
+def tp_families() -> list[str]:
+    """The model types whose AutoTP sharding is supported: the tests compare it with the unsharded model."""
+    return [name for name, family in families().items() if family.tensor_parallel is None]
+
+
 FIT_SHARE = 0.8  # of a rank's memory, for the weights: the rest is for the KV cache and activations
 
 
@@ -84,16 +84,12 @@ def check_tensor_parallel(base_model: str, adapter_dir: str | None, size: int, n
     if size == 1:
         return
     config = load_model_config(base_model)
-    family = config.model_type
-    if family in REFUSED_FAMILIES:
+    family = find_family(config.model_type)
+    if family is None or family.tensor_parallel is not None:
+        why = family.tensor_parallel if family else "it has no family record"
         raise InputError(
-            f"--tensor_parallel {size}: {family} models cannot be sharded: {REFUSED_FAMILIES[family]}; "
-            "evaluate with --tensor_parallel 1"
-        )
-    if family not in TP_FAMILIES:
-        raise InputError(
-            f"--tensor_parallel {size}: tensor parallelism is tested for the model types {', '.join(TP_FAMILIES)}; "
-            f"this model is a {family!r} model; evaluate with --tensor_parallel 1"
+            f"--tensor_parallel {size}: {config.model_type} models cannot be sharded: {why} (supported: "
+            f"{', '.join(tp_families())}); evaluate with --tensor_parallel 1"
         )
     n_heads, n_kv = heads(config)
     if n_heads % size or n_kv % size:

@@ -21,7 +21,7 @@ across producer and consumer so both sides shrink:
 At least one head and one MLP unit stay in each block (all-dead blocks keep one that contributes 0), so no
 module has a zero-sized dimension.
 
-Per family (`LAYOUTS`): LLaMA, Mistral, Qwen2 (separate q/k/v, GQA); GPT-J and OPT (separate q/k/v, one KV
+Per family (`Family.layout`): LLaMA, Mistral, Qwen2 (separate q/k/v, GQA); GPT-J and OPT (separate q/k/v, one KV
 head per query head); GPT-NeoX (fused query_key_value laid out per head as [q k v]: whole heads are contiguous
 rows); GPT-2 (fused c_attn laid out [Q | K | V]: a head's rows are gathered from the three blocks). BLOOM keeps
 all its heads: ALiBi gives head i a slope that depends on i and the head count, so removing a head would change

@@ -24,8 +24,8 @@ Kernels, by `--attn_implementation` (`resolve_attn_implementation`):
                         flash kernel (`torch.nn.attention.varlen.varlen_attn`); elsewhere transformers' sdpa once per
                         example over the host boundaries (`per_example_sdpa`).
     eager               transformers' eager attention with the block-diagonal mask it derives from `position_ids`
-                        (a dense (tokens, tokens) mask; the reference, and the way for families outside
-                        `packing.PACKING_MODEL_TYPES`).
+                        (a dense (tokens, tokens) mask; the reference, and the way for families whose record
+                        refuses packing, `families.Family.packing`).
     auto                flash_attention_2 where it can run, else sdpa.
 
 A call without boundaries (a padded batch, generation with a cache, a packed row collated elsewhere) gets exactly the

@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from adapters_ds.families import find_family
 from adapters_ds.training.attention import (
     PACKED_SDPA,
     AttnChoice,
@@ -32,15 +33,13 @@ from adapters_ds.training.attention import (
     without_varlen,
 )
 
-# Model types whose forward keeps packed examples apart (checked against a padded batch for each, in
-# tests/test_throughput_units.py). BLOOM (ALiBi) and OPT (positions from the attention mask) do not; a type not
-# listed here is trained on padded batches.
-PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gpt_neox", "gptj", "gpt2"})
-
 
 def supports_packing(model: Any) -> bool:
-    """Whether `collate_packed` batches give `model` the same loss as padded batches."""
-    return getattr(model.config, "model_type", None) in PACKING_MODEL_TYPES
+    """Whether `collate_packed` batches give `model` the same loss as padded batches: its family record says so
+    (`families.Family.packing`, checked against a padded batch for each in tests/training/test_throughput_units.py);
+    a model of no known family trains on padded batches."""
+    family = find_family(getattr(model.config, "model_type", None))
+    return family is not None and family.packing is None
 
 
 def packed_sdpa(

@@ -3,12 +3,22 @@ and a family without a layout is a clear error naming the method."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
-from tiny_models import CONFIGS, make_model
+import torch
+from launch import REPO, command, env
+from tiny_models import _LLAMA_LIKE, CONFIGS, KV, LAYERS, make_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from adapters_ds import GatesConfig, InputError, LoRAConfig, ParallelConfig, SeriesConfig
-from adapters_ds.adapters.inject import resolve_targets
-from adapters_ds.families import LAYOUTS, ROLES, layout_of, role_paths
+from adapters_ds.adapters.inject import inject_adapters, resolve_targets
+from adapters_ds.adapters.prefix import PrefixConfig
+from adapters_ds.adapters.storage import read_adapter_config, read_adapter_tensors
+from adapters_ds.families import ROLES, families, layout_of, role_paths
 
 CASES = {
     "lora": (LoRAConfig(), ("q", "k", "v", "mlp_up", "mlp_down")),
@@ -33,9 +43,76 @@ def test_default_targets_match_exactly_the_modules_of_their_roles(family, case):
 
 
 def test_every_tested_family_has_a_layout():
-    assert {make_model(f).config.model_type for f in CONFIGS} <= set(LAYOUTS)
+    assert {make_model(f).config.model_type for f in CONFIGS} <= set(families())
 
 
 def test_a_family_without_a_layout_is_an_error_naming_the_method():
     with pytest.raises(InputError, match=r"adapter method 'series' has no default target modules for model type 't5'"):
         SeriesConfig().default_targets("t5")
+
+
+# ------------------------------------------------------------------ a family of one's own, and every family on 2 ranks
+
+TOY_FAMILY = """
+from adapters_ds.families import Family, Layout, register_family
+
+# StarCoder2: LLaMA-like attention, a two-layer MLP named c_fc / c_proj (no gate), biases everywhere.
+register_family(
+    Family(
+        "starcoder2",
+        Layout(
+            blocks="model.layers",
+            attention="self_attn",
+            q="self_attn.q_proj",
+            k="self_attn.k_proj",
+            v="self_attn.v_proj",
+            o="self_attn.o_proj",
+            mlp_in=("mlp.c_fc",),
+            mlp_out="mlp.c_proj",
+            gqa=True,
+        ),
+    )
+)
+"""
+
+
+def _toy_model():
+    config = AutoConfig.for_model("starcoder2", **_LLAMA_LIKE)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 2-rank ZeRO-3 launch for every case: the toy family's LoRA and prefix (its record registered by a plugin
+    module, nowhere else) and LoRA with default targets on every built-in family."""
+    root = tmp_path_factory.mktemp("families")
+    (root / "toy_family.py").write_text(TOY_FAMILY)
+    _toy_model().save_pretrained(root / "starcoder2")
+    cases = {
+        "toy_lora": {"base": str(root / "starcoder2"), "method": "lora", "options": {"r": 4, "alpha": 8}},
+        "toy_prefix": {"base": str(root / "starcoder2"), "method": "prefix", "options": {"num_virtual_tokens": 3}},
+    }
+    (root / "cases.json").write_text(json.dumps(cases))
+    worker = str(Path(__file__).parent / "family_worker.py")
+    variables = {**env(), "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+                 "ADAPTERS_DS_METHODS": "toy_family"}  # fmt: skip
+    result = subprocess.run([*command("deepspeed", 2, worker), str(root / "cases.json"), str(root)], env=variables,
+                            capture_output=True, text=True, timeout=900, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return root, json.loads((root / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_family_registered_in_one_place_trains_lora_and_prefix(trained):
+    root, losses = trained
+    for case in ("toy_lora", "toy_prefix"):
+        assert len(losses[case]) == 4 and losses[case][-1] < losses[case][0], (case, losses[case])
+    lora, _ = read_adapter_config(root / "toy_lora")
+    assert lora.target_modules == ("q_proj", "k_proj", "v_proj", "c_fc", "c_proj")  # the record's roles
+    prefix = read_adapter_tensors(root / "toy_prefix")
+    assert sorted(prefix) == [f"adapter.prefix_{layer}" for layer in range(LAYERS)]
+    assert all(t.shape == (3, 2 * KV) and t.abs().sum() > 0 for t in prefix.values())
+    # without the record the same model is refused by name, with the way out
+    with pytest.raises(InputError, match=r"prefix tuning needs a known model family; 'starcoder2' has no record"):
+        inject_adapters(_toy_model(), PrefixConfig(num_virtual_tokens=3))

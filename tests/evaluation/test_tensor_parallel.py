@@ -76,7 +76,7 @@ def _randomize(model, scale: float = 0.3) -> None:
 def assets(tmp_path_factory):
     """Models of every family AutoTP shards (plus GPT-2 and BLOOM), adapters of every method on LLaMA, a data set."""
     root = tmp_path_factory.mktemp("tp")
-    for family in (*tp.TP_FAMILIES, "gpt2", "bloom"):
+    for family in (*tp.tp_families(), "gpt2", "bloom"):
         _model(family).save_pretrained(root / family)
         make_tokenizer(root / family)
     adapters = {
@@ -236,7 +236,7 @@ def test_folded_gates_compute_what_the_gates_compute():
 # -------------------------------------------------------------------------------------------- two ranks (slow)
 
 CHECKS = {
-    **{family: {"model": family} for family in tp.TP_FAMILIES},
+    **{family: {"model": family} for family in tp.tp_families()},
     **{method: {"model": "llama", "adapter": method} for method in ("lora", "series", "parallel", "gates", "prompt")},
     "series_qwen2": {"model": "qwen2", "adapter": "series_qwen2"},
     "parallel_gpt_neox": {"model": "gpt_neox", "adapter": "parallel_gpt_neox"},
