@@ -109,9 +109,9 @@ def test_requeued_job_resumes_on_the_ranks_of_its_new_allocation(cluster, assets
     """A job of two tasks checkpoints on SIGUSR1 and requeues itself; held in the queue, it is given one task per node
     instead of two (what a requeue onto a smaller allocation does) and released. Its next run lays itself out on
     the new allocation (one rank), resumes from the 2-rank checkpoint and finishes: the same losses as the straight
-    job up to the interruption, and close to them after. Close, not equal: one rank sums the global batch's gradients
-    in another order than two. That a resume on another number of ranks computes exactly what that layout would is
-    tests/training/test_resume_world_size.py's (fp32)."""
+    job up to the interruption, and close to them after. Close, not equal: the recipe's LoRA dropout draws its masks
+    per rank, so one rank draws other masks than two did. That a resume on another number of ranks computes exactly
+    what that layout would is tests/training/test_resume_world_size.py's (fp32)."""
     reference, _ = straight
     job = submit_lora(cluster, assets, "reshaped", ONE_NODE, CHAIN_EVAL="0", DS_CONFIG=str(assets / "fp32.json"))
     timeline = [f"job {job.id} submitted with 2 tasks"]
