@@ -18,11 +18,13 @@ setup(
         "safetensors>=0.4",
         "tensorboard>=2.15",
         "tqdm>=4.66",
+        "pyyaml>=6.0",  # --config recipe files
     ],
     extras_require={
         "test": ["pytest>=8", "peft>=0.17", "ruff>=0.6"],
         "mpi": ["mpi4py>=3.1"],
         "demo": ["gguf>=0.10", "accelerate>=1.0"],
+        "wandb": ["wandb>=0.19"],  # --report_to wandb (DeepSpeed's W&B monitor)
     },
     entry_points={
         "console_scripts": [

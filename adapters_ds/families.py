@@ -51,7 +51,7 @@ class Layout:
     attention: str
     o: str  # attention output projection: its columns are the heads
     mlp_in: tuple[str, ...]  # MLP producers, the gate projection first: their rows are the intermediate units
-    mlp_out: str  # MLP consumer: its columns are the intermediate units
+    mlp_out: str | None  # MLP consumer: its columns are the intermediate units (None: a mixture of experts)
     q: str | None = None  # separate projections ...
     k: str | None = None
     v: str | None = None
@@ -62,6 +62,11 @@ class Layout:
     config_intermediate: str | None = None  # config field of the MLP width (None: not configurable)
     config_heads: bool = False  # num_attention_heads / num_key_value_heads / head_dim in the config
     why_heads_kept: str = ""
+    # A mixture-of-experts MLP: the module holding every expert as fused 3-D parameters (`gate_up_proj`
+    # (experts, 2 · I, hidden), `down_proj` (experts, hidden, I)) and its router (a linear layer, frozen by default).
+    experts: str | None = None
+    router: str | None = None
+    fused_gate_up: bool = False  # the one MLP producer holds [gate | up] rows (Phi-3's gate_up_proj)
 
 
 _LLAMA = Layout(
@@ -78,6 +83,36 @@ _LLAMA = Layout(
     config_intermediate="intermediate_size",
     config_heads=True,
 )
+
+_PHI3 = Layout(
+    blocks="model.layers",
+    attention="self_attn",
+    qkv="self_attn.qkv_proj",  # [Q | K | V], K and V with the key/value heads
+    qkv_order="qkv",
+    o="self_attn.o_proj",
+    mlp_in=("mlp.gate_up_proj",),  # [gate | up] in one matrix: the gate role has no module of its own
+    mlp_out="mlp.down_proj",
+    gqa=True,
+    fused_gate_up=True,
+)
+_MOE = Layout(
+    blocks="model.layers",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    mlp_in=(),
+    mlp_out=None,
+    gqa=True,
+    experts="mlp.experts",
+    router="mlp.gate",
+)
+_FUSED_PRUNING = "its gate and up projections are one fused matrix, which the pruning export does not split"
+_MOE_PRUNING = "its MLP is a mixture of experts (fused 3-D expert parameters), which unit gates do not prune"
+_SOFTCAP = "its attention logits are soft-capped, which transformers' sdpa attention (the packed and prefix kernels) "
+_SOFTCAP += "does not do"
+_SLIDING = "its local layers attend within a sliding window, which the packed kernels do not apply"
 
 # BLOOM's ALiBi, written once: each head's attention bias is a slope from the head's index and the head count,
 # computed in BLOOM's own attention code (not transformers' attention interface) from the attention mask.
@@ -96,6 +131,7 @@ class Family:
     tensor_parallel: str | None = UNTESTED_TP  # why `--tensor_parallel N > 1` is refused (None: AutoTP tested)
     prefix: str | None = None  # why prefix tuning cannot be applied
     positions_from_mask: bool = False  # default position ids count the unpadded tokens (OPT), not 0, 1, ...
+    pruning: str | None = None  # why unit gates and the pruning export cannot work on it
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -140,6 +176,15 @@ for _family in (
     _llama_like("llama", tensor_parallel=None),
     _llama_like("mistral", tensor_parallel=None),
     _llama_like("qwen2", tensor_parallel=None),
+    _llama_like("qwen3"),
+    _llama_like("olmo2"),
+    _llama_like("granite"),
+    Family("gemma2", _LLAMA, packing=_SOFTCAP, prefix=_SOFTCAP),
+    Family("gemma3_text", _LLAMA, packing=_SLIDING),
+    Family("phi3", _PHI3, pruning=_FUSED_PRUNING),
+    Family("mixtral", _MOE, pruning=_MOE_PRUNING),
+    Family("qwen3_moe", _MOE, pruning=_MOE_PRUNING),
+    Family("olmoe", _MOE, pruning=_MOE_PRUNING),
     Family(
         "gpt_neox",
         Layout(
@@ -226,7 +271,11 @@ for _family in (
 
 
 def layout_of(model_type: str) -> Layout:
-    return family_of(model_type, "pruning").layout
+    """The layout pruning (unit gates, the pruning export, the pruned-model loader) works from."""
+    family = family_of(model_type, "pruning")
+    if family.pruning is not None:
+        raise InputError(f"gates and pruning cannot be applied to {model_type} models: {family.pruning}")
+    return family.layout
 
 
 def role_paths(layout: Layout, role: Role) -> tuple[str, ...]:
@@ -240,14 +289,16 @@ def role_paths(layout: Layout, role: Role) -> tuple[str, ...]:
         return layout.mlp_in[:-1]
     if role == "mlp_up":
         return layout.mlp_in[-1:]
-    return (layout.mlp_out,)
+    return (layout.mlp_out,) if layout.mlp_out is not None else ()
 
 
-def default_targets(model_type: str, roles: Iterable[Role], method: str) -> tuple[str, ...]:
+def default_targets(model_type: str, roles: Iterable[Role], method: str, experts: bool = False) -> tuple[str, ...]:
     """Target module names for `roles` in this family, in role order without repeats.
 
     Each name is the shortest suffix of the module path that no other module of the block shares (`q_proj`, but
-    `mlp.c_proj` for GPT-2, whose attention output is `attn.c_proj`): what the target matching rule needs.
+    `mlp.c_proj` for GPT-2, whose attention output is `attn.c_proj`): what the target matching rule needs. In a
+    mixture-of-experts family the MLP roles are played by the experts module, which only a method that adapts
+    fused expert parameters (`experts`) can take; for any other method the MLP roles are an error.
     """
     family = find_family(model_type)
     if family is None:
@@ -255,12 +306,35 @@ def default_targets(model_type: str, roles: Iterable[Role], method: str) -> tupl
             f"adapter method {method!r} has no default target modules for model type {model_type!r} (known: "
             f"{sorted(_FAMILIES)}); give --target_modules explicitly"
         )
-    layout = family.layout
+    layout, roles = family.layout, tuple(roles)
+    if layout.experts is not None and any(r in MLP_ROLES for r in roles) and not experts:
+        raise InputError(
+            f"adapter method {method!r} cannot adapt the MLP of {model_type} models: it is a mixture of experts "
+            "(fused 3-D expert parameters, no linear layer); give --target_modules with attention modules (e.g. "
+            "o_proj)"
+        )
     every = [p for r in ROLES for p in role_paths(layout, r)]
-    names = [_short_name(p, every) for r in roles for p in role_paths(layout, r)]
+    paths = [p for r in roles for p in role_paths(layout, r)]
+    if layout.experts is not None and any(r in MLP_ROLES for r in roles):
+        paths.append(layout.experts)
+        every.append(layout.experts)
+    names = [_short_name(p, every) for p in paths]
     if not names:
-        raise InputError(f"adapter method {method!r} has no default target modules for model type {model_type!r}")
+        raise InputError(
+            f"adapter method {method!r} has no default target modules for model type {model_type!r}; "
+            "give --target_modules explicitly"
+        )
     return tuple(dict.fromkeys(names))
+
+
+def fused_up_rows(model_type: str, module_path: str) -> bool:
+    """Whether the module at `module_path` is a fused [gate | up] projection, whose second half of output rows is
+    the up projection (an adapter that adds to the up role's output writes there only)."""
+    family = find_family(model_type)
+    if family is None or not family.layout.fused_gate_up:
+        return False
+    fused = family.layout.mlp_in[-1]
+    return module_path == fused or module_path.endswith("." + fused)
 
 
 def _short_name(path: str, every: list[str]) -> str:

@@ -8,10 +8,12 @@ only when the tokenizer would add one itself, `tokenizer_adds_bos`).
 
 `alpaca` is the Stanford Alpaca template as Alpaca-LoRA / LLM-Adapters define it (`templates/alpaca.json`: with a
 trailing newline after "### Response:"). `chat` renders the tokenizer's own chat template with one user turn.
+An evaluation record that is a conversation is rendered whole through the chat template (`record_prompt`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from adapters_ds.errors import InputError
@@ -55,6 +57,19 @@ def build_prompt(instruction: str, input: str = "", template: TemplateName = "al
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
     raise InputError(f"prompt template: expected one of {', '.join(TEMPLATES)}; found {template!r}")
+
+
+def record_prompt(record: Mapping[str, Any], template: TemplateName = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt of an evaluation record. A conversation (its "messages", as `evaluation.datasets` normalises them,
+    and "tools") is rendered through the tokenizer's chat template with the generation prompt, whatever `template`
+    says, as the model saw its conversations in training; any other record is `build_prompt`'s."""
+    messages = record.get("messages")
+    if messages is None:
+        return build_prompt(record["instruction"], record.get("input") or "", template, tokenizer)
+    build_prompt("", "", "chat", tokenizer)  # the same error as `chat` without a chat template
+    return tokenizer.apply_chat_template(
+        list(messages), tools=record.get("tools"), tokenize=False, add_generation_prompt=True
+    )
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:

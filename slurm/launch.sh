@@ -224,6 +224,8 @@ EOF
 
 # ------------------------------------------------------------------------------------------------------ training
 # The recipe sets RECIPE_ARGS (its trainer flags), BATCH_SIZE, MICRO_BATCH_SIZE and defaults for MODEL.
+# CONFIG=FILE (a YAML/JSON recipe, slurm/recipes/, or a run's train_args.json) replaces RECIPE_ARGS with
+# `--config FILE`; MODEL, DATA, OUTPUT, DS_CONFIG, the batch sizes and EXTRA_ARGS still come after it and win.
 
 train_main() {
     setup_job
@@ -239,6 +241,10 @@ train_main() {
         # checked now, not after hours of training
         EVAL_DATA=${EVAL_DATA:-$REPO/dataset}
         [[ -d $EVAL_DATA ]] || die "EVAL_DATA=$EVAL_DATA is not a folder of <name>/test.json (or set CHAIN_EVAL=0)"
+    fi
+    if [[ -n ${CONFIG:-} ]]; then # a recipe file replaces the template's recipe flags
+        [[ -f $CONFIG ]] || die "CONFIG=$CONFIG does not exist"
+        RECIPE_ARGS=(--config "$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")")
     fi
     local extra
     read -r -a extra <<<"${EXTRA_ARGS:-}"

@@ -19,6 +19,8 @@
 #   OUTPUT            run folder: adapter/ checkpoints/ tensorboard/ train_log.jsonl eval/ (default runs/<job name>)
 #   DS_CONFIG         DeepSpeed config (default ds_configs/zero3.json)
 #   BATCH_SIZE        global batch (default 16);  MICRO_BATCH_SIZE  per rank, reduced to fit the ranks (default 4)
+#   CONFIG            a recipe file (YAML/JSON, e.g. slurm/recipes/llama13b_series.yaml, or a run's train_args.json)
+#                     in place of the recipe flags below; the settings here still override it
 #   EXTRA_ARGS        more launcher/train.py flags, whitespace-separated, overriding the recipe's ("--max_steps 100")
 #   PYTHON            interpreter with adapters_ds installed (default python3 on PATH)
 #   GPUS_PER_NODE     ranks per node, one per GPU (default: GPUs allocated per node; 0 = CPU mode)

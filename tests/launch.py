@@ -65,9 +65,21 @@ def command(launcher: str, nproc: int, script: str = TRAIN) -> list[str]:
     return [sys.executable, script]
 
 
-def run(args: list[str], launcher: str = "deepspeed", nproc: int = 2, timeout: int = 1200, check: bool = True):
+def run(
+    args: list[str],
+    launcher: str = "deepspeed",
+    nproc: int = 2,
+    timeout: int = 1200,
+    check: bool = True,
+    env_extra: dict[str, str] | None = None,
+):
     result = subprocess.run(
-        [*command(launcher, nproc), *args], env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [*command(launcher, nproc), *args],
+        env={**env(), **(env_extra or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
     if check and result.returncode != 0:
         raise AssertionError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     BloomConfig,
     GPT2Config,
@@ -102,3 +103,33 @@ def sample_batch(batch: int = 2, seq: int = 12, seed: int = 1) -> dict[str, torc
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# The families of today's fine-tuning, built with `AutoConfig.for_model` (their own config classes): dense ones in
+# LLaMA's shapes, Phi-3 with its fused qkv_proj / gate_up_proj, Llama 3.x with its RoPE scaling, Gemma with a
+# sliding window shorter than the test sequences, and three mixtures of 4 experts (2 per token).
+EXPERTS, TOP_K, EXPERT_INTER = 4, 2, 16
+_SLIDING = dict(sliding_window=4, head_dim=H // HEADS, query_pre_attn_scalar=H // HEADS)
+_MOE = dict(num_experts_per_tok=TOP_K, moe_intermediate_size=EXPERT_INTER, intermediate_size=EXPERT_INTER)
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+RECENT_CONFIGS = {
+    "llama3": lambda: AutoConfig.for_model("llama", **_LLAMA_LIKE, rope_parameters=_LLAMA3_ROPE),
+    "qwen3": lambda: AutoConfig.for_model("qwen3", **_LLAMA_LIKE, head_dim=H // HEADS),
+    "gemma2": lambda: AutoConfig.for_model("gemma2", **_LLAMA_LIKE, **_SLIDING),
+    "gemma3_text": lambda: AutoConfig.for_model("gemma3_text", **_LLAMA_LIKE, **_SLIDING),
+    "phi3": lambda: AutoConfig.for_model("phi3", **_LLAMA_LIKE),
+    "olmo2": lambda: AutoConfig.for_model("olmo2", **_LLAMA_LIKE),
+    "granite": lambda: AutoConfig.for_model("granite", **_LLAMA_LIKE, embedding_multiplier=2.0, logits_scaling=2.0),
+    "mixtral": lambda: AutoConfig.for_model("mixtral", **{**_LLAMA_LIKE, **_MOE}, num_local_experts=EXPERTS),
+    "qwen3_moe": lambda: AutoConfig.for_model(
+        "qwen3_moe", **{**_LLAMA_LIKE, **_MOE}, num_experts=EXPERTS, head_dim=H // HEADS
+    ),
+    "olmoe": lambda: AutoConfig.for_model("olmoe", **{**_LLAMA_LIKE, **_MOE}, num_experts=EXPERTS),
+}
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+
+
+def make_recent_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(RECENT_CONFIGS[family](), dtype=dtype).eval()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, check_range, option
+from adapters_ds.adapters.lora_experts import ExpertDims, ExpertLoRA, expert_dims, is_experts
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
 from adapters_ds.families import LinearDims
@@ -49,6 +50,7 @@ class LoRAConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     target_roles = ("q", "k", "v", "mlp_up", "mlp_down")
+    adapts_experts = True  # a mixture of experts' fused parameters: one pair per expert (`lora_experts`)
 
     r: int = option(32, "LoRA rank", flag="lora_r")
     alpha: float = option(
@@ -87,16 +89,22 @@ class LoRAConfig(AdapterConfig):
         """s: alpha / r, or alpha / √r with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    def layer_dims(self, name: str, module: nn.Module) -> LinearDims | ExpertDims:
+        """A linear layer's shapes, or an experts module's fused expert matrices (`lora_experts`)."""
+        if is_experts(module):
+            return expert_dims(name, module, self.use_dora)
+        return super().layer_dims(name, module)
+
     def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
         """With LoRA+: A at `learning_rate` (the first group, so the logged rate stays the run's), B and the DoRA
         magnitude at ratio × `learning_rate` (the magnitude, a 1-D output-side parameter, goes with B as in the
         LoRA+ authors' code and PEFT's `create_loraplus_optimizer`). Weight decay stays the run's."""
         if self.lora_plus_ratio == 1:
             return super().param_groups(model, learning_rate)
-        layers = [adapter for _, _, adapter in adapter_layers(model) if isinstance(adapter, LoRA)]
+        layers = [adapter for _, _, adapter in adapter_layers(model) if isinstance(adapter, (LoRA, ExpertLoRA))]
         if not layers:
             raise InputError("the model has no LoRA adapters (inject a LoRAConfig first)")
-        slow = [adapter.lora_A for adapter in layers]
+        slow = [p for adapter in layers for p in adapter.input_side()]
         fast = [p for adapter in layers for p in adapter.output_side()]
         grouped = {id(p) for p in slow + fast}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
@@ -146,6 +154,10 @@ class LoRA(Adapter):
 
     def trainable_names(self) -> tuple[str, ...]:
         return ("lora_A", "lora_B", "lora_magnitude") if self.use_dora else ("lora_A", "lora_B")
+
+    def input_side(self) -> list[nn.Parameter]:
+        """The parameters on the input side of the update (LoRA+'s slow group): A."""
+        return [self.lora_A]
 
     def output_side(self) -> list[nn.Parameter]:
         """The parameters on the output side of the update (LoRA+'s fast group): B, and DoRA's magnitude."""
@@ -209,4 +221,11 @@ class LoRA(Adapter):
                 self.merged_norm = None
 
 
-register(LoRAConfig, LoRA)
+def lora_layer(config: LoRAConfig, dims: LinearDims | ExpertDims, dtype: torch.dtype, device: torch.device) -> Adapter:
+    """The LoRA layer for what `LoRAConfig.layer_dims` found: a linear layer or an experts module."""
+    if isinstance(dims, ExpertDims):
+        return ExpertLoRA(config, dims, dtype, device)
+    return LoRA(config, dims, dtype, device)
+
+
+register(LoRAConfig, lora_layer)

@@ -9,6 +9,8 @@ demo's defaults for the options the command line does not set.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 from adapters_ds.cli.output import quiet_third_party
@@ -16,7 +18,9 @@ from adapters_ds.demo.default_model import prepare_default_model
 from adapters_ds.demo.gain import demo_options, report_gain, training_records
 from adapters_ds.distributed import closing_distributed
 from adapters_ds.errors import run_main
+from adapters_ds.modeling import load_tokenizer
 from adapters_ds.training.args import parse_train_args
+from adapters_ds.training.data import preview, training_examples
 from adapters_ds.training.trainer import train
 
 
@@ -28,6 +32,13 @@ def run(argv: Sequence[str] | None = None) -> None:
         args = parse_train_args(argv, defaults=demo_options())  # options on the command line still win
     base_model = args.base_model or str(prepare_default_model())  # file-locked: one rank converts, others wait
     builtin = args.data_path is None
+    if args.preview_data:  # the examples as the loss sees them, then exit without training
+        tokenizer = load_tokenizer(base_model, trust_remote_code=args.trust_remote_code)
+        tokenized = training_examples(tokenizer, args, training_records() if builtin else None)[1]
+        if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, one rank prints
+            for example in preview(tokenized, tokenizer, args.preview_data):
+                print(json.dumps(example, ensure_ascii=False), flush=True)
+        return
     adapter_dir = train(args, base_model, training_records() if builtin else None)
     if builtin:
         report_gain(args, base_model, adapter_dir)

@@ -6,6 +6,11 @@ record has an `Answer format:` line listing its labels (`labels.is_label_task`),
 (`answers.is_multiple_choice`), the math suite. For math, the `output` field (old rationales) is not used; a label
 task's outputs give the text before the label that label scoring ranks after (`labels.answer_lead`). With a
 training file, `contamination` counts the test questions that occur in it (`records.occurs_in_training`).
+
+A record may also be a conversation (OpenAI `messages` or ShareGPT `conversations`, ending with the question, or
+with the reference answer after it) with a gold "answer": the model is then asked through its chat template
+(`prompts.record_prompt`), the last user message being the question; the math and commonsense sets keep their
+Alpaca-format prompts.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from adapters_ds.conversations import normalize, record_format
 from adapters_ds.errors import InputError
 from adapters_ds.evaluation.answers import is_multiple_choice, score
 from adapters_ds.evaluation.labels import gold_label, is_label_task, record_labels
@@ -70,6 +76,8 @@ def validate_records(records: Any, source: str) -> list[Record]:
         where = f"{source}: record {index} (0-based)"
         if not isinstance(record, Mapping):
             raise InputError(f"{where}: expected a JSON object; found {json_type(record)}")
+        if record_format(record) in ("openai", "sharegpt"):
+            record = conversation_record(record, where)
         instruction, input_, answer = record.get("instruction"), record.get("input"), record.get("answer")
         if not isinstance(instruction, str) or not instruction.strip():
             raise InputError(f"{where}: expected a non-empty string 'instruction'; found {instruction!r}")
@@ -97,6 +105,20 @@ def validate_records(records: Any, source: str) -> list[Record]:
                 )
             raise InputError(f"{source}: record {index} (0-based): {exc}{hint}") from None
     return clean
+
+
+def conversation_record(record: Mapping[str, Any], where: str) -> Record:
+    """A conversation as an evaluation record: its messages up to the question (a final assistant turn is the
+    reference output and is dropped from the prompt), its tools, and the last user message as the "instruction"
+    (the question text that decides the data set's kind and the contamination count)."""
+    conversation = normalize(record, where, prompt_only=True)
+    messages = conversation["messages"]
+    output = messages.pop()["content"] if messages[-1]["role"] == "assistant" else ""
+    questions = [m["content"] for m in messages if m["role"] == "user"]
+    if not questions or messages[-1]["role"] == "assistant":
+        raise InputError(f"{where}: expected a conversation ending with a user's question (and its answer); found none")
+    rest = {k: v for k, v in record.items() if k not in ("messages", "conversations", "tools")}
+    return {**rest, "instruction": questions[-1], "input": "", "output": output, **conversation}
 
 
 def load_dataset(data_dir: str | Path, name: str) -> EvalDataset:

@@ -4,7 +4,9 @@
 PEFT's names: `base_model.model.<module>.lora_A.weight` (r, in), `.lora_B.weight` (out, r), and for DoRA
 `.lora_magnitude_vector` (out,), without a `.weight` suffix (PEFT adds it back when loading). PEFT's DoRA norm and
 rsLoRA scale are ours (see `adapters.lora`), so `use_dora` / `use_rslora` carry over as they are; LoRA+ only changes
-training and leaves nothing to export."""
+training and leaves nothing to export. LoRA on a mixture of experts' fused parameters goes to PEFT's
+`target_parameters` (`adapters.lora_experts`), with `lora_dropout` 0, which PEFT requires there (dropout acts in
+training only, so the exported model computes the same)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import nn
 
 from adapters_ds.adapters.base import adapter_layers
 from adapters_ds.adapters.lora import LoRAConfig
+from adapters_ds.adapters.lora_experts import ExpertLoRA, peft_expert_tensors
 from adapters_ds.adapters.storage import WEIGHTS_NAME, load_adapter, read_adapter_tensors
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import atomic_dir, write_json
@@ -21,7 +24,11 @@ from adapters_ds.modeling import load_base_model
 PEFT_CONFIG_NAME = "adapter_config.json"
 
 
-def peft_config(config: LoRAConfig, base_name: str, fan_in_fan_out: bool) -> dict:
+def peft_config(config: LoRAConfig, base_name: str, fan_in_fan_out: bool, experts: dict[str, list[str]]) -> dict:
+    """`experts`: {target name that selected experts modules: their adapted parameters}."""
+    modules = [t for t in config.target_modules if t not in experts]
+    target_parameters = [f"{t}.{p}" for t, params in experts.items() for p in params]
+    extra = {"target_parameters": target_parameters, "lora_dropout": 0.0} if experts else {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -30,7 +37,7 @@ def peft_config(config: LoRAConfig, base_name: str, fan_in_fan_out: bool) -> dic
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         # our matching rule (exact name or dotted suffix) is PEFT's, so the same modules are adapted
-        "target_modules": list(config.target_modules),
+        "target_modules": modules,
         "fan_in_fan_out": fan_in_fan_out,  # GPT-2's Conv1D stores (in, out) weights
         "bias": "none",
         "modules_to_save": None,
@@ -38,19 +45,26 @@ def peft_config(config: LoRAConfig, base_name: str, fan_in_fan_out: bool) -> dic
         "init_lora_weights": True,
         "use_rslora": config.use_rslora,  # s = alpha / sqrt(r)
         "use_dora": config.use_dora,
+        **extra,
     }
 
 
-def peft_state_dict(model: nn.Module) -> dict:
-    """Our LoRA tensors under PEFT's key names (`base_model.model.<module>.lora_A.weight`, ...)."""
-    tensors = {}
+def peft_state_dict(model: nn.Module, targets: tuple[str, ...]) -> tuple[dict, dict[str, list[str]]]:
+    """Our LoRA tensors under PEFT's key names (`base_model.model.<module>.lora_A.weight`, ...), and for LoRA on
+    expert parameters {target name: the parameters PEFT must target under it} (`target_parameters`)."""
+    tensors, experts = {}, {}
     for name, _, adapter in adapter_layers(model):
         prefix = f"base_model.model.{name}"
+        if isinstance(adapter, ExpertLoRA):
+            expert_tensors, params = peft_expert_tensors(prefix, adapter)
+            tensors.update(expert_tensors)
+            experts.update({t: params for t in targets if name == t or name.endswith("." + t)})
+            continue
         tensors[f"{prefix}.lora_A.weight"] = adapter.lora_A.detach().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = adapter.lora_B.detach().cpu().contiguous()
         if adapter.use_dora:
             tensors[f"{prefix}.lora_magnitude_vector"] = adapter.lora_magnitude.detach().cpu().contiguous()
-    return tensors
+    return tensors, experts
 
 
 def load_lora(base_model: str, adapter_dir: str, dtype: str) -> tuple[nn.Module, LoRAConfig]:
@@ -67,6 +81,7 @@ def load_lora(base_model: str, adapter_dir: str, dtype: str) -> tuple[nn.Module,
 def export_peft(base_model: str, adapter_dir: str, output_dir: str) -> None:
     model, config = load_lora(base_model, adapter_dir, dtype="auto")
     fan_in_fan_out = any(adapter.transposed for _, _, adapter in adapter_layers(model))
+    tensors, experts = peft_state_dict(model, config.target_modules)
     with atomic_dir(output_dir) as tmp:
-        save_file(peft_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json(tmp / PEFT_CONFIG_NAME, peft_config(config, base_model, fan_in_fan_out))
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json(tmp / PEFT_CONFIG_NAME, peft_config(config, base_model, fan_in_fan_out, experts))

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.registry import METHODS, get_method, load_plugins
+from adapters_ds.conversations import TrainOnTurns
 from adapters_ds.errors import ArgumentParser, InputError
 from adapters_ds.training.attention import AttnChoice
+from adapters_ds.training.recipes import config_argv
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -24,7 +27,7 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainArgs:
-    ds_config: str = _opt(None, "DeepSpeed JSON config (ds_configs/zero3.json, ...)", required=True)
+    ds_config: str | None = _opt(None, "DeepSpeed JSON config (ds_configs/zero3.json, ...); required to train")
     base_model: str | None = _opt(None, "base model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     data_path: str | None = _opt(
         None, "JSON/JSONL file of {instruction,input,output} records or a hub dataset (default: built-in problems)"
@@ -34,7 +37,9 @@ class TrainArgs:
     target_modules: str | None = _opt(None, "comma-separated module names (default: the model family's table)")
     num_epochs: int = _opt(3, "epochs over the training split (ignored when --max_steps > 0)")
     max_steps: int = _opt(-1, "optimizer steps to run; overrides --num_epochs when > 0")
-    learning_rate: float = _opt(3e-4, "peak learning rate")
+    learning_rate: float | None = _opt(
+        None, "peak learning rate (default: the method's own, its config's default_learning_rate)"
+    )
     lr_scheduler: Literal["linear", "cosine", "constant"] = _opt("linear", "decay after warmup")
     warmup_ratio: float = _opt(0.0, "share of the steps spent warming up linearly from 0")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -52,7 +57,22 @@ class TrainArgs:
         "variable-length kernel on CUDA, else sdpa per packed example), eager (transformers' own, a dense mask), "
         "auto (flash_attention_2 where installed, else sdpa)",
     )
-    template: Literal["alpaca", "chat"] = _opt("alpaca", "prompt template: Alpaca, or the tokenizer's chat template")
+    template: Literal["alpaca", "chat"] = _opt(
+        "alpaca",
+        "prompt template of Alpaca records: Alpaca, or the tokenizer's chat template (conversations always "
+        "use the chat template)",
+    )
+    chat_template: str | None = _opt(None, "Jinja chat template file, for a model without one (or to replace it)")
+    train_on_turns: TrainOnTurns = _opt(
+        "all", "conversations: the loss on every assistant turn, or on the last one only (never on other roles)"
+    )
+    preview_data: int = _opt(0, "print the first N training examples as JSON lines (tokens, trained text); no training")
+    report_to: str = _opt(
+        "tensorboard", "trackers, comma-separated, through DeepSpeed's monitor: tensorboard, csv, wandb, comet, none"
+    )
+    config: str | None = _opt(
+        None, "YAML or JSON file of options by flag name (or a run's train_args.json); the command line overrides it"
+    )
     eval_limit: int = _opt(200, "with the built-in data: held-out problems scored before and after training")
     seed: int = _opt(42, "seed of initialisation, data order and dropout")
     logging_steps: int = _opt(10, "log to the terminal and TensorBoard every N steps")
@@ -81,12 +101,14 @@ class TrainArgs:
     """Values of every registered method's options, by flag name (`lora_r`, `bottleneck_size`, ...)."""
 
     def __post_init__(self) -> None:
+        if self.ds_config is None and not self.preview_data:  # a preview only tokenizes
+            raise InputError("--ds_config: expected a DeepSpeed JSON config (ds_configs/zero3.json, ...); found none")
         positive = ("micro_batch_size", "batch_size", "cutoff_len", "logging_steps", "eval_steps", "num_epochs")
         positive += ("max_nonfinite_steps", "dist_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name} must be >= 1, found {getattr(self, name)}")
-        for name in ("save_steps", "save_total_limit", "weight_decay", "max_grad_norm", "val_set_size"):
+        for name in ("save_steps", "save_total_limit", "weight_decay", "max_grad_norm", "val_set_size", "preview_data"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name} must be >= 0, found {getattr(self, name)}")
         if self.val_set_size >= 1:  # a count (argparse reads every value as a float)
@@ -97,6 +119,8 @@ class TrainArgs:
             raise InputError(f"--warmup_ratio must be in [0, 1), found {self.warmup_ratio}")
         if not 0 <= self.max_replicated_base_share <= 1:
             raise InputError(f"--max_replicated_base_share must be in [0, 1], found {self.max_replicated_base_share}")
+        if self.learning_rate is None:
+            self.learning_rate = get_method(self.adapter).config.default_learning_rate
         if self.learning_rate <= 0:
             raise InputError(f"--learning_rate must be > 0, found {self.learning_rate}")
 
@@ -166,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_train_args(argv: list[str] | None = None, defaults: dict[str, Any] | None = None) -> TrainArgs:
     """Parse the training command line; `defaults` replace the built-in defaults of options the command line
-    does not set (the demo's settings, for instance)."""
+    does not set (the demo's settings, for instance). A `--config FILE` contributes its options before the command
+    line's, which therefore win (`recipes.config_argv`)."""
     load_plugins()
     parser = build_parser()
+    argv = config_argv(parser, sys.argv[1:] if argv is None else list(argv))
     namespace = parser.parse_args(argv, namespace=argparse.Namespace(**(defaults or {})))
     values = vars(namespace)
     flags = method_options()

@@ -25,13 +25,16 @@ from typing import Any, ClassVar
 import datasets
 import torch
 
+from adapters_ds.conversations import TrainOnTurns, load_chat_template, record_format
 from adapters_ds.errors import InputError
 from adapters_ds.prompts import TemplateName, build_prompt, encode_texts, tokenizer_adds_bos
 from adapters_ds.records import json_type, read_records
+from adapters_ds.training.chat_data import IGNORE_INDEX, conversation_dataset, preview, tokenize_conversations
+
+__all__ = ["IGNORE_INDEX", "conversation_dataset", "preview", "tokenize_conversations"]  # re-exported: the one data API
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers' loss) skips
 REQUIRED_FIELDS = ("instruction", "output")
 LOCAL_SUFFIXES = (".json", ".jsonl")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
@@ -50,7 +53,10 @@ def load_records(data_path: str, cache_dir: str | None = None) -> datasets.Datas
     """
     path = Path(data_path)
     if path.exists():
-        _validate_records(_read_json_records(path), str(path))
+        records = _read_json_records(path)
+        if _has_conversations(records):
+            return conversation_dataset(records, str(path))
+        _validate_records(records, str(path))
         ds = _load_dataset(
             str(path), lambda: datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
         )
@@ -60,14 +66,20 @@ def load_records(data_path: str, cache_dir: str | None = None) -> datasets.Datas
         )
     else:
         ds = _load_dataset(data_path, lambda: datasets.load_dataset(data_path, split="train", cache_dir=cache_dir))
+        if {"messages", "conversations"} & set(ds.column_names):
+            return conversation_dataset(ds, data_path)
         if not set(REQUIRED_FIELDS) <= set(ds.column_names):
             raise InputError(
-                f"{data_path}: expected columns 'instruction' and 'output' (and optionally 'input'); "
-                f"found columns {ds.column_names}"
+                f"{data_path}: expected columns 'instruction' and 'output' (and optionally 'input'), 'messages' or "
+                f"'conversations'; found columns {ds.column_names}"
             )
         present = [name for name in ("instruction", "input", "output") if name in ds.column_names]
         _validate_records(ds.select_columns(present), data_path)
     return ds.map(_default_input, batched=True, desc="filling missing inputs")
+
+
+def _has_conversations(records: Sequence[Any]) -> bool:
+    return any(record_format(record) in ("openai", "sharegpt") for record in records)
 
 
 def _load_dataset(source: str, load: Callable[[], datasets.Dataset]) -> datasets.Dataset:
@@ -126,6 +138,7 @@ def tokenize_records(
     cutoff_len: int,
     train_on_inputs: bool,
     template: TemplateName = "alpaca",
+    train_on_turns: TrainOnTurns = "all",
 ) -> datasets.Dataset:
     """Turn records into `input_ids`, `labels` and `length` (Alpaca-LoRA's recipe, made consistent about specials).
 
@@ -146,6 +159,8 @@ def tokenize_records(
     """
     if cutoff_len < 1:
         raise InputError(f"cutoff_len: expected a positive number of tokens; found {cutoff_len}")
+    if "conversation" in ds.column_names:
+        return tokenize_conversations(ds, tokenizer, cutoff_len, train_on_turns)
     if tokenizer.eos_token_id is None:
         raise InputError(
             f"tokenizer: expected an EOS token to end each example; found none on {type(tokenizer).__name__}"
@@ -213,6 +228,19 @@ def _tokenize_batch(
         out["labels"].append([IGNORE_INDEX] * n_masked + input_ids[n_masked:])
         out["length"].append(len(input_ids))
     return out
+
+
+def training_examples(
+    tokenizer: Any, args: Any, records: list[dict[str, Any]] | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The run's raw records (`records`, else `args.data_path`) and their tokenized examples, as the run's options
+    (`TrainArgs`: chat_template, cutoff_len, train_on_inputs, template, train_on_turns) ask."""
+    load_chat_template(tokenizer, args.chat_template)
+    raw = datasets.Dataset.from_list(records) if records is not None else load_records(args.data_path)
+    tokenized = tokenize_records(
+        raw, tokenizer, args.cutoff_len, args.train_on_inputs, args.template, args.train_on_turns
+    )
+    return raw, tokenized
 
 
 # ---------------------------------------------------------------------------------------------------- splitting

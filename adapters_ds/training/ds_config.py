@@ -8,6 +8,9 @@ batch size nobody asked for). The persistence threshold depends on the model and
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +125,43 @@ def without_persistence_threshold(config: dict[str, Any]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     config.get("zero_optimization", {}).pop("stage3_param_persistence_threshold", None)
     return config
+
+
+TRACKERS = ("tensorboard", "csv", "wandb", "comet")
+_TRACKER_PACKAGES = {"wandb": "wandb", "comet": "comet_ml"}
+
+
+def monitor_config(report_to: str, output_dir: str | Path, job_name: str = "train") -> dict[str, Any]:
+    """DeepSpeed monitor sections for `--report_to` (comma-separated trackers, or "none"): DeepSpeed's own
+    TensorBoard, CSV, Weights & Biases and Comet monitors, which get the same events (`engine.monitor`), so every
+    tracker shows the same metrics under the same names. File-based trackers write inside the run folder
+    (`tensorboard/`, `csv/`; W&B's local files in `wandb/` unless WANDB_DIR is set). A tracker whose package is not
+    installed is an `InputError` now, not after the model has loaded."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    unknown = [name for name in names if name not in (*TRACKERS, "none")]
+    if unknown or not names or ("none" in names and len(names) > 1):
+        raise InputError(f"--report_to: expected 'none' or some of {', '.join(TRACKERS)}; found {report_to!r}")
+    for name in names:
+        package = _TRACKER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise InputError(f"--report_to {name}: expected the {package!r} package installed; found it missing")
+    out = Path(output_dir)
+    sections: dict[str, Any] = {}
+    if "tensorboard" in names:
+        sections["tensorboard"] = {"enabled": True, "output_path": str(out / "tensorboard"), "job_name": job_name}
+    if "csv" in names:
+        sections["csv_monitor"] = {"enabled": True, "output_path": str(out / "csv"), "job_name": job_name}
+    if "wandb" in names:
+        os.environ.setdefault("WANDB_DIR", str(out))
+        sections["wandb"] = {"enabled": True, "project": "adapters_ds", "group": out.resolve().name}
+    if "comet" in names:
+        sections["comet"] = {"enabled": True, "project": "adapters_ds", "experiment_name": out.resolve().name}
+    return sections
+
+
+def finish_trackers() -> None:
+    """End the W&B run DeepSpeed's monitor started (it never does): its last events are flushed and its files
+    complete before the process ends (the launcher's ranks may leave without running exit handlers)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

@@ -26,6 +26,7 @@ from adapters_ds.adapters.base import AdapterConfig, adapter_parameters
 from adapters_ds.adapters.inject import freeze_base, inject_adapters
 from adapters_ds.training.attention import AttnChoice
 from adapters_ds.training.ds_config import AUTO, compute_dtype, without_persistence_threshold, zero_stage
+from adapters_ds.training.loss import enable_router_aux_loss
 from adapters_ds.training.packing import enable_packing
 from adapters_ds.training.persistence import (
     DEFAULT_MAX_SHARE,
@@ -71,6 +72,7 @@ def build_engine(
         hf_ds_config = HfDeepSpeedConfig(without_persistence_threshold(ds_config))
     model = load(compute_dtype(ds_config))
     model.config.use_cache = False
+    enable_router_aux_loss(model)  # a mixture of experts' load-balancing loss joins the training loss (`loss.py`)
     packed = enable_packing(model, attn_implementation)  # micro-batches as one packed row: no compute on padding
     inject_adapters(model, adapter_config)
     freeze_base(model)

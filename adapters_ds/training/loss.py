@@ -11,6 +11,11 @@ Beside the loss a run reports two narrower ones from the same per-token losses: 
 the response, whatever `--train_on_inputs` trains on: `answer_mask`) and the digit-token loss (the answer tokens
 whose label contains a digit: `digit_token_mask`), which on arithmetic tracks held-out accuracy far better than a
 loss dominated by the prompt's tokens.
+
+Mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE) compute an auxiliary load-balancing loss from their routers'
+logits when `output_router_logits` is on (`enable_router_aux_loss`, called when the engine is built): it is added
+to each micro-batch's loss as the model's own recipe does (`router_aux_loss_coef` · aux per target token, so its
+weight against the mean token loss is the model's) and logged as `moe/router_aux_loss`.
 """
 
 from __future__ import annotations
@@ -49,6 +54,15 @@ class TargetForward(NamedTuple):
     targets: torch.Tensor  # (n_targets,)
     keep: torch.Tensor  # (batch, seq) bool: the positions of `logits`
     inputs: dict[str, Any]  # the model inputs (the batch without labels)
+    router_loss: torch.Tensor | None = None  # router_aux_loss_coef · the model's auxiliary router loss, if any
+
+
+def enable_router_aux_loss(model: torch.nn.Module) -> bool:
+    """Make a model that has an auxiliary router loss (a positive `router_aux_loss_coef`) compute it; True if so."""
+    if getattr(model.config, "router_aux_loss_coef", 0) and hasattr(model.config, "output_router_logits"):
+        model.config.output_router_logits = True
+        return True
+    return False
 
 
 def forward_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TargetForward:
@@ -57,8 +71,11 @@ def forward_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> T
     keep, targets = target_positions(batch["labels"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     # use_cache=False also matters for packing: transformers only derives the packed mask when no cache is built
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (n_targets, vocab)
-    return TargetForward(logits, targets, keep, inputs)
+    out = model(**inputs, logits_to_keep=keep, use_cache=False)
+    aux = getattr(out, "aux_loss", None)
+    config = getattr(model, "module", model).config  # the engine's or the model's
+    router_loss = None if aux is None else aux.float() * float(config.router_aux_loss_coef)
+    return TargetForward(out.logits, targets, keep, inputs, router_loss)  # logits: (n_targets, vocab)
 
 
 def token_losses(forward: TargetForward) -> torch.Tensor:
@@ -124,6 +141,8 @@ def micro_batch_loss(
     per_token = token_losses(forward)  # (n_targets,)
     task = per_token.sum()
     extra = method.batch_loss(model, forward.inputs, forward.keep, forward.logits, step) or {}
+    if forward.router_loss is not None:  # per target token, as the model adds it to its mean token loss
+        extra = {**extra, "moe/router_aux_loss": forward.router_loss * len(per_token)}
     metrics.update({tag: value.item() / max(1, len(per_token)) for tag, value in extra.items()})
     answer = narrow_sums(per_token.detach(), answer_mask(targets, answers, per_token.device))[2:]
     return MicroBatchLoss(task, task + sum(value.float() for value in extra.values()), answer)
@@ -152,7 +171,7 @@ def with_answer_targets(
     """`tokenized` (from `tokenize_records(raw, tokenizer, ...)` with the run's `args`) with an `answer_targets`
     column: each example's response target tokens, counted on the same texts tokenized with the prompt masked."""
     answers = tokenized
-    if args.train_on_inputs:
+    if args.train_on_inputs and "conversation" not in raw.column_names:  # conversations: assistant tokens only
         answers = tokenize_records(raw, tokenizer, args.cutoff_len, False, args.template)
     return tokenized.add_column("answer_targets", target_counts(answers))
 

@@ -59,11 +59,17 @@ from adapters_ds.training.data import (
     collate,
     collate_packed,
     count_tokens,
-    load_records,
     split_validation,
-    tokenize_records,
+    training_examples,
 )
-from adapters_ds.training.ds_config import check_ds_config, load_ds_config, resolve_ds_config, zero_stage
+from adapters_ds.training.ds_config import (
+    check_ds_config,
+    finish_trackers,
+    load_ds_config,
+    monitor_config,
+    resolve_ds_config,
+    zero_stage,
+)
 from adapters_ds.training.engine import build_engine, partition_report
 from adapters_ds.training.loss import target_counts
 from adapters_ds.training.metrics import Window, peak_memory_gb, precision_name
@@ -125,10 +131,8 @@ class Trainer:
         )
         check_ds_config(self.ds_config)
         check_attn_implementation(args.attn_implementation, self.ds_config)  # a kernel this machine lacks
-        self.ds_config.setdefault(
-            "tensorboard",
-            {"enabled": True, "output_path": str(Path(args.output_dir) / "tensorboard"), "job_name": "train"},
-        )
+        for section, value in monitor_config(args.report_to, args.output_dir).items():
+            self.ds_config.setdefault(section, value)  # a monitor section of the DeepSpeed JSON wins
         self.adapter_config: AdapterConfig = adapter_config(args)
         self.output_non_empty = check_output_dir(
             args.output_dir,
@@ -146,8 +150,7 @@ class Trainer:
         args = self.args
         self.tokenizer = load_tokenizer(self.base_model, trust_remote_code=args.trust_remote_code)
         with main_first(self.info):
-            raw = datasets.Dataset.from_list(records) if records is not None else load_records(args.data_path)
-            tokenized = tokenize_records(raw, self.tokenizer, args.cutoff_len, args.train_on_inputs, args.template)
+            raw, tokenized = training_examples(self.tokenizer, args, records)
             tokenized = losses.with_answer_targets(tokenized, raw, self.tokenizer, args)  # for the answer-only loss
         self.train_set, self.val_set = split_validation(tokenized, args.val_set_size, args.seed)
         self.targets = target_counts(self.train_set)
@@ -193,6 +196,10 @@ class Trainer:
             before_initialize=self.create_output_dir,
         )
         self.engine, self.pack = built.engine, built.packed
+        # the run's metrics go to DeepSpeed's monitors at optimizer-step numbers; the engine's own events (lr at the
+        # sample count) are turned off: W&B drops any event whose step is below one already logged
+        self.monitor = self.engine.monitor if self.engine.monitor.enabled else None
+        self.engine.monitor.enabled = False
         self.device = self.engine.device
         # ZeRO's optimizers and DeepSpeed's bf16/fp16 wrappers drop a step whose gradients are not finite (their
         # "overflow"); without them the engine steps a plain torch-style optimizer
@@ -318,8 +325,8 @@ class Trainer:
         return values
 
     def write_events(self, step: int, values: dict[str, float]) -> None:
-        if self.engine.monitor.enabled:
-            self.engine.monitor.write_events([(tag, value, step) for tag, value in values.items()])
+        if self.monitor:
+            self.monitor.write_events([(tag, value, step) for tag, value in values.items()])
 
     def nonfinite_error(self, step: int, in_a_row: int) -> InputError:
         found = complete_checkpoints(checkpoint_root(self.out))
@@ -430,6 +437,7 @@ class Trainer:
         if self.total_steps not in {step for step, _ in complete_checkpoints(checkpoint_root(self.out))}:
             self.checkpoint(self.total_steps)
         save_adapter(self.engine.module, self.adapter_config, self.out / "adapter")
+        finish_trackers()
         self.log(f"adapter saved to {self.out / 'adapter'}")
         return self.out / "adapter"
 

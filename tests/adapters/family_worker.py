@@ -6,7 +6,10 @@ registered by one is known here. Used by test_families.py.
 
     deepspeed --num_gpus 2 family_worker.py CASES_JSON OUT_DIR
 
-CASES_JSON: {"<case>": {"base": DIR, "method": NAME, "options": {...}}, ...}
+CASES_JSON: {"<case>": {"base": DIR, "method": NAME, "options": {...}, "ranks": 2, "force_router": false}, ...}
+A case run by a single process with "ranks": 2 trains on both ranks' batches at once (the 2-rank run's reference).
+"force_router": rank 0's tokens are routed to experts 0 and 1 only (a forward hook on every router rewrites its
+choice), so on one rank the other experts get no token.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from adapters_ds.adapters.registry import get_method, load_plugins
 from adapters_ds.adapters.storage import save_adapter
 from adapters_ds.distributed import Ranks, init_distributed
+from adapters_ds.families import family_of
 from adapters_ds.modeling import load_base_model
 from adapters_ds.training.ds_config import load_ds_config, resolve_ds_config
 from adapters_ds.training.engine import build_engine
@@ -36,22 +40,42 @@ def batch(rank: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def train(base: str, method: str, options: dict, out: Path) -> list[float]:
+def force_router(model: torch.nn.Module, rows: int) -> None:
+    """Route the first `rows` tokens of every forward to experts 0 and 1 only (the other experts' ids folded onto
+    them): the routers' outputs are (logits, weights, expert ids)."""
+    layout = family_of(model.config.model_type, "the forced router").layout
+
+    def hook(module, args, output):
+        logits, weights, experts = output
+        experts = experts.clone()
+        experts[:rows] = experts[:rows] % 2
+        return logits, weights, experts
+
+    for block in model.get_submodule(layout.blocks):
+        block.get_submodule(layout.router).register_forward_hook(hook)
+
+
+def train(base: str, method: str, options: dict, out: Path, ranks: int = 2, forced: bool = False) -> list[float]:
     info = init_distributed()
+    held = [info.rank] if info.world_size > 1 else list(range(ranks))  # whose batches this process trains on
     raw = load_ds_config(str(REPO / "ds_configs" / "zero3.json"))
     raw["bf16"] = {"enabled": False}
-    config = resolve_ds_config(raw, world_size=info.world_size, micro_batch_size=MICRO,
-                               batch_size=MICRO * info.world_size, learning_rate=LR, weight_decay=0.0,
+    micro = MICRO * len(held)
+    config = resolve_ds_config(raw, world_size=info.world_size, micro_batch_size=micro,
+                               batch_size=micro * info.world_size, learning_rate=LR, weight_decay=0.0,
                                max_grad_norm=1.0)  # fmt: skip
     torch.manual_seed(0)
     adapter_config = get_method(method).config(**options)
     built = build_engine(lambda dtype: load_base_model(base, dtype=dtype), config, adapter_config, learning_rate=LR)
     engine = built.engine
     engine.train()
-    data = {k: v.to(engine.device) for k, v in batch(info.rank).items()}
+    if forced:
+        force_router(engine.module, MICRO * SEQ if held[0] == 0 else 0)
+    batches = [batch(r) for r in held]
+    data = {k: torch.cat([b[k] for b in batches]).to(engine.device) for k in batches[0]}
     losses = []
     for _ in range(STEPS):
-        loss = causal_lm_loss_sum(engine, data) / (MICRO * (SEQ - 1))
+        loss = causal_lm_loss_sum(engine, data) / (micro * (SEQ - 1))
         engine.backward(loss)
         engine.step()
         losses.append(sum(Ranks(start=False).gather(loss.item())) / info.world_size)
@@ -65,7 +89,11 @@ def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     cases, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     load_plugins()
-    results = {name: train(c["base"], c["method"], c.get("options", {}), out / name) for name, c in cases.items()}
+    results = {}
+    for name, c in cases.items():
+        where = out / "adapters" / name
+        options, ranks, forced = c.get("options", {}), c.get("ranks", 2), c.get("force_router", False)
+        results[name] = train(c["base"], c["method"], options, where, ranks, forced)
     if Ranks(start=False).is_main:
         (out / "results.json").write_text(json.dumps(results))
 

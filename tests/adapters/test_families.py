@@ -8,16 +8,18 @@ import os
 import subprocess
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from launch import REPO, command, env
-from tiny_models import _LLAMA_LIKE, CONFIGS, KV, LAYERS, make_model
+from tiny_models import _LLAMA_LIKE, CONFIGS, KV, LAYERS, RECENT_CONFIGS, make_model, make_recent_model, sample_batch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from adapters_ds import GatesConfig, InputError, LoRAConfig, ParallelConfig, SeriesConfig
 from adapters_ds.adapters.inject import inject_adapters, resolve_targets
 from adapters_ds.adapters.prefix import PrefixConfig
-from adapters_ds.adapters.storage import read_adapter_config, read_adapter_tensors
+from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
+from adapters_ds.export.peft import export_peft
 from adapters_ds.families import ROLES, families, layout_of, role_paths
 
 CASES = {
@@ -76,6 +78,9 @@ register_family(
 """
 
 
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+
+
 def _toy_model():
     config = AutoConfig.for_model("starcoder2", **_LLAMA_LIKE)
     torch.manual_seed(0)
@@ -93,14 +98,22 @@ def trained(tmp_path_factory):
         "toy_lora": {"base": str(root / "starcoder2"), "method": "lora", "options": {"r": 4, "alpha": 8}},
         "toy_prefix": {"base": str(root / "starcoder2"), "method": "prefix", "options": {"num_virtual_tokens": 3}},
     }
-    (root / "cases.json").write_text(json.dumps(cases))
-    worker = str(Path(__file__).parent / "family_worker.py")
-    variables = {**env(), "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-                 "ADAPTERS_DS_METHODS": "toy_family"}  # fmt: skip
-    result = subprocess.run([*command("deepspeed", 2, worker), str(root / "cases.json"), str(root)], env=variables,
-                            capture_output=True, text=True, timeout=900, cwd=REPO)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return root, json.loads((root / "results.json").read_text())
+    for family in RECENT_CONFIGS:
+        make_recent_model(family).save_pretrained(root / family)
+        cases[family] = {"base": str(root / family), "method": "lora", "options": LORA}
+    forced = {"base": str(root / "mixtral"), "method": "lora", "options": LORA, "force_router": True}
+    cases["moe_forced"] = forced
+    results = {}
+    for nproc, batch in ((2, cases), (1, {"moe_forced_one_process": {**forced, "ranks": 2}})):
+        (root / "cases.json").write_text(json.dumps(batch))
+        worker = str(Path(__file__).parent / "family_worker.py")
+        variables = {**env(), "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+                     "ADAPTERS_DS_METHODS": "toy_family"}  # fmt: skip
+        result = subprocess.run([*command("deepspeed", nproc, worker), str(root / "cases.json"), str(root)],
+                                env=variables, capture_output=True, text=True, timeout=900, cwd=REPO)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        results.update(json.loads((root / "results.json").read_text()))
+    return root, results
 
 
 @pytest.mark.slow
@@ -108,11 +121,42 @@ def test_a_family_registered_in_one_place_trains_lora_and_prefix(trained):
     root, losses = trained
     for case in ("toy_lora", "toy_prefix"):
         assert len(losses[case]) == 4 and losses[case][-1] < losses[case][0], (case, losses[case])
-    lora, _ = read_adapter_config(root / "toy_lora")
+    lora, _ = read_adapter_config(root / "adapters" / "toy_lora")
     assert lora.target_modules == ("q_proj", "k_proj", "v_proj", "c_fc", "c_proj")  # the record's roles
-    prefix = read_adapter_tensors(root / "toy_prefix")
+    prefix = read_adapter_tensors(root / "adapters" / "toy_prefix")
     assert sorted(prefix) == [f"adapter.prefix_{layer}" for layer in range(LAYERS)]
     assert all(t.shape == (3, 2 * KV) and t.abs().sum() > 0 for t in prefix.values())
-    # without the record the same model is refused by name, with the way out
+    # without the record: LoRA with named modules works, the defaults and prefix say how to go on
+    model = _toy_model()
+    assert len(inject_adapters(model, LoRAConfig(target_modules=("q_proj", "c_fc")))) == 2 * LAYERS
+    with pytest.raises(InputError, match=r"no default target modules for model type 'starcoder2'.*--target_modules"):
+        inject_adapters(_toy_model(), LoRAConfig())
     with pytest.raises(InputError, match=r"prefix tuning needs a known model family; 'starcoder2' has no record"):
         inject_adapters(_toy_model(), PrefixConfig(num_virtual_tokens=3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(RECENT_CONFIGS))
+def test_lora_with_default_targets_trains_on_two_ranks_and_exports_to_peft(trained, family, tmp_path):
+    root, losses = trained
+    assert len(losses[family]) == 4 and losses[family][-1] < losses[family][0], losses[family]
+    base_dir, adapter_dir = root / family, root / "adapters" / family
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    load_adapter(model, adapter_dir)
+    config, _ = read_adapter_config(adapter_dir)
+    assert config.target_modules == LoRAConfig().default_targets(model.config.model_type)
+    assert any(t.abs().sum() > 0 for n, t in read_adapter_tensors(adapter_dir).items() if "lora_B" in n)
+    export_peft(str(base_dir), str(adapter_dir), str(tmp_path / "peft"))
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "peft")
+    batch = sample_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_moe_rank_whose_tokens_skip_experts_neither_hangs_nor_changes_the_losses(trained):
+    """Rank 0 routes no token to experts 2 and 3, rank 1 does: the 2-rank ZeRO-3 run finishes and its losses are
+    those of one process training on both batches (fp32)."""
+    _, losses = trained
+    assert losses["moe_forced"][-1] < losses["moe_forced"][0]
+    torch.testing.assert_close(losses["moe_forced"], losses["moe_forced_one_process"], rtol=1e-5, atol=1e-6)

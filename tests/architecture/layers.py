@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("zero",),
     ("prompts",),
     ("records",),
+    ("conversations",),
     ("families",),
     ("distributed",),
     ("pruned_model",),

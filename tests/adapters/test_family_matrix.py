@@ -1,0 +1,145 @@
+"""Every method on every family of today's fine-tuning (Llama 3.x, Qwen3, Gemma 2/3, Phi-3, OLMo 2, Granite, Mixtral,
+Qwen3-MoE, OLMoE): it trains (a backward reaches every adapter tensor, additive methods start as the identity), or
+it is refused with one line naming the family and the method. Also per family: packed rows equal padded batches
+where the record allows packing, and batched cached generation with left padding equals one prompt at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import MOE_FAMILIES, RECENT_CONFIGS, VOCAB, make_recent_model, sample_batch
+from tiny_tokenizer import make_tokenizer
+
+from adapters_ds import GatesConfig, InputError, LoRAConfig, ParallelConfig, SeriesConfig
+from adapters_ds.adapters.base import adapter_parameters
+from adapters_ds.adapters.inject import freeze_base, inject_adapters
+from adapters_ds.adapters.prefix import PrefixConfig
+from adapters_ds.adapters.prompt import PromptConfig
+from adapters_ds.adapters.ptuning import PTuningConfig
+from adapters_ds.evaluation.generation import generate_ids
+from adapters_ds.families import family_of
+from adapters_ds.training.data import collate, collate_packed
+from adapters_ds.training.loss import causal_lm_loss_sum, enable_router_aux_loss, micro_batch_loss
+from adapters_ds.training.packing import enable_packing, supports_packing
+
+METHODS = {  # case: (config, adds to the output: the identity at step 0)
+    "lora": (lambda: LoRAConfig(r=2, alpha=4, dropout=0.0), True),
+    "dora": (lambda: LoRAConfig(r=2, alpha=4, dropout=0.0, use_dora=True), True),
+    "rslora_loraplus": (lambda: LoRAConfig(r=2, alpha=4, use_rslora=True, lora_plus_ratio=16.0), True),
+    "series": (lambda: SeriesConfig(bottleneck_size=4), True),
+    "series_houlsby": (lambda: SeriesConfig(bottleneck_size=4, preset="houlsby"), True),
+    "parallel": (lambda: ParallelConfig(bottleneck_size=4), True),
+    "prefix": (lambda: PrefixConfig(num_virtual_tokens=3), False),
+    "prompt": (lambda: PromptConfig(num_virtual_tokens=3), False),
+    "ptuning": (lambda: PTuningConfig(num_virtual_tokens=3), False),
+    "gates": (lambda: GatesConfig(), False),
+}
+# (family, case) → what the one-line error must say besides the family's model type and the method
+REFUSED = {
+    ("gemma2", "prefix"): "soft-capped",
+    ("phi3", "gates"): "fused",
+    **{(f, "dora"): "DoRA" for f in MOE_FAMILIES},
+    **{(f, c): "mixture of experts" for f in MOE_FAMILIES for c in ("series", "series_houlsby", "parallel", "gates")},
+}
+GRID = [(family, case) for family in RECENT_CONFIGS for case in METHODS]
+
+
+def _labelled(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**batch, "labels": batch["input_ids"].clone()}
+
+
+@pytest.mark.parametrize(("family", "case"), GRID)
+def test_every_method_trains_on_every_family_or_is_refused_by_name(family, case):
+    build, additive = METHODS[case]
+    model, config = make_recent_model(family), build()
+    model_type = model.config.model_type
+    if (family, case) in REFUSED:
+        with pytest.raises(InputError) as caught:
+            inject_adapters(model, config)
+        message = str(caught.value)
+        assert "\n" not in message and model_type in message and REFUSED[family, case] in message
+        assert config.method in message or "DoRA" in message
+        return
+    batch = sample_batch()
+    with torch.no_grad():
+        base = model(**batch).logits
+    inject_adapters(model, config)
+    freeze_base(model)
+    if additive:  # LoRA, Series and Parallel start as the identity (MoE: another order of summing the experts)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=1e-5)
+    groups = config.param_groups(model, 1e-3)  # LoRA+: B in its own, faster group
+    assert sum(len(g["params"]) for g in groups) == len(adapter_parameters(model))
+    model.train()
+    loss = causal_lm_loss_sum(model, _labelled(batch))
+    extra = config.regularizer(model, 0)  # the method's own loss term (gates: the sparsity penalty)
+    (loss + (extra[0] if extra else 0)).backward()
+    params = adapter_parameters(model)
+    assert params and torch.isfinite(loss)
+    missing = [n for n, p in params.items() if p.grad is None]
+    assert not missing, missing
+
+
+def _features(lengths: list[int]) -> list[dict[str, list[int]]]:
+    gen = torch.Generator().manual_seed(0)
+    return [dict(input_ids=(ids := torch.randint(3, VOCAB, (n,), generator=gen).tolist()), labels=ids) for n in lengths]
+
+
+@pytest.mark.parametrize("family", list(RECENT_CONFIGS))
+def test_packed_rows_equal_padded_batches_where_the_record_allows_packing(family):
+    model = make_recent_model(family)
+    record = family_of(model.config.model_type, "test")
+    assert supports_packing(model) == (record.packing is None)
+    if record.packing is not None:
+        return
+    examples = _features([9, 14, 5, 11])
+    with torch.no_grad():
+        padded = causal_lm_loss_sum(model, collate(examples, 0))
+        assert enable_packing(model)
+        packed = causal_lm_loss_sum(model, collate_packed(examples))
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(RECENT_CONFIGS))
+def test_batched_cached_generation_equals_one_prompt_at_a_time(family):
+    """Left padding and the KV cache (Gemma's sliding window is shorter than these sequences) change nothing."""
+    model, tokenizer = make_recent_model(family), make_tokenizer()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (9, 4, 6)]
+    together = generate_ids(model, tokenizer, prompts, max_new_tokens=6, stop_strings=())
+    alone = [
+        generate_ids(model, tokenizer, [p], max_new_tokens=6, stop_strings=(), use_cache=False)[0] for p in prompts
+    ]
+    assert together == alone and all(together)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_the_models_router_aux_loss_joins_the_training_loss_and_is_logged(family):
+    model = make_recent_model(family)
+    assert enable_router_aux_loss(model) and model.config.output_router_logits
+    config = LoRAConfig(r=2, dropout=0.0)
+    inject_adapters(model, config)
+    freeze_base(model)
+    batch = _labelled(sample_batch())
+    metrics: dict[str, float] = {}
+    terms = micro_batch_loss(model, batch, config, 0, [11, 11], [11, 11], metrics)
+    with torch.no_grad():
+        reference = model(**batch)  # transformers' own: mean token loss + coef · aux
+    n = 2 * 11
+    expected = model.config.router_aux_loss_coef * reference.aux_loss
+    torch.testing.assert_close(metrics["moe/router_aux_loss"], expected.item(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close((terms.total / n).detach(), reference.loss, rtol=1e-5, atol=1e-6)
+    assert expected > 0
+
+
+def test_parallel_on_a_fused_gate_up_projection_adds_to_the_up_half_only():
+    model = make_recent_model("phi3")
+    inject_adapters(model, ParallelConfig(bottleneck_size=4))
+    fused = model.model.layers[0].mlp.gate_up_proj
+    with torch.no_grad():
+        fused.adapter.up.normal_()
+        x = torch.randn(3, fused.in_features)
+        delta = fused(x) - torch.nn.functional.linear(x, fused.weight)
+    half = fused.out_features // 2
+    assert fused.adapter.up.shape[0] == half
+    assert torch.equal(delta[:, :half], torch.zeros(3, half)) and delta[:, half:].abs().min() > 0
