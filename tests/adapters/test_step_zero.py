@@ -1,7 +1,8 @@
 """What every registered method does to the model at step 0, as the README's adapter section states it: the methods
-it names as the identity leave the logits exactly the base model's; prompt tuning and P-tuning make the model the
-base model reading their virtual tokens in front of each input; prefix tuning changes the output from the first
-step. Each method at its default options on the tiny LLaMA (fp32)."""
+it names as the identity leave the logits exactly the base model's; the others change every position's output: prompt
+and prefix tuning (real-token initialisation, their default) make it the base model's reading those tokens before the
+input, P-tuning the base model's reading its encoder's output there. Each method at its default options on the tiny
+LLaMA (fp32)."""
 
 from __future__ import annotations
 
@@ -26,32 +27,37 @@ def readme_step_zero() -> tuple[set[str], set[str]]:
     return names(identity), names(not_identity)
 
 
-def adapted(method: str) -> torch.nn.Module:
+def adapted(method: str) -> tuple[torch.nn.Module, object]:
     model = make_model("llama")
-    inject_adapters(model, get_method(method).config())
+    config = get_method(method).config()
+    inject_adapters(model, config)
     freeze_base(model)
-    return model.eval()
+    return model.eval(), config
 
 
 def test_every_method_at_step_zero_does_what_the_readme_says():
     identity, not_identity = readme_step_zero()
     assert identity | not_identity == set(adapters_ds.METHODS) and not identity & not_identity
     batch = sample_batch()
+    ids, seq = batch["input_ids"], batch["input_ids"].shape[1]
     base = make_model("llama").eval()
     with torch.no_grad():
         expected = base(**batch).logits
         for method in sorted(identity):
-            assert torch.equal(adapted(method)(**batch).logits, expected), method
+            assert torch.equal(adapted(method)[0](**batch).logits, expected), method
         for method in sorted(not_identity):
-            model = adapted(method)
+            model, config = adapted(method)
             got = model(**batch).logits
-            layers = [adapter for _, _, adapter in adapter_layers(model)]
-            if isinstance(layers[0], VirtualTokens):  # the base model reading P, the virtual tokens, before the input
-                (layer,) = layers
-                prompt = layer().expand(batch["input_ids"].shape[0], -1, -1)  # (batch, n, hidden)
-                embeds = torch.cat([prompt, base.get_input_embeddings()(batch["input_ids"])], dim=1)
+            assert (got[:, -seq:] - expected).abs().amax(dim=-1).min() > 1e-4, f"{method} left a position unchanged"
+            tokens = getattr(config, "init_token_ids", None)
+            if tokens:  # real tokens (prompt, prefix): the base model reading them before the input
+                read = torch.cat([torch.tensor(tokens).expand(ids.shape[0], -1), ids], dim=1)
+                reference = base(input_ids=read, attention_mask=torch.ones_like(read)).logits
+                torch.testing.assert_close(got[:, -seq:], reference[:, -seq:], msg=method)
+            else:  # P-tuning: the base model reading P, its encoder's output, before the input
+                (layer,) = [adapter for _, _, adapter in adapter_layers(model)]
+                assert isinstance(layer, VirtualTokens), method
+                prompt = layer().expand(ids.shape[0], -1, -1)  # (batch, n, hidden)
+                embeds = torch.cat([prompt, base.get_input_embeddings()(ids)], dim=1)
                 mask = torch.ones(embeds.shape[:2], dtype=batch["attention_mask"].dtype)
-                torch.testing.assert_close(got, base(inputs_embeds=embeds, attention_mask=mask).logits)
-            else:  # prefix: the same shape, other numbers at every position
-                assert got.shape == expected.shape
-                assert (got - expected).abs().amax(dim=-1).min() > 1e-4, method
+                torch.testing.assert_close(got, base(inputs_embeds=embeds, attention_mask=mask).logits, msg=method)
