@@ -1,7 +1,7 @@
 """The shipped `ds_configs/zero3_nvme.json` as printed, only its `nvme_path` pointed at a temporary folder: 2 ranks
-train with the frozen base's parameters and the optimizer states swapped to files through DeepSpeed's async_io op,
-save the adapter, and their losses go down. Skipped where async_io cannot be built (no libaio: `apt-get install
-libaio-dev`, which .ci/setup does)."""
+train with the frozen base's parameters and the optimizer states swapped to files under it through DeepSpeed's
+async_io op, save the adapter, and their losses go down. Skipped where async_io cannot be built (no libaio:
+`apt-get install libaio-dev`, which .ci/setup does)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,11 @@ def test_zero3_nvme_config_trains_with_parameters_and_optimizer_swapped_to_files
          "--max_steps", "6"])  # fmt: skip
     steps = losses(out)
     assert len(steps) == 6 and sum(steps[-2:]) < sum(steps[:2])
-    for rank in (0, 1):  # each rank swapped its own partition of the base to files
-        swapped = [path for path in (swap / "zero_stage_3").rglob(f"rank{rank}/*") if path.is_file()]
-        assert swapped, f"rank {rank} wrote no swap file under {swap}"
+    # each rank swapped its partition of the parameters and its optimizer states into its own folders under
+    # nvme_path (DeepSpeed deletes the swap files themselves when the run ends)
+    stage = swap / "zero_stage_3"
+    for rank in (0, 1):
+        assert [path.name for path in stage.glob(f"*params/rank{rank}")] == [f"rank{rank}"], sorted(stage.rglob("*"))
+        assert (stage / "optimizer" / f"rank{rank}").is_dir(), sorted(stage.rglob("*"))
     model = make_model("llama", torch.bfloat16 if native_bf16() else torch.float32)
     assert load_adapter(model, out / "adapter").method == "lora"
