@@ -1,7 +1,7 @@
 """Packed micro-batch step time by attention path, in one process, the paths interleaved round by round.
 
     python bench/packed_attention.py [--base_model PATH] [--rounds 5] [--micro_batches 4] [--micro_batch_size 4]
-                                     [--cutoff_len 256] [--paths before,after,eager] [--dtype auto]
+                                     [--cutoff_len 256] [--paths before,after,eager,dense] [--dtype auto]
 
 One training micro-step (forward, loss as the trainer computes it, backward of LoRA r 32 on q,k,v,up,down_proj) on a
 packed row of `--micro_batch_size` examples, for each path:
@@ -12,10 +12,13 @@ packed row of `--micro_batch_size` examples, for each path:
   after   the same implementation given the boundaries from the host (`attention.packed_inputs`): torch's
           variable-length flash kernel on CUDA in bf16/fp16, sdpa once per example elsewhere; nothing read back.
   eager   transformers' eager attention with its block-diagonal mask (the reference of `--attn_implementation eager`).
+  dense   transformers' own sdpa: one call per layer over the whole row with the dense block-diagonal mask it builds
+          from `position_ids` (attention over a packed row in one call; the masked blocks are computed too).
   flash   the flash-attn package's variable-length kernel (`--attn_implementation flash_attention_2`; CUDA only).
 
 Each round times every path on the same micro-batches, in rotating order, so a load change on a shared machine
-hits all paths alike; the figures are medians over rounds of the seconds per micro-step. The losses of the paths are
+hits all paths alike; the figures are medians over rounds of the seconds per micro-step, wall clock and this
+process's CPU time (steadier than the wall clock on a loaded machine). The losses of the paths are
 compared too (they must agree). Data: GSM8K training questions from ../shared/data when present, else the built-in
 generated problems. Prints one JSON object.
 """
@@ -42,7 +45,7 @@ from adapters_ds.training.data import collate_packed
 from adapters_ds.training.loss import causal_lm_loss_sum
 from adapters_ds.training.packing import enable_packing
 
-PATHS = ("before", "after", "eager", "flash")
+PATHS = ("before", "after", "eager", "dense", "flash")
 
 
 def main() -> None:
@@ -52,7 +55,9 @@ def main() -> None:
     parser.add_argument("--micro_batches", type=int, default=4, help="micro-batches timed per path and round")
     parser.add_argument("--micro_batch_size", type=int, default=4)
     parser.add_argument("--cutoff_len", type=int, default=256)
-    parser.add_argument("--paths", default="before,after,eager", help=f"comma-separated subset of {','.join(PATHS)}")
+    parser.add_argument(
+        "--paths", default="before,after,eager,dense", help=f"comma-separated subset of {','.join(PATHS)}"
+    )
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                         help="auto: bf16 where the hardware has bf16 matrix units (ds_configs' 'auto')")  # fmt: skip
     args = parser.parse_args()
@@ -88,6 +93,7 @@ def main() -> None:
         "before": resolve_attn_implementation("sdpa", dtype, True, device.type),
         "after": resolve_attn_implementation("sdpa", dtype, True, device.type),
         "eager": "eager",
+        "dense": "sdpa",
         "flash": "flash_attention_2",
     }
 
@@ -95,7 +101,7 @@ def main() -> None:
         out = []
         for group in groups:
             batch = collate_packed(group)
-            if path != "before":
+            if path not in ("before", "dense"):
                 lengths = [len(f["input_ids"]) for f in group]
                 batch.update(packed_inputs(implementations[path], lengths))
             out.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
@@ -115,6 +121,7 @@ def main() -> None:
 
     prepared = {path: batches(path) for path in paths}
     times: dict[str, list[float]] = {path: [] for path in paths}
+    cpu_times: dict[str, list[float]] = {path: [] for path in paths}
     losses: dict[str, list[float]] = {}
     for path in paths:  # warm-up: kernel selection, allocations
         use(path)
@@ -124,11 +131,12 @@ def main() -> None:
         for path in paths[r % len(paths) :] + paths[: r % len(paths)]:
             use(path)
             accelerator.synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for batch in prepared[path]:
                 step(batch)
             accelerator.synchronize()
             times[path].append((time.perf_counter() - start) / len(prepared[path]))
+            cpu_times[path].append((time.process_time() - cpu_start) / len(prepared[path]))
     tokens = sum(len(f["input_ids"]) for f in features) / len(groups)
     medians = {path: statistics.median(t) for path, t in times.items()}
     result = {
@@ -145,6 +153,7 @@ def main() -> None:
         "load_avg_1min": [load_before, os.getloadavg()[0]],
         "s_per_micro_step_median": {p: round(m, 4) for p, m in medians.items()},
         "s_per_micro_step_all": {p: [round(x, 4) for x in t] for p, t in times.items()},
+        "cpu_s_per_micro_step_median": {p: round(statistics.median(t), 4) for p, t in cpu_times.items()},
         "loss_max_relative_gap_to_first_path": max(
             abs(a / b - 1) for p in paths for a, b in zip(losses[p], losses[paths[0]], strict=True)
         ),

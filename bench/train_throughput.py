@@ -3,6 +3,7 @@
     python bench/train_throughput.py [--base_model PATH] [--steps 6] [--warmup_steps 1] [--micro_batch_size 4]
                                      [--batch_size 8] [--cutoff_len 256] [--learning_rate 3e-4]
                                      [--modes a_bf16,a_fp32,b,b_bf16,c] [--bf16_steps 2] [--bf16_limit_s 120]
+                                     [--split_steps 1]
     python bench/train_throughput.py --profile [--steps 4]     # where one rank of adapters_ds spends its time
 
 Modes, each in a process of its own (clean peak memory), one after the other in this one run:
@@ -33,7 +34,15 @@ the start of this run (fp32 and bf16; 2048² on a CPU, 8192² on a GPU).
 Model FLOPs of a sequence of n tokens: (4·N + 6·N_lora)·n + 3·A(n), N the weights of the frozen base's matrix
 products (the blocks and the LM head: forward 2N, backward 2N for the input gradients only), N_lora the adapter
 weights (forward 2, backward 4), A(n) = 2·layers·hidden·n·(n+1) the causal attention forward (QKᵀ and AV over the
-n(n+1)/2 visible pairs), its backward twice that. Padding counts for nothing. Prints one JSON object.
+n(n+1)/2 visible pairs), its backward twice that. Padding counts for nothing.
+
+Time split per mode (`time_split`, --split_steps after --warmup_steps, in a run of its own so that the timed run
+carries no profiler overhead): torch.profiler's self CPU time of rank 0 per step, by category: matmul (mm, addmm,
+bmm), attention (everything inside an attention op), dropout_rng (Bernoulli and random draws, dropout), copies
+(copy_, dtype casts, clone, cat, fills), optimizer (inside the optimizer's step: torch's `Optimizer.step` range,
+DeepSpeed's optimizer in a range of the bench's), communication (c10d/gloo/NCCL collectives), other (the rest:
+elementwise ops, norms, the loss, ZeRO-3's hooks). On a GPU the CPU time is the launch overhead, not the kernels'.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,6 +148,53 @@ def matmul_flops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> 
     return 2 * size**3 * runs / (time.perf_counter() - start)
 
 
+# ---------------------------------------------------------------------------------------------------- time split
+
+SPLIT_CATEGORIES = ("matmul", "attention", "dropout_rng", "copies", "optimizer", "communication", "other")
+OPTIMIZER_RANGE = "adapters_bench/optimizer"  # the bench's own range around a DeepSpeed optimizer step
+_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot")
+_COPIES = ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat", "aten::fill_", "aten::zero_",
+           "aten::index_copy", "aten::slice_backward", "aten::contiguous", "aten::stack")  # fmt: skip
+_COMM = ("c10d", "gloo", "nccl", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "broadcast",
+         "record_param_comms")  # fmt: skip
+
+
+def event_category(name: str, ancestors: list[str]) -> str:
+    """The category of a profiler event's own (self) time: a range around it (optimizer, communication,
+    attention) wins over the op's own kind, so the elementwise ops of an optimizer step count as optimizer."""
+    chain = [name, *ancestors]
+    if any(c in n.lower() for n in chain for c in _COMM):
+        return "communication"
+    if any(n == OPTIMIZER_RANGE or n.startswith("Optimizer.step") for n in chain):
+        return "optimizer"
+    if any("attention" in n.lower() for n in chain):
+        return "attention"
+    if name in _MATMUL:
+        return "matmul"
+    if any(k in name for k in ("bernoulli", "random_", "dropout", "aten::rand", "uniform_")):
+        return "dropout_rng"
+    if name in _COPIES:
+        return "copies"
+    return "other"
+
+
+def time_split(events: list, steps: int) -> dict:
+    """Self CPU time per step by `SPLIT_CATEGORIES`, in seconds and as shares of the total (torch.profiler's
+    events of `steps` steps)."""
+    seconds = dict.fromkeys(SPLIT_CATEGORIES, 0.0)
+    for event in events:
+        ancestors, parent = [], event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        seconds[event_category(event.name, ancestors)] += event.self_cpu_time_total / 1e6
+    total = sum(seconds.values()) or 1.0
+    return {
+        "s_per_step": {k: round(v / steps, 3) for k, v in seconds.items()},
+        "share": {k: round(v / total, 3) for k, v in seconds.items()},
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -192,6 +249,8 @@ def hf_trainer_child(spec: dict) -> dict:
         ),
     )
 
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
     class Clock(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
@@ -201,6 +260,8 @@ def hf_trainer_child(spec: dict) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the step's kernels are done, not just queued
             self.times.append(time.perf_counter())
+            if spec.get("split_warmup") and state.global_step == spec["split_warmup"]:
+                profiler.start()  # --split: the steps after the warm-up under the profiler
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -243,6 +304,9 @@ def hf_trainer_child(spec: dict) -> dict:
         collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
         trainer = HFTrainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[clock])
         trainer.train()
+    if spec.get("split_warmup"):
+        profiler.stop()
+        return {"split": time_split(profiler.events(), spec["steps"] - spec["split_warmup"])}
     if torch.cuda.is_available():  # the Trainer's own device (it has no other accelerator path here)
         peak_gb = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -263,18 +327,9 @@ def run_hf(spec: dict, limit_s: float | None) -> dict:
 # ---------------------------------------------------------------------------------------------------- modes b, c
 
 
-def run_adapters_ds(spec: dict, ranks: int, bf16: str | bool, workdir: Path, limit_s: float | None) -> dict | None:
-    """launcher/train.py under the deepspeed launcher; per-step wall clock from its TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    config["bf16"] = {"enabled": bf16}
-    name = f"ranks{ranks}_bf16{bf16}"
-    config_path, out = workdir / f"{name}.json", workdir / name
-    config_path.write_text(json.dumps(config))
-    runner = Path(sys.executable).parent / "deepspeed"
-    cmd = [
-        str(runner), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO / "launcher" / "train.py"),
+def train_argv(spec: dict, config_path: Path, out: Path) -> list[str]:
+    """launcher/train.py's arguments for the bench's run: the same LoRA, data, batches and schedule as mode a."""
+    return [
         "--ds_config", str(config_path), "--base_model", spec["base"], "--data_path", spec["data"],
         "--output_dir", str(out), "--max_steps", str(spec["steps"]),
         "--micro_batch_size", str(spec["micro_batch_size"]), "--batch_size", str(spec["batch_size"]),
@@ -283,6 +338,30 @@ def run_adapters_ds(spec: dict, ranks: int, bf16: str | bool, workdir: Path, lim
         "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]), "--lora_dropout", str(LORA["dropout"]),
         "--target_modules", TARGET_MODULES, "--logging_steps", "1", "--save_steps", "0", "--train_on_inputs",
     ]  # fmt: skip
+
+
+def deepspeed_launcher(ranks: int) -> list[str]:
+    runner = Path(sys.executable).parent / "deepspeed"
+    return [str(runner), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+
+
+def write_config(workdir: Path, ranks: int, bf16: str | bool) -> tuple[Path, str]:
+    """ds_configs/zero3.json with bf16 set to `bf16`, in workdir; returns its path and the run's name."""
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["bf16"] = {"enabled": bf16}
+    name = f"ranks{ranks}_bf16{bf16}"
+    config_path = workdir / f"{name}.json"
+    config_path.write_text(json.dumps(config))
+    return config_path, name
+
+
+def run_adapters_ds(spec: dict, ranks: int, bf16: str | bool, workdir: Path, limit_s: float | None) -> dict | None:
+    """launcher/train.py under the deepspeed launcher; per-step wall clock from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config_path, name = write_config(workdir, ranks, bf16)
+    out = workdir / name
+    cmd = [*deepspeed_launcher(ranks), str(REPO / "launcher" / "train.py"), *train_argv(spec, config_path, out)]
     proc = run_limited(cmd, child_env(threads=1 if ranks > 1 else None), limit_s)
     if proc.returncode is None:
         return {"finished": False}
@@ -319,36 +398,79 @@ def summarize(raw: dict, step_targets: list[int], step_flops: list[float], warmu
     }
 
 
-def profile_one_rank(spec: dict, workdir: Path) -> None:
-    """The top of torch.profiler's table for adapters_ds's train_step on one rank, to stderr."""
+def profiled_steps(spec: dict, config_path: Path, out: Path, warmup: int) -> tuple[Any, float]:
+    """adapters_ds's Trainer (launcher/train.py's arguments) in this process, one rank of a run: `warmup` steps, then
+    the rest of spec["steps"] under torch.profiler, the optimizer's step in a range of its own. Returns the profiler
+    and the profiled steps' seconds."""
     from adapters_ds.training.args import parse_train_args
     from adapters_ds.training.trainer import Trainer
 
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    (workdir / "zero3.json").write_text(json.dumps(config))
-    args = parse_train_args([
-        "--ds_config", str(workdir / "zero3.json"), "--base_model", spec["base"], "--data_path", spec["data"],
-        "--output_dir", str(workdir / "profile"), "--max_steps", str(spec["steps"]),
-        "--micro_batch_size", str(spec["micro_batch_size"]), "--batch_size", str(spec["batch_size"]),
-        "--cutoff_len", str(spec["cutoff_len"]), "--learning_rate", str(spec["learning_rate"]),
-        "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]), "--target_modules", TARGET_MODULES,
-    ])  # fmt: skip
     os.environ.update(TOKENIZERS_PARALLELISM="false")
+    args = parse_train_args(train_argv(spec, config_path, out))
     trainer = Trainer(args, args.base_model)
     trainer.engine.train()
-    trainer.train_step(0)  # warm-up
+    optimizer, optimizer_step = trainer.engine.optimizer, trainer.engine.optimizer.step
+
+    def step_in_range(*a: Any, **k: Any) -> Any:
+        with torch.profiler.record_function(OPTIMIZER_RANGE):
+            return optimizer_step(*a, **k)
+
+    optimizer.step = step_in_range  # this instance only: the split sees the optimizer's own time
+    for step in range(warmup):
+        trainer.train_step(step)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
-        for step in range(1, spec["steps"]):
+        for step in range(warmup, spec["steps"]):
             trainer.train_step(step)
         seconds = time.perf_counter() - start
+    return prof, seconds
+
+
+def profile_one_rank(spec: dict, workdir: Path) -> None:
+    """The top of torch.profiler's table for adapters_ds's train_step on one rank (mode b), to stderr."""
+    config_path, name = write_config(workdir, 1, "auto")
+    prof, seconds = profiled_steps(spec, config_path, workdir / name, warmup=1)
     print(f"{spec['steps'] - 1} steps in {seconds:.2f} s", file=sys.stderr)
+    print(json.dumps(time_split(prof.events(), spec["steps"] - 1)), file=sys.stderr)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60),
           file=sys.stderr)  # fmt: skip
+
+
+def ds_split_child(job: dict) -> None:
+    """One rank of a --split run of mode b or c (under the deepspeed launcher): rank 0 prints its time split."""
+    spec, warmup = job["spec"], job["warmup"]
+    prof, _ = profiled_steps(spec, Path(job["config"]), Path(job["out"]), warmup)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("SPLIT " + json.dumps(time_split(prof.events(), spec["steps"] - warmup)), flush=True)
+
+
+def run_split(mode: str, spec: dict, workdir: Path, warmup: int, limit_s: float | None) -> dict:
+    """The time split of `mode`: a run of its own of spec["steps"] steps, the steps after `warmup` profiled (the
+    timed runs stay free of the profiler's overhead)."""
+    if mode.startswith("a"):
+        proc = run_limited(
+            [sys.executable, __file__, "--_hf_child", json.dumps({**spec, "split_warmup": warmup})],
+            child_env(),
+            limit_s,
+        )
+    else:
+        ranks = 2 if mode == "c" else 1
+        config_path, name = write_config(workdir, ranks, True if mode == "b_bf16" else "auto")
+        job = {"spec": spec, "config": str(config_path), "out": str(workdir / f"split_{name}"), "warmup": warmup}
+        cmd = [*deepspeed_launcher(ranks), __file__, "--_ds_split_child", json.dumps(job)]
+        proc = run_limited(cmd, child_env(threads=1 if ranks > 1 else None), limit_s)
+    if proc.returncode is None:
+        return {"finished": False, "limit_s": limit_s}
+    if proc.returncode != 0:
+        raise RuntimeError(f"--split run of {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = proc.stdout.strip().splitlines()
+    if mode.startswith("a"):
+        return json.loads(lines[-1])["split"]
+    return json.loads(next(line for line in lines if line.startswith("SPLIT ")).removeprefix("SPLIT "))
 
 
 def main() -> None:
@@ -367,10 +489,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--profile", action="store_true", help="profile mode b's train_step instead (to stderr)")
+    parser.add_argument(
+        "--split_steps",
+        type=int,
+        default=1,
+        help="steps profiled after --warmup_steps in a run of its own per mode, for the time split (0: none)",
+    )
     parser.add_argument("--_hf_child", help=argparse.SUPPRESS)
+    parser.add_argument("--_ds_split_child", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's (split child)
     args = parser.parse_args()
     if args._hf_child:
         print(json.dumps(hf_trainer_child(json.loads(args._hf_child))))
+        return
+    if args._ds_split_child:
+        ds_split_child(json.loads(args._ds_split_child))
         return
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
@@ -464,6 +597,9 @@ def main() -> None:
                 continue
             runs[mode] = summarize(raw, step_targets[:steps], step_flops[:steps], args.warmup_steps, peak)
             runs[mode]["steps"] = steps
+            if args.split_steps > 0:
+                split_spec = {**spec, "steps": args.warmup_steps + args.split_steps}
+                runs[mode]["time_split"] = run_split(mode, split_spec, workdir, args.warmup_steps, limit)
             if raw.get("autocast"):
                 runs[mode]["autocast"] = raw["autocast"]
             print(json.dumps({mode: runs[mode]}), file=sys.stderr, flush=True)  # kept if a later mode fails

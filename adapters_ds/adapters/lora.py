@@ -21,6 +21,11 @@ variants as options.
 - LoRA+ (`lora_plus_ratio`; Hayou et al. 2024, arXiv 2402.12354): B learns `ratio` times faster than A (their own
   optimizer groups, `param_groups`).
 
+Training computes the same update in a cheaper order: dropout is `dropout.SharedDropout` (one mask per input tensor,
+shared by q, k and v, which read the same one; its 1/q and s multiply the (..., r) intermediate rather than the
+(..., out) output: `lora_update_train`). Evaluation and export keep PEFT's order (`lora_update`), so exported
+adapters match PEFT's outputs bit for bit.
+
 B = 0 makes the adapted model equal to the base at step 0 in every variant. The update is linear in W (DoRA: a
 row scaling of W + s·BA), so it is merged into W (and unmerged) exactly up to rounding, in fp32; merging is always
 explicit, never a side effect of eval().
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, check_range, option
+from adapters_ds.adapters.dropout import SharedDropout
 from adapters_ds.adapters.lora_experts import ExpertDims, ExpertLoRA, expert_dims, is_experts
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
@@ -92,7 +98,7 @@ class LoRAConfig(AdapterConfig):
     def layer_dims(self, name: str, module: nn.Module) -> LinearDims | ExpertDims:
         """A linear layer's shapes, or an experts module's fused expert matrices (`lora_experts`)."""
         if is_experts(module):
-            return expert_dims(name, module, self.use_dora)
+            return expert_dims(name, module, self.use_dora, self.target_modules)
         return super().layer_dims(name, module)
 
     def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
@@ -131,6 +137,12 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     return F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scaling
 
 
+def lora_update_train(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s · B A x with s applied to the (..., r) intermediate: r / out of the multiplies of `lora_update` (and of
+    their backward), equal to it up to rounding. Training's order; evaluation and export keep PEFT's."""
+    return F.linear(F.linear(x.to(lora_A.dtype), lora_A) * scaling, lora_B)
+
+
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """s · B A in fp32, (out, in)."""
     return (lora_B.float() @ lora_A.float()) * scaling
@@ -144,7 +156,7 @@ class LoRA(Adapter):
         self.scaling = config.scaling
         self.transposed = dims.transposed
         add_lora_parameters(self, config.r, dims, dtype, device)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = SharedDropout(config.dropout)  # one mask per input tensor, shared with q/k/v's siblings
         self.use_dora = self.reads_base = config.use_dora
         if self.use_dora:
             # m, (out,): the norm of the base weight's rows, set by `on_attach` (which sees the base layer)
@@ -170,7 +182,11 @@ class LoRA(Adapter):
                 self.lora_magnitude.copy_(self.weight_norm(base))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module | None = None) -> torch.Tensor:
-        update = lora_update(self.dropout(x.to(self.lora_A.dtype)), self.lora_A, self.lora_B, self.scaling)
+        if self.training:  # dropout's 1/q (1.0 without it) and s on the (..., r) intermediate: one small multiply
+            dropped, keep_scale = self.dropout(x.to(self.lora_A.dtype))
+            update = lora_update_train(dropped, self.lora_A, self.lora_B, self.scaling * keep_scale)
+        else:
+            update = lora_update(x, self.lora_A, self.lora_B, self.scaling)
         if not self.use_dora:
             return update  # (..., out)
         scale = self.lora_magnitude.float() / self.weight_norm(base).float()  # (out,), m / ‖W + s·BA‖

@@ -25,9 +25,9 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 
 
 def peft_config(config: LoRAConfig, base_name: str, fan_in_fan_out: bool, experts: dict[str, list[str]]) -> dict:
-    """`experts`: {target name that selected experts modules: their adapted parameters}."""
+    """`experts`: {target name that selected experts modules or their parameters: PEFT's `target_parameters`}."""
     modules = [t for t in config.target_modules if t not in experts]
-    target_parameters = [f"{t}.{p}" for t, params in experts.items() for p in params]
+    target_parameters = list(dict.fromkeys(p for params in experts.values() for p in params))
     extra = {"target_parameters": target_parameters, "lora_dropout": 0.0} if experts else {}
     return {
         "peft_type": "LORA",
@@ -58,7 +58,11 @@ def peft_state_dict(model: nn.Module, targets: tuple[str, ...]) -> tuple[dict, d
         if isinstance(adapter, ExpertLoRA):
             expert_tensors, params = peft_expert_tensors(prefix, adapter)
             tensors.update(expert_tensors)
-            experts.update({t: params for t in targets if name == t or name.endswith("." + t)})
+            for t in targets:  # a target naming the module stands for its parameters; one naming a parameter, for it
+                if name == t or name.endswith("." + t):
+                    experts[t] = [f"{t}.{p}" for p in params]
+                elif any(f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for p in params):
+                    experts[t] = [t]
             continue
         tensors[f"{prefix}.lora_A.weight"] = adapter.lora_A.detach().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = adapter.lora_B.detach().cpu().contiguous()

@@ -23,6 +23,10 @@ Kernels, by `--attn_implementation` (`resolve_attn_implementation`):
     sdpa                `PACKED_SDPA` (`packing.packed_sdpa`): on CUDA in bf16/fp16 torch's own variable-length
                         flash kernel (`torch.nn.attention.varlen.varlen_attn`); elsewhere transformers' sdpa once per
                         example over the host boundaries (`per_example_sdpa`).
+                        On a CPU the calls stay per example: one sdpa call per layer with the row's block-diagonal
+                        mask (bench/packed_attention.py's `dense` path) computes the masked blocks too and measured
+                        slower, a padded batch of the examples adds copies and padded blocks, and torch's
+                        `flex_attention` has no backward on the CPU.
     eager               transformers' eager attention with the block-diagonal mask it derives from `position_ids`
                         (a dense (tokens, tokens) mask; the reference, and the way for families whose record
                         refuses packing, `families.Family.packing`).

@@ -27,6 +27,7 @@ from adapters_ds import (
     merge_adapters,
     unmerge_adapters,
 )
+from adapters_ds.adapters.dropout import SharedDropout
 from adapters_ds.training.args import adapter_config, parse_train_args
 
 R, ALPHA = 4, 6  # s = 1.5, or 3 with rsLoRA: not powers of two, so rounding differences would show
@@ -123,7 +124,7 @@ def test_identity_at_init_in_eval_and_training_mode(family, variant):
     model, _ = variant_model(family, variant)
     assert torch.equal(logits(model), base)
     for _, _, adapter in adapter_layers(model):  # the adapters in training mode with active dropout (the base
-        adapter.dropout = torch.nn.Dropout(0.3)  # stays in eval mode: some families' own dropout is on)
+        adapter.dropout = SharedDropout(0.3)  # stays in eval mode: some families' own dropout is on)
         adapter.train()
     assert torch.equal(logits(model), base)  # B = 0 still makes the update 0, and m / norm is exactly 1
 
@@ -220,7 +221,7 @@ def test_dora_merge_is_the_definition_computed_in_fp32(family):
 def test_training_changes_adapters_only(family, variant):
     model, config = variant_model(family, variant)
     for _, _, adapter in adapter_layers(model):
-        adapter.dropout = torch.nn.Dropout(0.1)
+        adapter.dropout = SharedDropout(0.1)
     model.train()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter_before = {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
