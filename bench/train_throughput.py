@@ -453,7 +453,12 @@ def run_split(mode: str, spec: dict, workdir: Path, warmup: int, limit_s: float 
     timed runs stay free of the profiler's overhead)."""
     if mode.startswith("a"):
         proc = run_limited(
-            [sys.executable, __file__, "--_hf_child", json.dumps({**spec, "split_warmup": warmup})],
+            [
+                sys.executable,
+                __file__,
+                "--_hf_child",
+                json.dumps({**spec, "bf16": mode == "a_bf16", "split_warmup": warmup}),
+            ],
             child_env(),
             limit_s,
         )
