@@ -35,14 +35,17 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from adapters_ds.adapters.registry import METHODS
+from adapters_ds.adapters.registry import METHODS, get_method
 from adapters_ds.demo.default_model import prepare_default_model
+from adapters_ds.demo.problems import default_splits
 from adapters_ds.evaluation.datasets import training_texts
+from adapters_ds.evaluation.stats import PAIRED_INTERVAL, PAIRED_TEST, accuracy_summary, paired_difference
 from adapters_ds.mathdata.convert import gsm8k_to_records, mawps_to_records
 from adapters_ds.records import normalize_question, occurs_in_training, question_text, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+BUILTIN = "builtin"  # the built-in problems' held-out split (adapters_ds.demo.problems), scored like a data set
 
 # The reference project's settings (LLM-Adapters' math runs); methods not listed train with their defaults.
 REFERENCE_SETTINGS = {
@@ -77,10 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--micro_batch_size", type=int, default=4)
     parser.add_argument("--cutoff_len", type=int, default=256)
-    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--learning_rate", type=float, help="one rate for every method (default: each method's own)")
     parser.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"))
     parser.add_argument("--data_dir", default=str(SHARED / "math"), help="folder of <name>/test.json sets")
-    parser.add_argument("--datasets", help="comma-separated (default: every set in --data_dir)")
+    parser.add_argument(
+        "--datasets",
+        help=f"comma-separated sets of --data_dir, or {BUILTIN} (the built-in problems' held-out split); default: "
+        f"every set in --data_dir, and {BUILTIN} first on the embedded model",
+    )
     parser.add_argument("--limit", type=int, help="score only the first N questions of each set")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--output_dir", default="outputs/adapter_table")
@@ -93,27 +100,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     data_dir = Path(args.data_dir)
-    found = sorted(p.parent.name for p in data_dir.glob("*/test.json"))
-    args.datasets = args.datasets.split(",") if args.datasets else found
-    if not args.datasets or not set(args.datasets) <= set(found):
-        parser.error(f"--datasets {args.datasets} must be sets of --data_dir {str(data_dir)!r}: {found}")
+    found = sorted(p.parent.name for p in data_dir.glob("*/test.json") if p.parent.name != BUILTIN)
+    default = [BUILTIN] * (args.base_model is None) + found
+    args.datasets = args.datasets.split(",") if args.datasets else default
+    if not args.datasets or not set(args.datasets) <= {BUILTIN, *found}:
+        parser.error(f"--datasets {args.datasets} must be {BUILTIN} or sets of --data_dir {str(data_dir)!r}: {found}")
     return args
+
+
+def builtin_records() -> list[dict]:
+    """The built-in problems' held-out split (the main job's), as a data set."""
+    return default_splits(seed=0)[1]
+
+
+def scored_data_dir(args: argparse.Namespace, out: Path) -> Path:
+    """A folder of <name>/test.json for the harness: --data_dir's sets linked, builtin written (`O/sets`)."""
+    root = out / "sets"
+    for name in args.datasets:
+        folder = root / name
+        if folder.exists():
+            continue
+        root.mkdir(parents=True, exist_ok=True)
+        if name == BUILTIN:
+            staging = root / f".{name}.tmp"
+            staging.mkdir(exist_ok=True)
+            (staging / "test.json").write_text(json.dumps(builtin_records()))
+            staging.rename(folder)
+        else:
+            folder.symlink_to((Path(args.data_dir) / name).resolve(), target_is_directory=True)
+    return root
 
 
 def test_sets(args: argparse.Namespace) -> dict[str, list[dict]]:
     """The scored records of each data set (the first --limit of them)."""
-    sets = {name: read_records(Path(args.data_dir) / name / "test.json", name) for name in args.datasets}
+    sets = {name: read_records(Path(args.sets_dir) / name / "test.json", name) for name in args.datasets}
     return {name: records[: args.limit] if args.limit else records for name, records in sets.items()}
 
 
 def clean_training_set(args: argparse.Namespace, sets: dict[str, list[dict]], out: Path) -> dict:
-    """GSM8K train + MAWPS train as training records, deduplicated, without any question of a test set in
-    --data_dir (all of their questions, not only the --limit scored). Writes `out`; returns the counts."""
-    records = gsm8k_to_records(read_records(args.gsm8k, "gsm8k"), source=args.gsm8k)
-    n_gsm8k = len(records)
-    records += mawps_to_records(read_records(args.mawps, "mawps"), source=args.mawps)
+    """GSM8K train + MAWPS train (+ the built-in problems' training split when builtin is scored) as training
+    records, deduplicated, without any question of a scored test set (all of their questions, not only the --limit
+    scored). Writes `out`; returns the counts."""
+    parts = {
+        BUILTIN: default_splits(seed=0)[0] if BUILTIN in args.datasets else [],  # shares no question with its test
+        "gsm8k": gsm8k_to_records(read_records(args.gsm8k, "gsm8k"), source=args.gsm8k),
+        "mawps": mawps_to_records(read_records(args.mawps, "mawps"), source=args.mawps),
+    }
+    records = [record for part in parts.values() for record in part]
     every_test = [
-        question_text(r) for name in args.datasets for r in read_records(Path(args.data_dir) / name / "test.json", name)
+        question_text(r) for name in args.datasets for r in read_records(Path(args.sets_dir) / name / "test.json", name)
     ]
     contaminated = occurs_in_training([question_text(r) for r in records], every_test)
     seen, kept, duplicates = set(), [], 0
@@ -127,7 +162,7 @@ def clean_training_set(args: argparse.Namespace, sets: dict[str, list[dict]], ou
         seen.add(key)
         kept.append(record)
     out.write_text(json.dumps(kept, ensure_ascii=False))
-    return {"gsm8k": n_gsm8k, "mawps": len(records) - n_gsm8k, "contaminated_dropped": sum(contaminated),
+    return {**{name: len(part) for name, part in parts.items()}, "contaminated_dropped": sum(contaminated),
             "duplicates_dropped": duplicates, "kept": len(kept)}  # fmt: skip
 
 
@@ -169,15 +204,16 @@ def train(args: argparse.Namespace, method: str, base: str, data: str, run: Path
     argv = ["--ds_config", args.ds_config, "--base_model", base, "--data_path", data,
             "--output_dir", str(run / "train"), "--adapter", method, "--max_steps", str(args.max_steps),
             "--batch_size", str(args.batch_size), "--micro_batch_size", str(args.micro_batch_size),
-            "--cutoff_len", str(args.cutoff_len),
-            "--learning_rate", str(args.learning_rate), "--save_steps", "0", "--logging_steps", "10",
+            "--cutoff_len", str(args.cutoff_len), "--save_steps", "0", "--logging_steps", "10",
             "--resume", "auto", *REFERENCE_SETTINGS.get(method, [])]  # fmt: skip
+    argv += ["--learning_rate", str(args.learning_rate)] if args.learning_rate else []
     seconds = launch("train.py", argv, args.nproc, run / "train.log")
     log = [json.loads(line) for line in (run / "train" / "train_log.jsonl").read_text().splitlines()]
     tokens, loop_s = sum(e.get("tokens", 0) for e in log), max((e.get("elapsed_s", 0.0) for e in log), default=0.0)
     facts = {
         "method": method,
         "settings": REFERENCE_SETTINGS.get(method, []),
+        "learning_rate": args.learning_rate or get_method(method).config.default_learning_rate,
         "steps": len(log),
         "first_loss": log[0]["loss"],
         "last_loss": log[-1]["loss"],
@@ -201,33 +237,34 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def evaluate(args: argparse.Namespace, base: str, adapter_dir: Path | None, train_data: str, out: Path) -> dict:
-    """Score a model on the data sets (the harness resumes a killed run and refuses other settings)."""
-    argv = ["--base_model", base, "--datasets", ",".join(args.datasets), "--data_dir", args.data_dir,
-            "--output_dir", str(out), "--train_data", train_data,
-            "--max_new_tokens", str(args.max_new_tokens)]  # fmt: skip
-    if adapter_dir is not None:
-        argv += ["--adapter_dir", str(adapter_dir)]
-    if args.limit:
-        argv += ["--limit", str(args.limit)]
-    summary = out / "summary.json"
-    if not summary.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        launch("evaluate.py", argv, args.nproc, out.parent / "eval.log")
-    return json.loads(summary.read_text())
+def evaluate(args: argparse.Namespace, base: str, adapters: dict[Path, Path | None], train_data: str) -> dict:
+    """Score the base (adapter None) or adapters on the data sets, {output folder: summary}; the unfinished adapters
+    in one launch on one loaded base (`--adapter_dir a,b,c`; the harness resumes a killed run)."""
+    pending = {out: adapter for out, adapter in adapters.items() if not (out / "summary.json").is_file()}
+    if pending:
+        argv = ["--base_model", base, "--datasets", ",".join(args.datasets), "--data_dir", args.sets_dir,
+                "--output_dir", ",".join(map(str, pending)), "--train_data", train_data,
+                "--max_new_tokens", str(args.max_new_tokens)]  # fmt: skip
+        folders = [str(adapter) for adapter in pending.values() if adapter is not None]
+        argv += ["--adapter_dir", ",".join(folders)] if folders else []
+        argv += ["--limit", str(args.limit)] if args.limit else []
+        for out in pending:
+            out.mkdir(parents=True, exist_ok=True)
+        launch("evaluate.py", argv, args.nproc, Path(args.output_dir) / "eval.log")
+    return {out: json.loads((out / "summary.json").read_text()) for out in adapters}
 
 
 def score_table(summary: dict, out: Path, sets: dict[str, list[dict]], train_texts: list[str]) -> dict:
-    """Per data set: accuracy, contaminated count, and the accuracy on the questions not in the training file."""
-    entries = {e["dataset"]: e for e in summary["datasets"]}
+    """Per data set: accuracy, n and its Wilson 95 % interval, contaminated count, and the accuracy on the questions
+    not in the training file."""
     result = {}
     for name, records in sets.items():
         rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines() if line.strip()]
         dirty = occurs_in_training([question_text(r) for r in records], train_texts)
         clean = [row for row in rows if not dirty[row["index"]]]
+        rows.sort(key=lambda row: row["index"])
         result[name] = {
-            "n": len(rows),
-            "accuracy": entries[name]["accuracy"],
+            **accuracy_summary([bool(row["correct"]) for row in rows]),  # the harness's accuracy, with its interval
             "contaminated": sum(dirty),
             "clean_n": len(clean),
             "clean_accuracy": round(100 * sum(bool(r["correct"]) for r in clean) / len(clean), 2) if clean else None,
@@ -236,6 +273,23 @@ def score_table(summary: dict, out: Path, sets: dict[str, list[dict]], train_tex
     rates = [t["questions_per_s"] for t in timing.values() if t.get("questions_per_s")]
     result["_eval_questions_per_s"] = round(sum(rates) / len(rates), 3) if rates else None
     return result
+
+
+def correct_flags(out: Path, name: str) -> list[bool]:
+    """Whether each question of data set `name` (in index order) was answered right, from the harness's rows."""
+    rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    return [bool(row["correct"]) for row in sorted(rows, key=lambda row: row["index"])]
+
+
+def comparisons(flags: dict[str, dict[str, list[bool]]], datasets: list[str], against: str) -> dict | None:
+    """Per method row, per data set: the paired difference to row `against` (`stats.paired_difference`)."""
+    if against not in flags:
+        return None
+    return {
+        row: {d: paired_difference(per_set[d], flags[against][d]) for d in datasets}
+        for row, per_set in flags.items()
+        if row not in ("base", against)
+    }
 
 
 def average(values: list[float | None]) -> float | None:
@@ -251,7 +305,7 @@ def markdown(rows: dict[str, dict], datasets: list[str], decontaminate: bool) ->
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, row in rows.items():
         scores = row["scores"]
-        cells = [name, *(f"{scores[d]['accuracy']:.1f}" for d in datasets), _fmt(row["average"])]
+        cells = [name, *(cell(scores[d], row.get("vs_base", {}).get(d)) for d in datasets), _fmt(row["average"])]
         if decontaminate:
             cells += [_fmt(scores[d]["clean_accuracy"]) for d in datasets] + [_fmt(row["clean_average"])]
         cells += [
@@ -261,7 +315,23 @@ def markdown(rows: dict[str, dict], datasets: list[str], decontaminate: bool) ->
             _fmt(scores.get("_eval_questions_per_s")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", NOTE]
     return "\n".join(lines) + "\n"
+
+
+NOTE = (
+    "Accuracy % [Wilson 95 % interval], then for a method the difference to the base in points on the same "
+    "questions; † marks a difference that is not significant (exact McNemar p >= 0.05). table.json holds every "
+    "interval and p-value, against the base (vs_base) and against LoRA (vs_lora)."
+)
+
+
+def cell(score: dict, vs_base: dict | None) -> str:
+    """`accuracy [lo, hi]`, and for a method its paired difference to the base, † when not significant."""
+    text = f"{score['accuracy']:.1f} [{score['ci95'][0]:.1f}, {score['ci95'][1]:.1f}]"
+    if vs_base is not None:
+        text += f" {vs_base['delta']:+.1f}" + ("" if vs_base["significant"] else "†")
+    return text
 
 
 def _fmt(value: float | None) -> str:
@@ -281,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = args.base_model or str(prepare_default_model())
+    args.sets_dir = str(scored_data_dir(args, out))
     sets = test_sets(args)
     clean_counts = None
     data = args.data_path
@@ -291,13 +362,20 @@ def main(argv: list[str] | None = None) -> dict:
             counts_file.write_text(json.dumps(clean_training_set(args, sets, Path(data))))
         clean_counts = json.loads(counts_file.read_text())
     train_texts = training_texts(data)
+    facts = {method: train(args, method, base, data, out / method) for method in args.methods}
+    folders = {"base": (out / "base" / "eval", None)}
+    folders.update({m: (out / m / "eval", out / m / "train" / "adapter") for m in args.methods})
+    evaluate(args, base, {folders["base"][0]: None}, data)
+    summaries = evaluate(args, base, {folder: adapter for m, (folder, adapter) in folders.items() if m != "base"}, data)
+    summaries[folders["base"][0]] = json.loads((folders["base"][0] / "summary.json").read_text())
     rows: dict[str, dict] = {}
-    base_summary = evaluate(args, base, None, data, out / "base" / "eval")
-    rows["base"] = {"scores": score_table(base_summary, out / "base" / "eval", sets, train_texts)}
-    for method in args.methods:
-        facts = train(args, method, base, data, out / method)
-        summary = evaluate(args, base, out / method / "train" / "adapter", data, out / method / "eval")
-        rows[method] = {**facts, "scores": score_table(summary, out / method / "eval", sets, train_texts)}
+    flags: dict[str, dict[str, list[bool]]] = {}
+    for name, (folder, _) in folders.items():
+        rows[name] = {**facts.get(name, {}), "scores": score_table(summaries[folder], folder, sets, train_texts)}
+        flags[name] = {d: correct_flags(folder, d) for d in args.datasets}
+    for against, key in (("base", "vs_base"), ("lora", "vs_lora")):
+        for name, per_set in (comparisons(flags, args.datasets, against) or {}).items():
+            rows[name][key] = per_set
     for row in rows.values():
         row["average"] = average([row["scores"][d]["accuracy"] for d in args.datasets])
         row["clean_average"] = average([row["scores"][d]["clean_accuracy"] for d in args.datasets])
@@ -322,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         },  # fmt: skip
         "datasets": args.datasets,
+        "statistics": {"accuracy_ci95": "Wilson score interval", "delta_ci95": PAIRED_INTERVAL, "p_value": PAIRED_TEST},
         "rows": rows,
         "reference": REFERENCES.get(args.reference),
     }

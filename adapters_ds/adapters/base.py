@@ -53,6 +53,10 @@ class AdapterConfig:
     method: ClassVar[str]
     target_roles: ClassVar[tuple[Role, ...]] = ()
     """Roles of the modules adapted by default (`families.ROLES`: q, k, v, o, mlp_gate, mlp_up, mlp_down)."""
+    default_learning_rate: ClassVar[float] = 3e-4
+    """The learning rate the training command uses unless --learning_rate is given: each method states its source
+    (the paper's, or the reference framework's) beside its value. 3e-4: LLM-Adapters' math runs (arXiv 2304.01933,
+    LoRA, Series and Parallel alike), within the range of Hu et al. 2021 (LoRA, 2e-4 to 5e-4)."""
     adapts_experts: ClassVar[bool] = False
     """True: the method can adapt a mixture of experts' fused 3-D parameters, so a mixture-of-experts family's MLP
     roles default to its experts module (`families.default_targets`)."""

@@ -21,8 +21,19 @@ With `--prefix_projection` (the paper's reparameterisation, section 4.3) they ar
 
 which is PEFT's `prefix_projection` MLP with its output layer cut per layer (the same function; tensors small
 enough to stay whole under ZeRO-3). Only the MLP's output matters after training: the export folds it away.
-Initialisation is PEFT's (N(0, 1) prefixes, or E ~ N(0, 1) and PyTorch's Linear initialisation): prefix tuning
-cannot be the identity at step 0, since every query attends to the prefix from the first step.
+Initialisation (Li & Liang 2021, section 7.2 "Prefix initialization": real words' activations beat random ones, which
+train unstably): by default the frozen model reads num_virtual_tokens real tokens (sampled from the vocabulary's most
+common ones, `virtual_tokens.init_token_ids`, or `--prefix_init_text`'s tokens) and each layer's prefix starts as the
+keys and values that layer computed for them, exactly as they sit in its KV cache. The adapted model then starts as
+the base model reading those tokens before each input (the prefix takes their positions 0..n-1, rotary embedding
+included), close to the base, not at PEFT's N(0, 1) (`--prefix_init random`), from which the model starts far from
+any text it has seen. With `--prefix_projection` the MLP's output cannot be set to given values: that
+reparameterisation keeps PEFT's initialisation (E ~ N(0, 1) and PyTorch's Linear initialisation). Prefix tuning
+cannot be the identity at step 0: every query attends to the prefix from the first step.
+
+Default learning rate (`default_learning_rate`): 1e-2. The paper's rates (5e-5 to 8e-5, Appendix A) are for the
+MLP reparameterisation, whose output moves far more per step than its weights; trained directly, as here by default,
+the prefix values need the rate Hugging Face PEFT's prefix-tuning examples use (1e-2, AdamW).
 
 How: the adapter switches the model to `PREFIX_ATTENTION`, transformers' sdpa attention with the layer's prefix
 put in front of key and value (registered under transformers' attention interface like `training.packing`'s, whose
@@ -48,16 +59,22 @@ from adapters_ds.adapters.base import Adapter, option
 from adapters_ds.adapters.registry import register
 from adapters_ds.adapters.virtual_tokens import (
     ENCODER_HIDDEN_SIZE_HELP,
+    INIT_HELP,
+    InitName,
     ModelDims,
     VirtualTokensConfig,
     as_kwargs,
     cache_length,
     check_count,
+    check_init,
+    init_token_ids,
     packed_bounds,
+    repeat_to,
     transformer_of,
 )
 from adapters_ds.errors import InputError
 from adapters_ds.families import family_of, find_family
+from adapters_ds.zero import gathered
 
 PREFIX_ATTENTION = "adapters_ds_prefix_sdpa"
 SLOT_ATTR = "_adapters_ds_prefix"  # on each attention module: its layer's current prefix (a `_Slot`)
@@ -66,7 +83,15 @@ SLOT_ATTR = "_adapters_ds_prefix"  # on each attention module: its layer's curre
 @dataclass
 class PrefixConfig(VirtualTokensConfig):
     method: ClassVar[str] = "prefix"
+    default_learning_rate: ClassVar[float] = 1e-2
 
+    init: InitName = option("vocab", "prefix: " + INIT_HELP, flag="prefix_init")
+    init_text: str | None = option(
+        None, "prefix: start from the keys and values of this text's tokens", flag="prefix_init_text"
+    )
+    init_token_ids: tuple[int, ...] | None = None
+    """The real tokens whose keys and values the prefix starts from (the text's, or sampled): filled in at the first
+    injection, so a saved adapter loads without a tokenizer."""
     projection: bool = option(
         False, "prefix: train the prefixes through an MLP (folded away on export)", flag="prefix_projection"
     )
@@ -77,6 +102,20 @@ class PrefixConfig(VirtualTokensConfig):
         if not isinstance(self.projection, bool):
             raise InputError(f"prefix projection must be true or false, found {self.projection!r}")
         check_count("prefix encoder_hidden_size", self.encoder_hidden_size)
+        self.init_token_ids = check_init("prefix", self.init, self.init_text, self.init_token_ids)
+
+    def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
+        if self.projection:
+            return {}
+        if self.init_token_ids is None:
+            self.init_token_ids = init_token_ids(model, "prefix", self.init, self.init_text, self.num_virtual_tokens)
+        if self.init_token_ids is None:
+            return {}
+        vocab = model.get_input_embeddings().num_embeddings
+        if max(self.init_token_ids) >= vocab:
+            raise InputError(f"prefix init_token_ids {max(self.init_token_ids)} is outside the model's {vocab} tokens")
+        ids = repeat_to(self.init_token_ids, self.num_virtual_tokens)
+        return {"init": real_token_prefixes(model, ids, self.layer_dims(name, model))}
 
     def layer_dims(self, name: str, module: nn.Module) -> ModelDims:
         dims = super().layer_dims(name, module)
@@ -93,6 +132,45 @@ def attention_modules(model: nn.Module, model_type: str) -> list[nn.Module]:
     """The attention module of every block, in layer order (the family table's paths)."""
     layout = family_of(model_type, "prefix tuning").layout
     return [block.get_submodule(layout.attention) for block in model.get_submodule(layout.blocks)]
+
+
+@torch.no_grad()
+def real_token_prefixes(model: nn.Module, ids: tuple[int, ...], dims: ModelDims) -> torch.Tensor:
+    """Each layer's keys and values for the frozen model reading `ids` from position 0, as its KV cache holds them,
+    in the prefix layout: (layers, len(ids), 2 · kv_heads · head_dim), [K | V] per token.
+
+    Works on a ZeRO-3-partitioned model outside an engine: each module's own parameters are gathered just for its
+    forward (every rank runs this same forward, as the collective gathers need), so at most one module is whole."""
+    transformer = transformer_of(model)
+    opened: list[Any] = []
+
+    def gather(module: nn.Module, args: tuple) -> None:
+        context = gathered(list(module.parameters(recurse=False)))
+        context.__enter__()
+        opened.append(context)
+
+    def release(module: nn.Module, args: tuple, output: Any) -> None:
+        opened.pop().__exit__(None, None, None)
+
+    owners = [m for m in transformer.modules() if next(m.parameters(recurse=False), None) is not None]
+    handles = [h for m in owners for h in (m.register_forward_pre_hook(gather), m.register_forward_hook(release))]
+    was_training = model.training
+    model.eval()  # no dropout in the activations the prefix starts from
+    try:
+        device = transformer.get_input_embeddings().weight.device
+        out = transformer(input_ids=torch.tensor([list(ids)], device=device), use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        while opened:
+            opened.pop().__exit__(None, None, None)
+        model.train(was_training)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    prefixes = []
+    for layer in cache.layers[: dims.layers]:
+        key, value = (t[0].transpose(0, 1).reshape(len(ids), -1) for t in (layer.keys, layer.values))  # (n, kv·hd)
+        prefixes.append(torch.cat([key, value], dim=1))
+    return torch.stack(prefixes).float()
 
 
 class _Slot:
@@ -119,7 +197,14 @@ class _Restore:
 
 
 class PrefixTuning(Adapter):
-    def __init__(self, config: PrefixConfig, dims: ModelDims, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: PrefixConfig,
+        dims: ModelDims,
+        dtype: torch.dtype,
+        device: torch.device,
+        init: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.num_virtual_tokens, self.dims = config.num_virtual_tokens, dims
         width = 2 * dims.kv_heads * dims.head_dim  # [K | V] of one layer
@@ -133,9 +218,8 @@ class PrefixTuning(Adapter):
             )
         else:
             for layer in range(dims.layers):
-                self.register_parameter(
-                    f"prefix_{layer}", nn.Parameter(torch.randn(config.num_virtual_tokens, width, **factory))
-                )
+                values = torch.randn(config.num_virtual_tokens, width, **factory) if init is None else init[layer]
+                self.register_parameter(f"prefix_{layer}", nn.Parameter(values.to(**factory).clone()))
         self._slots: list[_Slot] = []
 
     def trainable_names(self) -> tuple[str, ...]:

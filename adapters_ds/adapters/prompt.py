@@ -8,17 +8,21 @@ frozen model reads P as a prompt of `num_virtual_tokens` tokens at positions 0..
 Hugging Face PEFT, the model's logits then cover the virtual positions too (batch, n + seq, vocab); training asks for
 the target positions only, generation for the last one.
 
-Initialisation (the paper's section 3.2 compares them): random, N(0, 1) as PEFT's `RANDOM`; or from a text
-(`--prompt_init_text`), P = the model's own input embeddings of the text's tokens (encoded without special tokens,
-repeated or cut to num_virtual_tokens). Prompt tuning cannot be the identity at step 0 (it adds tokens to the
-input); what holds instead with a text: the model starts exactly as the base model reading that text before each
-input. The token ids are read once, from the base model's tokenizer when the adapter is first injected, and kept
-in the config (`init_token_ids`), so a saved adapter loads without a tokenizer.
+Initialisation (the paper's section 3.2 compares them; sampled vocabulary and class labels beat random): by default
+"vocab", P = the model's own input embeddings of num_virtual_tokens real tokens sampled from the vocabulary's most
+common ones (`virtual_tokens.init_token_ids`); from a text (`--prompt_init_text`), the embeddings of the text's tokens
+(repeated or cut to num_virtual_tokens); or `--prompt_init random`, N(0, 1) as PEFT's `RANDOM`. Prompt tuning cannot
+be the identity at step 0 (it adds tokens to the input); what holds instead with real tokens: the model starts exactly
+as the base model reading those tokens before each input. The token ids are drawn once, when the adapter is first
+injected, and kept in the config (`init_token_ids`), so a saved adapter loads without a tokenizer.
+
+Default learning rate (`default_learning_rate`): 3e-2. The paper trains with Adafactor at 0.3; AdamW, whose steps are
+about the learning rate per coordinate whatever the gradient's scale, needs a tenth of that on input embeddings of
+this scale, the rate Hugging Face PEFT's prompt-tuning examples use with AdamW.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,10 +31,17 @@ from torch import nn
 
 from adapters_ds.adapters.base import option
 from adapters_ds.adapters.registry import register
-from adapters_ds.adapters.virtual_tokens import ModelDims, VirtualTokens, VirtualTokensConfig
+from adapters_ds.adapters.virtual_tokens import (
+    INIT_HELP,
+    InitName,
+    ModelDims,
+    VirtualTokens,
+    VirtualTokensConfig,
+    check_init,
+    init_token_ids,
+    repeat_to,
+)
 from adapters_ds.errors import InputError
-from adapters_ds.modeling import load_tokenizer
-from adapters_ds.prompts import encode_texts
 from adapters_ds.zero import gathered
 
 
@@ -38,54 +49,31 @@ from adapters_ds.zero import gathered
 class PromptConfig(VirtualTokensConfig):
     method: ClassVar[str] = "prompt"
 
+    default_learning_rate: ClassVar[float] = 3e-2
+
+    init: InitName = option("vocab", "prompt: " + INIT_HELP, flag="prompt_init")
     init_text: str | None = option(
-        None, "prompt: initialise the soft prompt from the embeddings of this text's tokens (default: random)",
-        flag="prompt_init_text",
-    )  # fmt: skip
+        None, "prompt: initialise the soft prompt from the embeddings of this text's tokens", flag="prompt_init_text"
+    )
     init_token_ids: tuple[int, ...] | None = None
-    """The tokens of `init_text` (filled in from the base model's tokenizer at the first injection)."""
+    """The real tokens the prompt starts from (the text's, or sampled): filled in at the first injection."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init_text is not None and (not isinstance(self.init_text, str) or not self.init_text.strip()):
-            raise InputError(f"prompt init_text must be a non-empty text, found {self.init_text!r}")
-        if self.init_token_ids is not None:
-            if self.init_text is None:
-                raise InputError("prompt init_token_ids are the tokens of init_text, which is not set")
-            self.init_token_ids = tuple(self.init_token_ids)
-            if not self.init_token_ids or not all(isinstance(i, int) and i >= 0 for i in self.init_token_ids):
-                raise InputError(f"prompt init_token_ids must be token ids, found {self.init_token_ids!r}")
+        self.init_token_ids = check_init("prompt", self.init, self.init_text, self.init_token_ids)
 
     def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
-        if self.init_text is None:
-            return {}
         if self.init_token_ids is None:
-            self.init_token_ids = tuple(text_token_ids(model, self.init_text))
+            self.init_token_ids = init_token_ids(model, "prompt", self.init, self.init_text, self.num_virtual_tokens)
+        if self.init_token_ids is None:
+            return {}
         embedding = model.get_input_embeddings()
         vocab = embedding.num_embeddings
         if max(self.init_token_ids) >= vocab:
             raise InputError(f"prompt init_token_ids {max(self.init_token_ids)} is outside the model's {vocab} tokens")
-        ids = repeat_to(self.init_token_ids, self.num_virtual_tokens)
+        ids = list(repeat_to(self.init_token_ids, self.num_virtual_tokens))  # an older config kept the text's tokens
         with gathered([embedding.weight]):  # a ZeRO-3 partition holds no rows; every rank injects, so all gather
-            return {"init": embedding.weight[list(ids)].detach().clone()}
-
-
-def text_token_ids(model: nn.Module, text: str) -> list[int]:
-    """The tokens of `text` by the base model's tokenizer, special tokens off."""
-    source = getattr(model, "name_or_path", "") or ""
-    try:
-        tokenizer = load_tokenizer(source)
-    except InputError as exc:
-        raise InputError(f"--prompt_init_text needs the base model's tokenizer: {exc}") from None
-    ids = encode_texts(tokenizer, [text], bos_id=None)[0]
-    if not ids:
-        raise InputError(f"--prompt_init_text {text!r} has no tokens")
-    return ids
-
-
-def repeat_to(ids: tuple[int, ...], n: int) -> tuple[int, ...]:
-    """`ids` repeated and cut to exactly `n` tokens (PEFT's rule for a text shorter or longer than the prompt)."""
-    return (ids * math.ceil(n / len(ids)))[:n]
+            return {"init": embedding.weight[ids].detach().clone()}
 
 
 class PromptTuning(VirtualTokens):

@@ -11,6 +11,9 @@ an exported adapter means the same in PEFT. The encoder only reparameterises tra
 input, so inference needs P alone, and `export --peft` writes just that (`peft_embeddings`, computed in fp32).
 There is no identity at step 0 (the method adds tokens to the input): the model starts reading the encoder's
 output for random E in front of every input.
+
+Default learning rate (`default_learning_rate`): 1e-3, Hugging Face PEFT's P-tuning example rate with AdamW for a
+frozen base (the paper's SuperGLUE runs tune the whole model with the encoder, so their rate does not carry over).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ LSTM_LAYERS = 2  # PEFT's PromptEncoderConfig.encoder_num_layers
 @dataclass
 class PTuningConfig(VirtualTokensConfig):
     method: ClassVar[str] = "ptuning"
+    default_learning_rate: ClassVar[float] = 1e-3
 
     encoder_type: Literal["mlp", "lstm"] = option(
         "mlp", "ptuning: prompt encoder, an MLP (PEFT's default) or a bidirectional LSTM + MLP (the paper's)",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -29,10 +29,18 @@ from transformers import Cache
 
 from adapters_ds.adapters.base import Adapter, AdapterConfig, option
 from adapters_ds.errors import InputError
+from adapters_ds.modeling import load_tokenizer
+from adapters_ds.prompts import encode_texts
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips (training.data's, which this layer cannot import)
 PACKED_BOUNDS = "packed_bounds"  # a packed row's example boundaries as host numbers, passed by the trainer
 NUM_VIRTUAL_TOKENS_HELP = "prompt, ptuning and prefix: virtual tokens per input (default 30, as in LLM-Adapters)"
+COMMON_TOKENS = 5000  # Lester et al. 2021, section 3.2: sampled from the 5,000 most common tokens
+InitName = Literal["vocab", "random"]
+INIT_HELP = (
+    "initialisation without an init text: vocab (from real tokens sampled from the vocabulary's first "
+    f"{COMMON_TOKENS} ids, the literature's) or random (PEFT's N(0, 1))"
+)
 ENCODER_HIDDEN_SIZE_HELP = (
     "ptuning: hidden width of the prompt encoder; prefix with --prefix_projection: width of its reparameterisation MLP"
 )
@@ -85,6 +93,69 @@ class VirtualTokensConfig(AdapterConfig):
 
     def layer_dims(self, name: str, module: nn.Module) -> ModelDims:
         return model_dims(module)
+
+
+# ------------------------------------------------------------------------------------------- initialising tokens
+
+
+def check_init(method: str, init: object, text: object, token_ids: object) -> tuple[int, ...] | None:
+    """Validate the init fields shared by prompt and prefix tuning; returns `token_ids` as a tuple (or None)."""
+    if init not in ("vocab", "random"):
+        raise InputError(f"{method} init must be 'vocab' or 'random', found {init!r}")
+    if text is not None and (not isinstance(text, str) or not text.strip()):
+        raise InputError(f"{method} init_text must be a non-empty text, found {text!r}")
+    if token_ids is None:
+        return None
+    if text is None and init != "vocab":
+        raise InputError(f"{method} init_token_ids are the tokens of init_text or sampled (init vocab); neither is set")
+    ids = tuple(token_ids)  # type: ignore[arg-type]
+    if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise InputError(f"{method} init_token_ids must be token ids, found {token_ids!r}")
+    return ids
+
+
+def init_token_ids(model: nn.Module, method: str, init: str, text: str | None, n: int) -> tuple[int, ...] | None:
+    """The real tokens a prompt/prefix starts from: `text`'s tokens by the base model's tokenizer (special tokens
+    off), repeated or cut to `n`; else, with init "vocab", `n` ids drawn uniformly with torch's global generator
+    (seeded by the run's --seed, alike on every rank) from the first COMMON_TOKENS ids of the vocabulary (a
+    byte-level BPE numbers its merges by frequency) less the special tokens; None for init "random"."""
+    if text is not None:
+        return repeat_to(text_token_ids(model, text, f"--{method}_init_text"), n)
+    if init != "vocab":
+        return None
+    vocab = model.get_input_embeddings().num_embeddings
+    special = special_token_ids(model)
+    candidates = [i for i in range(min(COMMON_TOKENS, vocab)) if i not in special]
+    picks = torch.randint(len(candidates), (n,)).tolist()
+    return tuple(candidates[i] for i in picks)
+
+
+def text_token_ids(model: nn.Module, text: str, flag: str) -> tuple[int, ...]:
+    """The tokens of `text` by the base model's tokenizer, special tokens off."""
+    try:
+        tokenizer = load_tokenizer(getattr(model, "name_or_path", "") or "")
+    except InputError as exc:
+        raise InputError(f"{flag} needs the base model's tokenizer: {exc}") from None
+    ids = encode_texts(tokenizer, [text], bos_id=None)[0]
+    if not ids:
+        raise InputError(f"{flag} {text!r} has no tokens")
+    return tuple(ids)
+
+
+def special_token_ids(model: nn.Module) -> set[int]:
+    """The tokenizer's special and added tokens, or the config's bos/eos/pad ids where the model has no tokenizer."""
+    try:
+        tokenizer = load_tokenizer(getattr(model, "name_or_path", "") or "")
+    except InputError:
+        config = model.config.get_text_config()
+        ids = (getattr(config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id"))
+        return {i for i in ids if isinstance(i, int)}
+    return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+
+
+def repeat_to(ids: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """`ids` repeated and cut to exactly `n` tokens (PEFT's rule for a text shorter or longer than the prompt)."""
+    return (tuple(ids) * -(-n // len(ids)))[:n]
 
 
 # ---------------------------------------------------------------------------------------------------- call inputs

@@ -1,10 +1,13 @@
 """Evaluate a base model (plus a trained adapter) on math and commonsense benchmarks in the LLM-Adapters format.
 
-    python launcher/evaluate.py --base_model PATH [--adapter_dir DIR] --datasets AddSub,MultiArith,gsm8k,AQuA \\
-        --data_dir DIR --output_dir DIR [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
+    python launcher/evaluate.py --base_model PATH [--adapter_dir DIR[,DIR...]] --datasets AddSub,gsm8k,AQuA \\
+        --data_dir DIR --output_dir DIR[,DIR...] [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
         [--train_data FILE] [--overwrite] [--no_merge] [--template alpaca|chat] [--chat_template FILE]
         [--dtype auto|bfloat16|float32|float16]
         [--label_scoring | --compare_label_scoring] [--label_lead TEXT] [--tensor_parallel N|auto]
+
+Several adapters for one base (`--adapter_dir a,b,c --output_dir oa,ob,oc`) are scored in turn on one loaded base,
+each into its own folder, with the results of separate runs (`adapters_ds.evaluation.loading`).
 
 Commonsense sets (BoolQ, PIQA, ARC, ...) are label tasks: each record's instruction ends with an `Answer format:` line
 listing its labels (`adapters_ds.evaluation.labels`). They are generated and scored like the others, or with
@@ -44,10 +47,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--base_model", required=True, help="base model folder or hub id")
-    parser.add_argument("--adapter_dir", help="adapter folder written by training (<output_dir>/adapter)")
+    parser.add_argument(
+        "--adapter_dir",
+        help="adapter folder written by training (<output_dir>/adapter); several, comma-separated, are scored in turn "
+        "on one loaded base (one --output_dir each)",
+    )
     parser.add_argument("--datasets", required=True, help="comma-separated names of folders in --data_dir")
     parser.add_argument("--data_dir", required=True, help="folder of <name>/test.json files (LLM-Adapters format)")
-    parser.add_argument("--output_dir", required=True, help="where <name>.jsonl and the summaries go")
+    parser.add_argument(
+        "--output_dir", required=True, help="where <name>.jsonl and the summaries go (comma-separated: one per adapter)"
+    )
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per generate call")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--num_beams", type=int, default=1, help="1: greedy; more: beam search")
@@ -97,7 +106,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if len(set(names)) != len(names):
         raise InputError(f"--datasets: expected each name once; found {names}")
     args.dataset_names = names
+    args.adapter_dirs = _adapters_and_outputs(args)
     return args
+
+
+def _adapters_and_outputs(args: argparse.Namespace) -> list[str | None]:
+    """--adapter_dir's folders (one None without it), with `args.output_dirs` set to --output_dir's, one each."""
+    adapters = [a.strip() for a in args.adapter_dir.split(",")] if args.adapter_dir else [None]
+    outputs = [o.strip() for o in args.output_dir.split(",")] if len(adapters) > 1 else [args.output_dir]
+    if args.adapter_dir is not None and (not all(adapters) or len(set(adapters)) != len(adapters)):
+        raise InputError(f"--adapter_dir: expected distinct comma-separated folders; found {args.adapter_dir!r}")
+    if len(outputs) != len(adapters) or not all(outputs) or len(set(outputs)) != len(outputs):
+        raise InputError(
+            f"--output_dir: expected one distinct folder per --adapter_dir ({len(adapters)}); found {args.output_dir!r}"
+        )
+    args.output_dirs = outputs
+    if len(adapters) == 1:
+        args.adapter_dir = adapters[0]
+    return adapters
 
 
 def _tensor_parallel(value: str) -> int | str:

@@ -43,8 +43,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from adapters_ds.adapters.inject import adapter_layers, merge_adapters, remove_adapters
-from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
 from adapters_ds.conversations import load_chat_template
 from adapters_ds.distributed import Ranks
 from adapters_ds.errors import InputError
@@ -66,6 +64,7 @@ from adapters_ds.evaluation.generation import (
 )
 from adapters_ds.evaluation.label_scoring import continuation_ids, continuation_log_likelihoods
 from adapters_ds.evaluation.labels import answer_lead, record_labels
+from adapters_ds.evaluation.loading import attached, check_adapter_dir, load_model
 from adapters_ds.evaluation.results import (
     LABEL_SCORING_SUFFIX,
     Row,
@@ -221,29 +220,6 @@ def _batch_scorer(
 # ---------------------------------------------------------------------------------------------------- the model
 
 
-def load_model(
-    base_model: str, adapter_dir: str | None, dtype: torch.dtype, device: torch.device, merge: bool = True
-) -> tuple[Any, Any, str]:
-    """(model, tokenizer, adapter method or "none"): the base model with the adapter attached, in eval mode.
-
-    No DeepSpeed engine: the adapter is loaded as `storage.load_adapter` loads it. Mergeable adapters (LoRA) are
-    merged into the base weights (then the empty adapters are removed) unless `merge` is False: the same outputs at
-    the base model's speed. Adapters that cannot be merged (Series, Parallel) stay attached.
-    """
-    if adapter_dir is not None:  # a bad adapter folder fails before the (slow) base model load
-        read_adapter_config(adapter_dir)
-        read_adapter_tensors(adapter_dir)
-    model = load_base_model(base_model, dtype=dtype)
-    method = "none"
-    if adapter_dir is not None:
-        method = load_adapter(model, adapter_dir).method
-        if merge and all(adapter.mergeable for _, _, adapter in adapter_layers(model)):
-            merge_adapters(model)
-            remove_adapters(model)
-    tokenizer = load_tokenizer(base_model)
-    return model.to(device).eval(), tokenizer, method
-
-
 # ------------------------------------------------------------------------------------------------- the harness
 
 
@@ -336,25 +312,61 @@ def label_scoring_mode(args: argparse.Namespace) -> str:
     return "on" if getattr(args, "label_scoring", False) else "off"
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
     """The whole evaluation command (options as `cli.evaluate.parse_args` returns them); returns the summary on
-    rank 0, {} elsewhere."""
+    rank 0, {} elsewhere. Several adapters (`args.adapter_dirs`, one folder of `args.output_dirs` each): the base is
+    loaded once and each adapter attached in turn (`loading.attached`), with the results of separate runs; returns
+    the list of their summaries."""
     start = time.time()
     datasets = [load_dataset(args.data_dir, name) for name in args.dataset_names]
     train_texts = training_texts(args.train_data) if args.train_data else None
-    out_dir = Path(args.output_dir)
-    check_writable_dir(out_dir)
-
+    adapter_dirs = getattr(args, "adapter_dirs", None) or [args.adapter_dir]
+    out_dirs = [Path(d) for d in (getattr(args, "output_dirs", None) or [args.output_dir])]
+    for out_dir in out_dirs:
+        check_writable_dir(out_dir)
     ranks = Ranks()
     device = accelerator_device()
     dtype = resolve_dtype(args.dtype, device)
+    score = functools.partial(_score, ranks, datasets=datasets, train_texts=train_texts, args=args, dtype=dtype)
+    if len(adapter_dirs) > 1:
+        if getattr(args, "tensor_parallel", 1) != 1:
+            raise InputError("--tensor_parallel takes one --adapter_dir; score several adapters without it")
+        for adapter_dir in adapter_dirs:  # every bad folder fails before the (slow) base model load
+            check_adapter_dir(adapter_dir)
+        model = load_base_model(args.base_model, dtype=dtype).to(device).eval()
+        tokenizer = load_tokenizer(args.base_model)
+        summaries = []
+        for adapter_dir, out_dir in zip(adapter_dirs, out_dirs, strict=True):
+            with attached(model, adapter_dir, merge=not args.no_merge) as method:
+                summaries.append(score(model, tokenizer, method, adapter_dir, out_dir, tp=1, start=start))
+        return summaries if ranks.is_main else {}
     option = getattr(args, "tensor_parallel", 1)
     tp = resolve_size(option, args.base_model, args.adapter_dir, dtype, ranks, args.no_merge)
     if tp > 1:
         ranks = Ranks(tensor_parallel=tp)
+        score = functools.partial(_score, ranks, datasets=datasets, train_texts=train_texts, args=args, dtype=dtype)
         model, tokenizer, method = load_sharded_model(args.base_model, args.adapter_dir, dtype, ranks)
     else:
         model, tokenizer, method = load_model(args.base_model, args.adapter_dir, dtype, device, merge=not args.no_merge)
+    return score(model, tokenizer, method, args.adapter_dir, out_dirs[0], tp=tp, start=start)
+
+
+def _score(
+    ranks: Ranks,
+    model: Any,
+    tokenizer: Any,
+    method: str,
+    adapter_dir: str | None,
+    out_dir: Path,
+    *,
+    datasets: list[EvalDataset],
+    train_texts: list[str] | None,
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    tp: int,
+    start: float,
+) -> dict[str, Any]:
+    """Score one loaded model on every data set into `out_dir`: rows, summaries, the printed table."""
     resident = ranks.gather(parameter_bytes(model))
     load_chat_template(tokenizer, getattr(args, "chat_template", None))
     if args.template == "chat":
@@ -362,7 +374,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     mode = label_scoring_mode(args)
     settings = eval_settings(
         args.base_model,
-        args.adapter_dir,
+        adapter_dir,
         method,
         merged=method == "lora" and not args.no_merge,
         template=args.template,

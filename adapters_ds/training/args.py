@@ -37,7 +37,9 @@ class TrainArgs:
     target_modules: str | None = _opt(None, "comma-separated module names (default: the model family's table)")
     num_epochs: int = _opt(3, "epochs over the training split (ignored when --max_steps > 0)")
     max_steps: int = _opt(-1, "optimizer steps to run; overrides --num_epochs when > 0")
-    learning_rate: float = _opt(3e-4, "peak learning rate")
+    learning_rate: float | None = _opt(
+        None, "peak learning rate (default: the method's own, its config's default_learning_rate)"
+    )
     lr_scheduler: Literal["linear", "cosine", "constant"] = _opt("linear", "decay after warmup")
     warmup_ratio: float = _opt(0.0, "share of the steps spent warming up linearly from 0")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -117,6 +119,8 @@ class TrainArgs:
             raise InputError(f"--warmup_ratio must be in [0, 1), found {self.warmup_ratio}")
         if not 0 <= self.max_replicated_base_share <= 1:
             raise InputError(f"--max_replicated_base_share must be in [0, 1], found {self.max_replicated_base_share}")
+        if self.learning_rate is None:
+            self.learning_rate = get_method(self.adapter).config.default_learning_rate
         if self.learning_rate <= 0:
             raise InputError(f"--learning_rate must be > 0, found {self.learning_rate}")
 

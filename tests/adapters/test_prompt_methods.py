@@ -33,6 +33,7 @@ from adapters_ds import (
 from adapters_ds.adapters.prefix import PrefixConfig
 from adapters_ds.adapters.prompt import PromptConfig
 from adapters_ds.adapters.ptuning import PTuningConfig
+from adapters_ds.adapters.registry import METHODS
 from adapters_ds.adapters.storage import WEIGHTS_NAME
 from adapters_ds.evaluation.generation import generate_ids
 from adapters_ds.evaluation.harness import load_model
@@ -327,25 +328,35 @@ def saved_base(tmp_path, family: str = "llama") -> str:
     return str(tmp_path / "base")
 
 
-@pytest.mark.parametrize("text", ["is 42", "Let us think step by step"])  # fewer / more tokens than N
-def test_prompt_from_text_starts_as_the_base_model_reading_that_text(tmp_path, text):
+@pytest.mark.parametrize("method,text", [("prompt", "is 42"), ("prefix", "Let us think step by step"),
+                                         ("prompt", None), ("prefix", None)])  # fmt: skip
+def test_real_token_init_starts_as_the_base_model_reading_those_tokens(tmp_path, method, text):
+    """Prompt tuning from the tokens' embeddings, prefix tuning from their keys and values: either way the adapted
+    model's logits equal the base model's reading the tokens first (a text repeated or cut to N tokens; without a
+    text, N tokens sampled from the vocabulary, special tokens left out)."""
     path = saved_base(tmp_path)
-    ids = make_tokenizer()(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) != N  # the text is repeated, or cut, to N tokens
     model = load_base_model(path, dtype="float32")
-    config = PromptConfig(num_virtual_tokens=N, init_text=text)
+    config = (PromptConfig if method == "prompt" else PrefixConfig)(num_virtual_tokens=N, init_text=text)
     inject_adapters(model, config)
-    assert config.init_token_ids == tuple(ids)
+    if text is not None:
+        ids = make_tokenizer()(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) != N  # the text is repeated, or cut, to N tokens
+        assert config.init_token_ids == tuple((ids * N)[:N])
+    else:
+        assert len(config.init_token_ids) == N
+        assert not set(config.init_token_ids) & set(make_tokenizer().all_special_ids)
     batch = sample_batch(2, 7)
-    prompt = torch.tensor((ids * N)[:N]).expand(2, N)
+    prompt = torch.tensor(config.init_token_ids).expand(2, N)
     base = load_base_model(path, dtype="float32")
     with torch.no_grad():
         expected = base(input_ids=torch.cat([prompt, batch["input_ids"]], 1)).logits
-        assert torch.equal(model(**batch).logits, expected)
+        found = model(**batch).logits
+        found = found if method == "prefix" else found[:, N:]
+        torch.testing.assert_close(found, expected[:, N:], rtol=1e-5, atol=1e-5)
     # the ids are kept in the config: a saved adapter loads without a tokenizer
     save_adapter(model, config, tmp_path / "adapter")
     fresh = make_model("llama")
-    assert load_adapter(fresh, tmp_path / "adapter").init_token_ids == tuple(ids)
+    assert load_adapter(fresh, tmp_path / "adapter").init_token_ids == config.init_token_ids
 
 
 def test_prompt_from_text_needs_the_tokenizer():
@@ -372,7 +383,8 @@ def test_prefix_on_bloom_is_refused_naming_method_and_family():
         ({"method": "ptuning", "encoder_hidden_size": 0}, "encoder_hidden_size must be a positive integer"),
         ({"method": "prefix", "projection": "yes"}, "projection must be true or false"),
         ({"method": "prompt", "init_text": "  "}, "init_text must be a non-empty text"),
-        ({"method": "prompt", "init_token_ids": [5]}, "init_text, which is not set"),
+        ({"method": "prompt", "init": "random", "init_token_ids": [5]}, "tokens of init_text or sampled"),
+        ({"method": "prefix", "init": "zeros"}, "init must be 'vocab' or 'random'"),
     ],
 )
 def test_config_validation(values, message):
@@ -384,6 +396,14 @@ def test_config_validation(values, message):
 def test_config_round_trip(case):
     config = CASES[case]()
     assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains_at_its_own_learning_rate_unless_one_is_given(method):
+    args = parse_train_args(["--ds_config", "x.json", "--adapter", method])
+    assert args.learning_rate == get_method(method).config.default_learning_rate > 0
+    given = parse_train_args(["--ds_config", "x.json", "--adapter", method, "--learning_rate", "0.123"])
+    assert given.learning_rate == 0.123
 
 
 def test_command_line_options_are_shared_with_one_default():

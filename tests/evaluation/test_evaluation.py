@@ -20,6 +20,7 @@ from tiny_tokenizer import VOCAB_SIZE, make_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from adapters_ds import InputError, LoRAConfig, SeriesConfig, adapter_parameters, inject_adapters, save_adapter
+from adapters_ds.adapters.prefix import PrefixConfig
 from adapters_ds.cli import evaluate as cli
 from adapters_ds.distributed import Ranks, launched_world_size
 from adapters_ds.evaluation import harness
@@ -388,6 +389,32 @@ def test_series_adapter_stays_attached(tiny, data_dir, tmp_path):
     cli.main([*_args(tiny, data_dir, tmp_path / "out"), "--adapter_dir", str(tmp_path / "adapter")])
     settings = json.loads((tmp_path / "out/eval_settings.json").read_text())
     assert settings["adapter_method"] == "series" and settings["merged"] is False
+
+
+def test_several_adapters_on_one_loaded_base_equal_separate_runs(tiny, data_dir, tmp_path, monkeypatch):
+    """--adapter_dir a,b,c: the base is loaded once, each adapter scored in turn into its own folder; the rows and
+    summaries are those of separate runs (a merged LoRA's weights restored exactly before the next adapter)."""
+    configs = {"lora": LoRAConfig(r=4, alpha=8), "series": SeriesConfig(bottleneck_size=4, preset="pfeiffer"),
+               "prefix": PrefixConfig(num_virtual_tokens=3, init="random")}  # fmt: skip
+    folders = []
+    for name, config in configs.items():
+        model = _tiny_llama()
+        inject_adapters(model, config)
+        with torch.no_grad():
+            for p in adapter_parameters(model).values():
+                p.copy_(torch.randn(p.shape) * 0.3)
+        save_adapter(model, config, tmp_path / name)
+        folders.append(tmp_path / name)
+    loads = []
+    real_load = harness.load_base_model
+    monkeypatch.setattr(harness, "load_base_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    outs = [tmp_path / f"out_{name}" for name in configs]
+    cli.main([*_args(tiny, data_dir, ",".join(map(str, outs))), "--adapter_dir", ",".join(map(str, folders))])
+    assert len(loads) == 1
+    for folder, out in zip(folders, outs, strict=True):
+        cli.main([*_args(tiny, data_dir, tmp_path / f"alone_{folder.name}"), "--adapter_dir", str(folder)])
+        _same_results(out, tmp_path / f"alone_{folder.name}")
+    assert len({(out / "Arith.jsonl").read_text() for out in outs}) == 3  # each adapter changed the outputs
 
 
 def test_chat_template_and_limit(tiny, data_dir, tmp_path):
