@@ -47,6 +47,7 @@ from adapters_ds.adapters.lora_experts import ExpertDims, ExpertLoRA, expert_dim
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
 from adapters_ds.families import LinearDims
+from adapters_ds.quantization import QuantLinear, dense_weight
 from adapters_ds.zero import gathered
 
 
@@ -103,13 +104,16 @@ class LoRAConfig(AdapterConfig):
         changes training). LoRA on a mixture of experts' fused parameters goes to PEFT's `target_parameters`
         (`lora_experts`), with `lora_dropout` 0, which PEFT requires there (dropout acts in training only, so the
         exported model computes the same)."""
-        experts = {
-            target: [name for name, _, _ in layer.dims.shapes]
-            for target in self.target_modules
-            for path, layer in layers.items()
-            if isinstance(layer, ExpertLoRA) and (path == target or path.endswith("." + target))
-        }
-        extra = {"target_parameters": [f"{t}.{p}" for t, ps in experts.items() for p in ps], "lora_dropout": 0.0}
+        experts: dict[str, list[str]] = {}  # target name that selected experts modules or their parameters: PEFT's
+        for path, layer in layers.items():  # `target_parameters`
+            params = [name for name, _, _ in layer.dims.shapes] if isinstance(layer, ExpertLoRA) else []
+            for t in self.target_modules if params else ():
+                if path == t or path.endswith("." + t):  # a target naming the module stands for its parameters
+                    experts[t] = [f"{t}.{p}" for p in params]
+                elif any(f"{path}.{p}" == t or f"{path}.{p}".endswith("." + t) for p in params):
+                    experts[t] = [t]
+        parameters = list(dict.fromkeys(p for ps in experts.values() for p in ps))
+        extra = {"target_parameters": parameters, "lora_dropout": 0.0}
         return {
             "r": self.r,
             "lora_alpha": self.alpha,
@@ -127,7 +131,7 @@ class LoRAConfig(AdapterConfig):
     def layer_dims(self, name: str, module: nn.Module) -> LinearDims | ExpertDims:
         """A linear layer's shapes, or an experts module's fused expert matrices (`lora_experts`)."""
         if is_experts(module):
-            return expert_dims(name, module, self.use_dora)
+            return expert_dims(name, module, self.use_dora, self.target_modules)
         return super().layer_dims(name, module)
 
 
@@ -244,7 +248,8 @@ class LoRA(Adapter):
     def weight_norm(self, base: nn.Module) -> torch.Tensor:
         """‖W + s·BA‖ per output row, (out,): computed in fp32, rounded to the magnitude's dtype (so that m = the
         norm at initialisation gives a scale of exactly 1 also in bf16), and without gradient (DoRA's constant)."""
-        weight = base.weight.T if self.transposed else base.weight  # (out, in)
+        weight = dense_weight(base)  # a quantized base layer's dequantized weight
+        weight = weight.T if self.transposed else weight  # (out, in)
         norm = torch.linalg.vector_norm(weight.float() + lora_delta(self.lora_A, self.lora_B, self.scaling), dim=1)
         return norm.to(self.lora_magnitude.dtype)
 
@@ -254,6 +259,8 @@ class LoRA(Adapter):
         return delta.T if self.transposed else delta
 
     def merge(self, base: nn.Module) -> None:
+        if isinstance(base, QuantLinear):
+            raise InputError("LoRA cannot be merged into a quantized layer: dequantize the base first")
         if not self.merged:
             self._fold(base, merge=True)
             self.merged = True

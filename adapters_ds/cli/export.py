@@ -22,6 +22,7 @@ from adapters_ds.export.peft import export_peft
 from adapters_ds.export.pruned import export_pruned
 from adapters_ds.fileio import check_output_dir
 from adapters_ds.hardware import CHECKPOINT, DTYPE_NAMES
+from adapters_ds.quantization import QUANT_KINDS, spec_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --prune: dtype of the written model (checkpoint: the base checkpoint's; float32 keeps outputs "
         "exact; auto: bf16 where the hardware computes it natively, else fp32)",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=("none", *QUANT_KINDS),
+        default="none",
+        help="with --merge or --prune: the training run's --quantization (fold into the dequantized weights it "
+        "trained against)",
+    )
+    parser.add_argument("--double_quant", action="store_true", help="the training run's --double_quant")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     return parser.parse_args(argv)
 
@@ -64,18 +73,24 @@ def main(argv: list[str] | None = None) -> None:
         check_output_dir(out, allowed=args.overwrite)
         if (args.uniform_shapes or args.dtype != CHECKPOINT) and not args.prune:
             raise InputError("--uniform_shapes and --dtype only apply to --prune")
+        quantization = spec_from_args(args.quantization, args.double_quant)
+        if quantization is not None and args.peft:
+            raise InputError("--quantization applies to --merge and --prune (a PEFT adapter is the same either way)")
         if args.prune:
             record = export_pruned(
-                args.base_model, args.adapter_dir, args.output_dir, uniform=args.uniform_shapes, dtype=args.dtype
-            )
+                args.base_model, args.adapter_dir, args.output_dir, uniform=args.uniform_shapes, dtype=args.dtype,
+                quantization=quantization,
+            )  # fmt: skip
             counts = record["parameters"]
             print(
                 f"removed {counts['removed']:,} of {counts['base']:,} parameters "
                 f"({100 * counts['removed_fraction']:.1f} %; {100 * counts['blocks_removed_fraction']:.1f} % of the "
                 f"blocks); loads with plain transformers: {record['loads_with_transformers']}"
             )
+        elif args.peft:
+            export_peft(args.base_model, args.adapter_dir, args.output_dir)
         else:
-            (export_peft if args.peft else export_merged)(args.base_model, args.adapter_dir, args.output_dir)
+            export_merged(args.base_model, args.adapter_dir, args.output_dir, quantization)
         print(f"wrote {out}")
 
     with closing_distributed(exit_process=argv is None):

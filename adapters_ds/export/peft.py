@@ -25,6 +25,7 @@ from adapters_ds.export.peft_prompts import model_level_layer
 from adapters_ds.fileio import atomic_dir, write_json
 from adapters_ds.hardware import CHECKPOINT
 from adapters_ds.modeling import load_base_model
+from adapters_ds.quantization import QuantSpec, round_trip
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 
@@ -57,9 +58,13 @@ def check_peft_method(config: AdapterConfig, adapter_dir: str) -> None:
         )
 
 
-def load_mergeable(base_model: str, adapter_dir: str, dtype: str) -> tuple[nn.Module, AdapterConfig]:
-    """The base model with the (mergeable) adapter of `adapter_dir` attached; a non-mergeable one is refused."""
-    model, config = _load(base_model, adapter_dir, dtype)
+def load_mergeable(
+    base_model: str, adapter_dir: str, dtype: str, quantization: QuantSpec | None = None
+) -> tuple[nn.Module, AdapterConfig]:
+    """The base model with the (mergeable) adapter of `adapter_dir` attached; a non-mergeable one is refused. With
+    `quantization` the base's weights are those a run with that `--quantization` trained against (quantized, then
+    dequantized into plain linear layers)."""
+    model, config = _load(base_model, adapter_dir, dtype, quantization)
     if not get_method(config.method).layer.mergeable:
         have = sorted(name for name, method in METHODS.items() if method.layer.mergeable)
         raise InputError(
@@ -69,9 +74,11 @@ def load_mergeable(base_model: str, adapter_dir: str, dtype: str) -> tuple[nn.Mo
     return model, config
 
 
-def _load(base_model: str, adapter_dir: str, dtype: str) -> tuple[nn.Module, AdapterConfig]:
+def _load(
+    base_model: str, adapter_dir: str, dtype: str, quantization: QuantSpec | None = None
+) -> tuple[nn.Module, AdapterConfig]:
     read_adapter_tensors(adapter_dir)  # a corrupt file fails before the (slow) base model load
-    model = load_base_model(base_model, dtype=dtype)
+    model = round_trip(load_base_model(base_model, dtype=dtype), quantization)
     return model, load_adapter(model, adapter_dir)
 
 

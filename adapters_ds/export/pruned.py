@@ -65,6 +65,7 @@ from adapters_ds.pruned_model import (
     geometry,
     shrink_block,
 )
+from adapters_ds.quantization import QuantSpec, round_trip
 
 
 def plan_block(layout: Layout, geo: Geometry, z_rows: Callable, z_cols: Callable) -> BlockPlan:
@@ -228,13 +229,19 @@ def _write_config_sizes(config: Any, layout: Layout, geo: Geometry, shapes: list
 
 
 def export_pruned(
-    base_model: str, adapter_dir: str, output_dir: str, uniform: bool = False, dtype: str = CHECKPOINT
+    base_model: str,
+    adapter_dir: str,
+    output_dir: str,
+    uniform: bool = False,
+    dtype: str = CHECKPOINT,
+    quantization: QuantSpec | None = None,
 ) -> dict[str, Any]:
     """Base model + gates adapter → a smaller model folder (see the module docstring). Returns the shapes record.
 
     `dtype` is that of the written weights: "checkpoint" keeps the base checkpoint's (the folded gates and LoRA are
     rounded to it, as a LoRA merge is); "float32" keeps the gated model's outputs exactly; "auto" is the project's
-    rule (`hardware.resolve_dtype`)."""
+    rule (`hardware.resolve_dtype`). With `quantization` (the run's `--quantization`) the gates fold into the
+    dequantized weights they were trained against."""
     config, _ = read_adapter_config(adapter_dir)  # a wrong or corrupt adapter fails before the (slow) model load
     if not get_method(config.method).layer.prunable:
         prunable = sorted(name for name, method in METHODS.items() if method.layer.prunable)
@@ -243,7 +250,7 @@ def export_pruned(
             f"{config.method} adapter"
         )
     read_adapter_tensors(adapter_dir)
-    model = load_base_model(base_model, dtype=dtype)
+    model = round_trip(load_base_model(base_model, dtype=dtype), quantization)
     load_adapter(model, adapter_dir)
     record = prune_model(model.eval(), uniform=uniform)
     record.update(base_model=base_model, adapter_dir=str(adapter_dir))
