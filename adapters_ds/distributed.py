@@ -205,6 +205,15 @@ class Ranks:
         if self.active:
             torch.distributed.barrier()
 
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first, the others after it (to reuse what it made: downloads, caches)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run `fn` on rank 0 only; its result, or its InputError, on every rank (so no rank waits forever)."""
         result, error = None, None

@@ -18,13 +18,11 @@ the run with an error, leaving the checkpoints as they are.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -75,16 +73,6 @@ from adapters_ds.training.engine import build_engine, partition_report
 from adapters_ds.training.loss import target_counts
 from adapters_ds.training.metrics import Window, peak_memory_gb, precision_name
 from adapters_ds.training.stop import EXIT_PREEMPTED, StopSignal
-
-
-@contextlib.contextmanager
-def main_first(info: Ranks) -> Iterator[None]:
-    """Rank 0 runs the block first (downloads, dataset cache), the others then reuse its result."""
-    if not info.is_main:
-        info.barrier()
-    yield
-    if info.is_main:
-        info.barrier()
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
@@ -150,7 +138,7 @@ class Trainer:
         """Tokenizer, tokenized training (and validation) split, and the batch plan of every epoch."""
         args = self.args
         self.tokenizer = load_tokenizer(self.base_model, trust_remote_code=args.trust_remote_code)
-        with main_first(self.info):
+        with self.info.main_first():  # downloads, the dataset cache: the others reuse them
             raw, tokenized = training_examples(self.tokenizer, args, records)
             tokenized = losses.with_answer_targets(tokenized, raw, self.tokenizer, args)  # for the answer-only loss
         self.train_set, self.val_set = split_validation(tokenized, args.val_set_size, args.seed)
