@@ -34,7 +34,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from adapters_ds.adapters.base import ADAPTER_ATTR, AdapterConfig, Strategy
+from adapters_ds.adapters.base import ADAPTER_ATTR, Strategy
 from adapters_ds.distributed import group_sum
 from adapters_ds.training.data import IGNORE_INDEX, tokenize_records
 from adapters_ds.zero import gathered
@@ -234,7 +234,7 @@ def micro_batch_loss(
     """One forward of `batch` and its loss sums: the task loss, the adapter method's extra terms (e.g. distillation;
     each is written to `metrics` per target token of this micro-batch) and the answer-only loss (`answer_mask` of the
     examples' `targets` and `answers` counts)."""
-    needs_logits = type(method).batch_loss is not AdapterConfig.batch_loss  # the method's extra terms read them
+    needs_logits = type(method).batch_loss is not Strategy.batch_loss  # the method's extra terms read them
     forward = forward_targets(model, batch, logits=needs_logits)
     per_token = token_losses(forward)  # (n_targets,)
     task = per_token.sum()
