@@ -24,6 +24,7 @@ setup(
         "test": ["pytest>=8", "peft>=0.17", "ruff>=0.6"],
         "mpi": ["mpi4py>=3.1"],
         "demo": ["gguf>=0.10", "accelerate>=1.0"],
+        "quant": ["bitsandbytes>=0.47"],  # --quantization (its CPU path: 4-bit since 0.47)
         "wandb": ["wandb>=0.19"],  # --report_to wandb (DeepSpeed's W&B monitor)
     },
     entry_points={

@@ -10,6 +10,7 @@ Library API (the launchers are thin wrappers around it):
     save_adapter(model, config, "out/adapter")      # later: load_adapter(fresh_base, "out/adapter")
 """
 
+from adapters_ds import quantization  # first: it mutes bitsandbytes' import-time noise (peft imports bitsandbytes)
 from adapters_ds.adapters.base import Adapter, AdapterConfig, adapter_layers, adapter_parameters
 from adapters_ds.adapters.gates import GatesConfig
 from adapters_ds.adapters.inject import (
@@ -28,6 +29,7 @@ from adapters_ds.adapters.series import SeriesConfig
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, save_adapter
 from adapters_ds.errors import InputError
 from adapters_ds.modeling import load_base_model, load_tokenizer
+from adapters_ds.quantization import QuantSpec, quantize_model
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ __all__ = [
     "InputError",
     "LoRAConfig",
     "ParallelConfig",
+    "QuantSpec",
     "SeriesConfig",
     "adapter_layers",
     "adapter_parameters",
@@ -52,6 +55,8 @@ __all__ = [
     "load_tokenizer",
     "merge_adapters",
     "parameter_report",
+    "quantization",
+    "quantize_model",
     "read_adapter_config",
     "register",
     "remove_adapters",

@@ -110,8 +110,9 @@ _MOE = Layout(
 )
 _FUSED_PRUNING = "its gate and up projections are one fused matrix, which the pruning export does not split"
 _MOE_PRUNING = "its MLP is a mixture of experts (fused 3-D expert parameters), which unit gates do not prune"
-_SOFTCAP = "its attention logits are soft-capped, which transformers' sdpa attention (the packed and prefix kernels) "
-_SOFTCAP += "does not do"
+_SOFTCAP = (
+    "its attention logits are soft-capped, which transformers' sdpa attention (the packed and prefix kernels) omits"
+)
 _SLIDING = "its local layers attend within a sliding window, which the packed kernels do not apply"
 
 # BLOOM's ALiBi, written once: each head's attention bias is a slope from the head's index and the head count,

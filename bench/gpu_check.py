@@ -15,6 +15,7 @@ its time cap, and rewrites OUT_DIR/gpu_check.json after every part, so a run cut
   mfu         bench/mfu.py (LoRA on a ~1B LLaMA-shaped random model, against the measured bf16 matmul peak)
   throughput  bench/train_throughput.py (HF PEFT + Trainer against adapters_ds, same model, same steps)
   zero3_13b   bench/zero3_memory.py (a LLaMA-13B-shaped model, ZeRO-3 with parameter offload, 1 GPU, one step)
+  qlora_13b   bench/zero3_memory.py (the LLaMA-13B shape quantized to NF4 under ZeRO-3, LoRA, 1 GPU, two steps)
 
 `--dry-run` runs every part on the CPU with tiny shapes (a test in the suite does), so the script cannot rot while
 no GPU is at hand. The model of the tests and the throughput bench is the embedded SmolLM2-135M-Instruct where its
@@ -176,6 +177,8 @@ def parts(out: Path, work: Path, model: Path, dry_run: bool) -> list[Part]:
                "--warmup", "1"]  # fmt: skip
         zero3 = [py, str(bench / "zero3_memory.py"), *TINY_LLAMA, "--vocab", "512", "--configs", "zero3_offload",
                  "--ranks", "1", "--seq_len", "16"]  # fmt: skip
+        qlora = [py, str(bench / "zero3_memory.py"), *TINY_LLAMA, "--vocab", "512", "--configs", "zero3+nf4",
+                 "--ranks", "1", "--seq_len", "16"]  # fmt: skip
     else:
         throughput = [py, str(bench / "train_throughput.py"), "--base_model", str(model), "--modes",
                       "a_bf16,a_fp32,b,b_bf16", "--steps", "10", "--bf16_steps", "10", "--warmup_steps", "2",
@@ -184,10 +187,14 @@ def parts(out: Path, work: Path, model: Path, dry_run: bool) -> list[Part]:
                "--warmup", "3"]  # fmt: skip
         zero3 = [py, str(bench / "zero3_memory.py"), *LLAMA_13B, "--vocab", "32000", "--configs", "zero3_offload",
                  "--ranks", "1", "--seq_len", "512"]  # fmt: skip
+        # built in bf16 on the GPU (26 GB), then quantized a layer at a time: ~7.5 GB of NF4 left
+        qlora = [py, str(bench / "zero3_memory.py"), *LLAMA_13B, "--vocab", "32000", "--configs", "zero3+nf4",
+                 "--ranks", "1", "--seq_len", "512"]  # fmt: skip
     return [
         Part("ops", 150, ops),
         Part("zero3_13b", 210, zero3),
         Part("tests", 170, tests, parse="junit"),
+        Part("qlora_13b", 100, qlora),
         Part("mfu", 80, mfu),
         Part("throughput", 150, throughput),
     ]

@@ -178,9 +178,8 @@ def event_category(name: str, ancestors: list[str]) -> str:
     return "other"
 
 
-def time_split(events: list, steps: int) -> dict:
-    """Self CPU time per step by `SPLIT_CATEGORIES`, in seconds and as shares of the total (torch.profiler's
-    events of `steps` steps)."""
+def category_seconds(events: list) -> dict[str, float]:
+    """Self CPU time in seconds per `SPLIT_CATEGORIES` of torch.profiler's events."""
     seconds = dict.fromkeys(SPLIT_CATEGORIES, 0.0)
     for event in events:
         ancestors, parent = [], event.cpu_parent
@@ -188,6 +187,13 @@ def time_split(events: list, steps: int) -> dict:
             ancestors.append(parent.name)
             parent = parent.cpu_parent
         seconds[event_category(event.name, ancestors)] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def time_split(events: list, steps: int) -> dict:
+    """Self CPU time per step by `SPLIT_CATEGORIES`, in seconds and as shares of the total (torch.profiler's
+    events of `steps` steps)."""
+    seconds = category_seconds(events)
     total = sum(seconds.values()) or 1.0
     return {
         "s_per_step": {k: round(v / steps, 3) for k, v in seconds.items()},
@@ -453,7 +459,12 @@ def run_split(mode: str, spec: dict, workdir: Path, warmup: int, limit_s: float 
     timed runs stay free of the profiler's overhead)."""
     if mode.startswith("a"):
         proc = run_limited(
-            [sys.executable, __file__, "--_hf_child", json.dumps({**spec, "split_warmup": warmup})],
+            [
+                sys.executable,
+                __file__,
+                "--_hf_child",
+                json.dumps({**spec, "bf16": mode == "a_bf16", "split_warmup": warmup}),
+            ],
             child_env(),
             limit_s,
         )

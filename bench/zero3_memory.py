@@ -5,6 +5,15 @@ with and without parameter offload; per-rank resident base-parameter bytes and p
                                   --vocab 32000] [--dtype bfloat16] [--seq_len 8] [--configs zero3,zero3_offload]
                                  [--ranks 1,2]
 
+QLoRA rows: a config name may carry a quantization, `zero3+nf4` (the base partitioned and quantized, as
+`--quantization nf4` trains) or `zero2+nf4` (quantized, replicated on every rank):
+
+    python bench/zero3_memory.py --configs zero3,zero3+nf4,zero2+nf4 --ranks 1,2
+
+Every row also gives tokens/s of a second training step (the first one warms up). `--loss_vocabs 32000,152064`
+instead compares the chunked training loss with the full-logits one (`--loss_tokens` target tokens, hidden
+`--hidden`): peak memory above the inputs and time of forward + backward, each case in its own process.
+
 The default shape is TinyLlama-1.1B's (1.1B parameters, 2.2 GB in bf16). Nothing is written to disk: every rank
 builds the model with `from_config` under transformers' ZeRO-3 integration (`HfDeepSpeedConfig`, i.e.
 `deepspeed.zero.Init`), so each layer is partitioned as soon as it is created and no rank ever holds the whole
@@ -54,14 +63,16 @@ def rank_main(spec: dict) -> None:
 
     from adapters_ds import LoRAConfig
     from adapters_ds.distributed import init_distributed
+    from adapters_ds.quantization import spec_from_args
     from adapters_ds.training.ds_config import load_ds_config, resolve_ds_config
     from adapters_ds.training.engine import build_engine, partition_report
     from adapters_ds.training.loss import causal_lm_loss_sum
 
     info = init_distributed()
     memory = {"started": proc_memory_gb()}
+    config_name, _, quantization = spec["config"].partition("+")
     ds_config = resolve_ds_config(
-        load_ds_config(REPO / "ds_configs" / f"{spec['config']}.json"),
+        load_ds_config(REPO / "ds_configs" / f"{config_name}.json"),
         world_size=info.world_size,
         micro_batch_size=1,
         batch_size=info.world_size,
@@ -96,34 +107,39 @@ def rank_main(spec: dict) -> None:
     lora = LoRAConfig(
         r=32, alpha=64, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
     )
-    engine = build_engine(load, ds_config, lora, learning_rate=1e-4).engine
+    quant = spec_from_args(quantization or None, False)
+    engine = build_engine(load, ds_config, lora, learning_rate=1e-4, quantization=quant).engine
     build_s = timings["build_s"]
     memory["initialized"] = proc_memory_gb()
     report = partition_report(engine.module)
     base_params = [p for n, p in engine.module.named_parameters() if not p.requires_grad]
-    element = base_params[0].element_size()
     devices = sorted({str(p.ds_tensor.device) for p in base_params if hasattr(p, "ds_tensor")})
 
     accelerator = get_accelerator()
     gen = torch.Generator().manual_seed(info.rank)
     ids = torch.randint(3, spec["vocab"], (1, spec["seq_len"]), generator=gen).to(engine.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    start = time.perf_counter()
-    loss = causal_lm_loss_sum(engine, batch)
-    engine.backward(loss)
-    engine.step()
-    step_s = time.perf_counter() - start
+    step_s = []
+    for _ in range(2):  # the second step is timed warm
+        start = time.perf_counter()
+        loss = causal_lm_loss_sum(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        step_s.append(time.perf_counter() - start)
     memory["after_step"] = proc_memory_gb()
     result = {
         "rank": info.rank,
         "world_size": info.world_size,
         "base_numel": report["base_numel"],
         "base_resident_numel": report["base_local_numel"],
-        "base_resident_bytes": report["base_local_numel"] * element,
+        "base_resident_bytes": report["base_bytes_per_rank"],
+        "base_bytes_total": report["base_bytes_total"],
         "base_partitions_on": devices,
         "adapter_numel": report["adapter_numel"],
         "build_s": round(build_s, 1),
-        "step_s": round(step_s, 1),
+        "step_s": round(step_s[0], 1),
+        "warm_step_s": round(step_s[1], 2),
+        "tokens_per_s": round(info.world_size * spec["seq_len"] / step_s[1], 2),  # every rank's tokens, warm
         "loss": round(loss.item() / spec["seq_len"], 4),
         "memory_gb": memory,
         "threads": torch.get_num_threads(),
@@ -133,6 +149,41 @@ def rank_main(spec: dict) -> None:
     Path(spec["out"], f"rank{info.rank}.json").write_text(json.dumps(result))
 
 
+def loss_main(spec: dict) -> None:
+    """One loss case in this process: peak memory above the inputs and seconds of forward + backward."""
+    from adapters_ds.training.loss import TargetForward, token_losses
+
+    torch.manual_seed(0)  # the same head in both cases
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden_size, vocab = spec["tokens"], spec["hidden"], spec["vocab"]
+    head = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(tokens, hidden_size, generator=gen, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    before = proc_memory_gb()["rss_gb"]
+    start = time.perf_counter()
+    if spec["chunked"]:
+        forward = TargetForward(None, targets, torch.empty(0), {}, hidden=hidden, head=head)
+    else:
+        forward = TargetForward(head(hidden), targets, torch.empty(0), {})  # what the model's head returns
+    loss = token_losses(forward).sum()
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = proc_memory_gb()["peak_rss_gb"]
+    print(json.dumps({"peak_above_inputs_gb": round(peak - before, 3), "s": round(seconds, 3),
+                      "loss": loss.item() / tokens}))  # fmt: skip
+
+
+def loss_table(vocabs: list[int], tokens: int, hidden: int) -> dict:
+    rows = {}
+    for vocab in vocabs:
+        for chunked in (False, True):
+            case = {"vocab": vocab, "tokens": tokens, "hidden": hidden, "chunked": chunked}
+            proc = subprocess.run([sys.executable, __file__, "--_loss", json.dumps(case)], capture_output=True,
+                                  text=True, check=True)  # fmt: skip
+            rows[f"vocab {vocab}, {'chunked' if chunked else 'full logits'}"] = json.loads(proc.stdout.splitlines()[-1])
+    return rows
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,7 +191,7 @@ def free_port() -> int:
 
 
 def run(spec: dict, ranks: int, workdir: Path) -> list[dict]:
-    out = workdir / f"{spec['config']}_{ranks}"
+    out = workdir / f"{spec['config'].replace('+', '_')}_{ranks}"
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -173,12 +224,23 @@ def main() -> None:
         type=float,
         help="override stage3_max_live_parameters and stage3_max_reuse_distance (the shipped configs: 1e9)",
     )
+    parser.add_argument("--loss_vocabs", help="compare the chunked and the full loss at these vocabularies instead")
+    parser.add_argument("--loss_tokens", type=int, default=8192, help="target tokens of the loss comparison")
     parser.add_argument("--_rank", help=argparse.SUPPRESS)
+    parser.add_argument("--_loss", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     args = parser.parse_args()
     spec = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "dtype")}
     spec["seq_len"] = args.seq_len
     spec["max_live_parameters"] = int(args.max_live_parameters) if args.max_live_parameters else None
+    if args._loss:
+        loss_main(json.loads(args._loss))
+        return
+    if args.loss_vocabs:
+        vocabs = [int(v) for v in args.loss_vocabs.split(",")]
+        table = loss_table(vocabs, args.loss_tokens, args.hidden)
+        print(json.dumps({"tokens": args.loss_tokens, "hidden": args.hidden, "fp32": True, "rows": table}, indent=2))
+        return
     if args._rank:
         from adapters_ds.distributed import closing_distributed
 

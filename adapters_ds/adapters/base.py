@@ -175,7 +175,12 @@ def reference_weight(base: nn.Module) -> torch.Tensor:
 
 
 def resolve_dtype(name: DTypeName, base: nn.Module) -> torch.dtype:
-    return reference_weight(base).dtype if name == "auto" else DTYPES[name]
+    if name != "auto":
+        return DTYPES[name]
+    dtype = reference_weight(base).dtype
+    if not dtype.is_floating_point:  # integer codes (a layer transformers loaded through bitsandbytes): its compute
+        dtype = getattr(base, "compute_dtype", None) or torch.get_default_dtype()
+    return dtype
 
 
 class Adapter(nn.Module):

@@ -29,8 +29,9 @@ def _matches(name: str, target: str) -> bool:
 
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
-    """Map each module path to adapt to the target name that selected it; every target must match. A model-level
-    method adapts the model itself (path "")."""
+    """Map each module path to adapt to the target name that selected it; every target must match, as a module's
+    name or else as a parameter's qualified by its module's (`experts.down_proj`: it selects the module, and the
+    method's `layer_dims` decides what it adapts there). A model-level method adapts the model itself (path "")."""
     if config.model_level:
         return {"": config.method}
     targets = config.target_modules or config.default_targets(model.config.model_type)
@@ -38,6 +39,9 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
     unmatched = []
     for target in targets:
         names = [n for n, _ in model.named_modules() if n and _matches(n, target)]
+        if not names and "." in target:  # `<module>.<parameter>` (a mixture of experts' `experts.down_proj`)
+            params = [n for n, _ in model.named_parameters() if _matches(n, target)]
+            names = list(dict.fromkeys(n.rpartition(".")[0] for n in params))
         if not names:
             unmatched.append(target)
         selected.update({n: target for n in names})

@@ -47,6 +47,7 @@ from adapters_ds.adapters.lora_experts import ExpertDims, ExpertLoRA, expert_dim
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
 from adapters_ds.families import LinearDims
+from adapters_ds.quantization import QuantLinear, dense_weight
 from adapters_ds.zero import gathered
 
 
@@ -98,7 +99,7 @@ class LoRAConfig(AdapterConfig):
     def layer_dims(self, name: str, module: nn.Module) -> LinearDims | ExpertDims:
         """A linear layer's shapes, or an experts module's fused expert matrices (`lora_experts`)."""
         if is_experts(module):
-            return expert_dims(name, module, self.use_dora)
+            return expert_dims(name, module, self.use_dora, self.target_modules)
         return super().layer_dims(name, module)
 
     def param_groups(self, model: nn.Module, learning_rate: float) -> list[dict[str, Any]]:
@@ -198,7 +199,8 @@ class LoRA(Adapter):
     def weight_norm(self, base: nn.Module) -> torch.Tensor:
         """‖W + s·BA‖ per output row, (out,): computed in fp32, rounded to the magnitude's dtype (so that m = the
         norm at initialisation gives a scale of exactly 1 also in bf16), and without gradient (DoRA's constant)."""
-        weight = base.weight.T if self.transposed else base.weight  # (out, in)
+        weight = dense_weight(base)  # a quantized base layer's dequantized weight
+        weight = weight.T if self.transposed else weight  # (out, in)
         norm = torch.linalg.vector_norm(weight.float() + lora_delta(self.lora_A, self.lora_B, self.scaling), dim=1)
         return norm.to(self.lora_magnitude.dtype)
 
@@ -208,6 +210,8 @@ class LoRA(Adapter):
         return delta.T if self.transposed else delta
 
     def merge(self, base: nn.Module) -> None:
+        if isinstance(base, QuantLinear):
+            raise InputError("LoRA cannot be merged into a quantized layer: dequantize the base first")
         if not self.merged:
             self._fold(base, merge=True)
             self.merged = True

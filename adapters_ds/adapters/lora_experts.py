@@ -57,7 +57,9 @@ def is_experts(module: nn.Module) -> bool:
                for n in FUSED)  # fmt: skip
 
 
-def expert_dims(name: str, module: nn.Module, use_dora: bool) -> ExpertDims:
+def expert_dims(name: str, module: nn.Module, use_dora: bool, targets: tuple[str, ...] | None = None) -> ExpertDims:
+    """The fused matrices to adapt: those `targets` name as parameters (`experts.down_proj`), or both where a target
+    names the module itself (or there are no explicit targets)."""
     if use_dora:
         model_type = getattr(getattr(module, "config", None), "model_type", "this")
         raise InputError(
@@ -71,8 +73,14 @@ def expert_dims(name: str, module: nn.Module, use_dora: bool) -> ExpertDims:
             f"experts module {name!r} ({type(module).__name__}) stores its experts in a layout LoRA does not adapt "
             "(expected gate and up concatenated, (experts, out, in) weights, no biases)"
         )
-    shapes = tuple((n, *full_shape(getattr(module, n))[1:]) for n in FUSED)
+    named = [n for n in FUSED if targets and any(_matches(f"{name}.{n}", t) for t in targets)]
+    chosen = named if named and not any(_matches(name, t) for t in targets) else FUSED
+    shapes = tuple((n, *full_shape(getattr(module, n))[1:]) for n in chosen)
     return ExpertDims(experts=full_shape(module.gate_up_proj)[0], shapes=shapes)
+
+
+def _matches(path: str, target: str) -> bool:
+    return path == target or path.endswith("." + target)
 
 
 class _Restore:
@@ -156,8 +164,14 @@ def lora_experts_forward(
     if not isinstance(adapter, ExpertLoRA) or adapter.merged:
         return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
     pairs = adapter()  # through __call__: ZeRO-3's hooks see the adapter's parameters used
-    (a_in, b_in), (a_out, b_out) = pairs["gate_up_proj"], pairs["down_proj"]
     scaling, experts = adapter.scaling, adapter.dims.experts
+
+    def update(param: str, e: int, x: torch.Tensor) -> torch.Tensor | float:
+        if param not in pairs:
+            return 0.0
+        a, b = pairs[param]
+        return _update(adapter.dropout(x), a[e], b[e], scaling)
+
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=experts).permute(2, 1, 0)  # (experts, top_k, tokens)
@@ -165,11 +179,9 @@ def lora_experts_forward(
     for e in hit:
         top_k_pos, token_idx = torch.where(mask[e])
         x = hidden_states[token_idx]  # (n, hidden)
-        gate_up = (
-            F.linear(x, module.gate_up_proj[e]) + F.linear(F.linear(adapter.dropout(x), a_in[e]), b_in[e]) * scaling
-        )
+        gate_up = F.linear(x, module.gate_up_proj[e]) + update("gate_up_proj", e, x)  # (n, 2 · I)
         h = module._apply_gate(gate_up)  # (n, I)
-        out = F.linear(h, module.down_proj[e]) + F.linear(F.linear(adapter.dropout(h), a_out[e]), b_out[e]) * scaling
+        out = F.linear(h, module.down_proj[e]) + update("down_proj", e, h)  # (n, hidden)
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final

@@ -24,6 +24,7 @@ from adapters_ds.export.peft_prompts import export_peft_prompts, is_virtual_toke
 from adapters_ds.export.pruned import export_pruned
 from adapters_ds.fileio import check_output_dir
 from adapters_ds.hardware import DTYPES
+from adapters_ds.quantization import QUANT_KINDS, spec_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="with --prune: dtype of the written model (auto: the base checkpoint's; float32 keeps outputs exact)",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=("none", *QUANT_KINDS),
+        default="none",
+        help="with --merge or --prune: the training run's --quantization (fold into the dequantized weights it "
+        "trained against)",
+    )
+    parser.add_argument("--double_quant", action="store_true", help="the training run's --double_quant")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     return parser.parse_args(argv)
 
@@ -65,10 +74,14 @@ def main(argv: list[str] | None = None) -> None:
         check_output_dir(out, allowed=args.overwrite)
         if (args.uniform_shapes or args.dtype != "auto") and not args.prune:
             raise InputError("--uniform_shapes and --dtype only apply to --prune")
+        quantization = spec_from_args(args.quantization, args.double_quant)
+        if quantization is not None and args.peft:
+            raise InputError("--quantization applies to --merge and --prune (a PEFT adapter is the same either way)")
         if args.prune:
             record = export_pruned(
-                args.base_model, args.adapter_dir, args.output_dir, uniform=args.uniform_shapes, dtype=args.dtype
-            )
+                args.base_model, args.adapter_dir, args.output_dir, uniform=args.uniform_shapes, dtype=args.dtype,
+                quantization=quantization,
+            )  # fmt: skip
             counts = record["parameters"]
             print(
                 f"removed {counts['removed']:,} of {counts['base']:,} parameters "
@@ -77,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         elif args.peft and is_virtual_token_adapter(args.adapter_dir):
             export_peft_prompts(args.base_model, args.adapter_dir, args.output_dir)
+        elif args.peft:
+            export_peft(args.base_model, args.adapter_dir, args.output_dir)
         else:
-            (export_peft if args.peft else export_merged)(args.base_model, args.adapter_dir, args.output_dir)
+            export_merged(args.base_model, args.adapter_dir, args.output_dir, quantization)
         print(f"wrote {out}")
 
     with closing_distributed(exit_process=argv is None):

@@ -20,14 +20,15 @@ from adapters_ds.adapters.storage import WEIGHTS_NAME, load_adapter, read_adapte
 from adapters_ds.errors import InputError
 from adapters_ds.fileio import atomic_dir, write_json
 from adapters_ds.modeling import load_base_model
+from adapters_ds.quantization import QuantSpec, round_trip
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 
 
 def peft_config(config: LoRAConfig, base_name: str, fan_in_fan_out: bool, experts: dict[str, list[str]]) -> dict:
-    """`experts`: {target name that selected experts modules: their adapted parameters}."""
+    """`experts`: {target name that selected experts modules or their parameters: PEFT's `target_parameters`}."""
     modules = [t for t in config.target_modules if t not in experts]
-    target_parameters = [f"{t}.{p}" for t, params in experts.items() for p in params]
+    target_parameters = list(dict.fromkeys(p for params in experts.values() for p in params))
     extra = {"target_parameters": target_parameters, "lora_dropout": 0.0} if experts else {}
     return {
         "peft_type": "LORA",
@@ -58,7 +59,11 @@ def peft_state_dict(model: nn.Module, targets: tuple[str, ...]) -> tuple[dict, d
         if isinstance(adapter, ExpertLoRA):
             expert_tensors, params = peft_expert_tensors(prefix, adapter)
             tensors.update(expert_tensors)
-            experts.update({t: params for t in targets if name == t or name.endswith("." + t)})
+            for t in targets:  # a target naming the module stands for its parameters; one naming a parameter, for it
+                if name == t or name.endswith("." + t):
+                    experts[t] = [f"{t}.{p}" for p in params]
+                elif any(f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for p in params):
+                    experts[t] = [t]
             continue
         tensors[f"{prefix}.lora_A.weight"] = adapter.lora_A.detach().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = adapter.lora_B.detach().cpu().contiguous()
@@ -67,9 +72,13 @@ def peft_state_dict(model: nn.Module, targets: tuple[str, ...]) -> tuple[dict, d
     return tensors, experts
 
 
-def load_lora(base_model: str, adapter_dir: str, dtype: str) -> tuple[nn.Module, LoRAConfig]:
+def load_lora(
+    base_model: str, adapter_dir: str, dtype: str, quantization: QuantSpec | None = None
+) -> tuple[nn.Module, LoRAConfig]:
+    """The base with the LoRA adapter; with `quantization` the base's weights are those a run with that
+    `--quantization` trained against (quantized, then dequantized into plain linear layers)."""
     read_adapter_tensors(adapter_dir)  # a corrupt file fails before the (slow) base model load
-    model = load_base_model(base_model, dtype=dtype)
+    model = round_trip(load_base_model(base_model, dtype=dtype), quantization)
     config = load_adapter(model, adapter_dir)
     if not isinstance(config, LoRAConfig):
         raise InputError(

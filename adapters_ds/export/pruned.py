@@ -65,6 +65,7 @@ from adapters_ds.pruned_model import (
     shrink_block,
     weight_out_in,
 )
+from adapters_ds.quantization import QuantSpec, round_trip
 
 
 def plan_block(layout: Layout, geo: Geometry, z_rows: Callable, z_cols: Callable) -> BlockPlan:
@@ -238,17 +239,23 @@ def _write_config_sizes(config: Any, layout: Layout, geo: Geometry, shapes: list
 
 
 def export_pruned(
-    base_model: str, adapter_dir: str, output_dir: str, uniform: bool = False, dtype: str = "auto"
+    base_model: str,
+    adapter_dir: str,
+    output_dir: str,
+    uniform: bool = False,
+    dtype: str = "auto",
+    quantization: QuantSpec | None = None,
 ) -> dict[str, Any]:
     """Base model + gates adapter → a smaller model folder (see the module docstring). Returns the shapes record.
 
     `dtype` is that of the written weights: "auto" keeps the base checkpoint's (the folded gates and LoRA are
-    rounded to it, as a LoRA merge is); "float32" keeps the gated model's outputs exactly."""
+    rounded to it, as a LoRA merge is); "float32" keeps the gated model's outputs exactly. With `quantization` (the
+    run's `--quantization`) the gates fold into the dequantized weights they were trained against."""
     config, _ = read_adapter_config(adapter_dir)  # a wrong or corrupt adapter fails before the (slow) model load
     if not isinstance(config, GatesConfig):
         raise InputError(f"--prune needs a stochastic-gates adapter; {adapter_dir!r} holds a {config.method} adapter")
     read_adapter_tensors(adapter_dir)
-    model = load_base_model(base_model, dtype=dtype)
+    model = round_trip(load_base_model(base_model, dtype=dtype), quantization)
     load_adapter(model, adapter_dir)
     record = prune_model(model.eval(), uniform=uniform)
     record.update(base_model=base_model, adapter_dir=str(adapter_dir))

@@ -17,6 +17,7 @@ from adapters_ds.adapters.base import AdapterConfig
 from adapters_ds.adapters.registry import METHODS, get_method, load_plugins
 from adapters_ds.conversations import TrainOnTurns
 from adapters_ds.errors import ArgumentParser, InputError
+from adapters_ds.quantization import QuantSpec, spec_from_args
 from adapters_ds.training.attention import AttnChoice
 from adapters_ds.training.recipes import config_argv
 
@@ -96,6 +97,12 @@ class TrainArgs:
         "ZeRO-3: the largest share of the base's elements that may stay whole on every rank (frozen tensors at or "
         "below the persistence threshold; the adapters always do); a run above it stops with an error",
     )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = _opt(
+        "none",
+        "store the frozen base's linear layers in 4 bits (nf4, fp4: QLoRA) or 8 bits (int8); partitioned under "
+        "ZeRO-3; computes in the config's dtype",
+    )
+    double_quant: bool = _opt(False, "with nf4/fp4: store the 4-bit blocks' scales in 8 bits too")
     local_rank: int = _opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     """Values of every registered method's options, by flag name (`lora_r`, `bottleneck_size`, ...)."""
@@ -123,6 +130,11 @@ class TrainArgs:
             self.learning_rate = get_method(self.adapter).config.default_learning_rate
         if self.learning_rate <= 0:
             raise InputError(f"--learning_rate must be > 0, found {self.learning_rate}")
+        self.quantization_spec()  # refuses --double_quant without 4-bit quantization
+
+    def quantization_spec(self) -> QuantSpec | None:
+        """The base's quantization (`--quantization`, `--double_quant`); None without."""
+        return spec_from_args(self.quantization, self.double_quant)
 
     def __getattr__(self, name: str) -> Any:  # a method option reads like any other: args.lora_r
         options = self.__dict__.get("method_options", {})

@@ -24,6 +24,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from adapters_ds.adapters.base import AdapterConfig, adapter_parameters
 from adapters_ds.adapters.inject import freeze_base, inject_adapters
+from adapters_ds.quantization import QuantSpec, quantize_model
 from adapters_ds.training.attention import AttnChoice
 from adapters_ds.training.ds_config import AUTO, compute_dtype, without_persistence_threshold, zero_stage
 from adapters_ds.training.loss import enable_router_aux_loss
@@ -60,17 +61,22 @@ def build_engine(
     max_replicated_base_share: float = DEFAULT_MAX_SHARE,
     attn_implementation: AttnChoice = "auto",
     before_initialize: Callable[[], None] | None = None,
+    quantization: QuantSpec | None = None,
 ) -> Built:
     """`load(dtype)` creates the base model (from a checkpoint or a config); it runs under ZeRO-3's partitioned
     construction when the config asks for stage 3. `ds_config` is a resolved config; its persistence threshold is
     filled in here (the only change made to it). Under ZeRO-3 a plan that keeps more than `max_replicated_base_share`
     of the base whole on every rank is refused before `deepspeed.initialize`. `attn_implementation` is
-    `--attn_implementation` (see `attention.py`)."""
+    `--attn_implementation` (see `attention.py`). With `quantization` the base's linear layers are quantized right
+    after loading, before the adapters see them (`quantization.quantize_model`: layer by layer, partitioned under
+    ZeRO-3)."""
     hf_ds_config = None
     if zero_stage(ds_config) == 3:
         # must stay referenced until deepspeed.initialize; the threshold's "auto" can only be filled later
         hf_ds_config = HfDeepSpeedConfig(without_persistence_threshold(ds_config))
     model = load(compute_dtype(ds_config))
+    if quantization is not None:
+        quantize_model(model, quantization, without_persistence_threshold(ds_config) if hf_ds_config else None)
     model.config.use_cache = False
     enable_router_aux_loss(model)  # a mixture of experts' load-balancing loss joins the training loss (`loss.py`)
     packed = enable_packing(model, attn_implementation)  # micro-batches as one packed row: no compute on padding
@@ -100,15 +106,22 @@ def build_engine(
 
 
 def partition_report(model: nn.Module) -> dict[str, int]:
-    """Elements of base and adapter parameters this rank holds, and their full sizes."""
+    """Elements of base and adapter parameters this rank holds, and their full sizes; the same in bytes for the base
+    (`base_bytes_per_rank`, `base_bytes_total`). Elements are those of the stored tensors: a quantized weight counts
+    the compute-dtype elements its codes and scales occupy (`quantization.QuantLinear`), so bytes are what compare
+    a quantized base with a dense one."""
     adapter_ids = {id(p) for p in adapter_parameters(model).values()}
     keys = ("base_local_numel", "base_numel", "base_replicated_numel", "adapter_local_numel", "adapter_numel")
-    report = dict.fromkeys(keys, 0)
+    report = dict.fromkeys(keys + ("base_bytes_per_rank", "base_bytes_total"), 0)
     for p in model.parameters():
         kind = "adapter" if id(p) in adapter_ids else "base"
         persistent = getattr(p, "ds_persist", True)  # whole on every rank (no ZeRO-3: every parameter)
-        report[f"{kind}_local_numel"] += full_numel(p) if persistent else p.ds_tensor.numel()
+        local = full_numel(p) if persistent else p.ds_tensor.numel()
+        report[f"{kind}_local_numel"] += local
         report[f"{kind}_numel"] += full_numel(p)
+        if kind == "base":
+            report["base_bytes_per_rank"] += local * p.element_size()
+            report["base_bytes_total"] += full_numel(p) * p.element_size()
         if kind == "base" and persistent:
             report["base_replicated_numel"] += full_numel(p)
     report["base_replicated_share"] = report["base_replicated_numel"] / max(1, report["base_numel"])

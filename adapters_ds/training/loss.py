@@ -7,6 +7,13 @@ model for the hidden states of the target positions only, through transformers' 
 (batch, seq) mask): the model's forward and its `lm_head` module run as usual, so DeepSpeed's ZeRO-3 hooks gather
 the (possibly tied, partitioned) head weight as they would for full logits.
 
+Even those logits are (target tokens, vocab) in fp32: at a 152k vocabulary and 16k target tokens, 9.7 GB before
+the softmax's gradient. So the loss is chunked (`token_losses` on a `forward_targets(..., logits=False)`): the head's
+input at the target positions is captured, the head runs on no rows, and a custom autograd function computes the
+cross-entropy a chunk of tokens at a time, recomputing each chunk's logits in the backward (memory: one chunk of
+logits, whatever the vocabulary). A method whose extra loss terms read the logits (`batch_loss`: gates'
+distillation) gets them whole as before.
+
 Beside the loss a run reports two narrower ones from the same per-token losses: the answer-only loss (the tokens of
 the response, whatever `--train_on_inputs` trains on: `answer_mask`) and the digit-token loss (the answer tokens
 whose label contains a digit: `digit_token_mask`), which on arithmetic tracks held-out accuracy far better than a
@@ -27,8 +34,9 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from adapters_ds.adapters.base import AdapterConfig
+from adapters_ds.adapters.base import ADAPTER_ATTR, AdapterConfig
 from adapters_ds.training.data import IGNORE_INDEX, tokenize_records
+from adapters_ds.zero import gathered
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -48,13 +56,16 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TargetForward(NamedTuple):
-    """A forward that projected only the positions predicting a target."""
+    """A forward that projected only the positions predicting a target: their logits, or (chunked) the hidden states
+    the head projects, whose logits `token_losses` computes a chunk of tokens at a time."""
 
-    logits: torch.Tensor  # (n_targets, vocab)
+    logits: torch.Tensor | None  # (n_targets, vocab); None when chunked
     targets: torch.Tensor  # (n_targets,)
     keep: torch.Tensor  # (batch, seq) bool: the positions of `logits`
     inputs: dict[str, Any]  # the model inputs (the batch without labels)
     router_loss: torch.Tensor | None = None  # router_aux_loss_coef · the model's auxiliary router loss, if any
+    hidden: torch.Tensor | None = None  # (n_targets, hidden): the head's input, when chunked
+    head: torch.nn.Module | None = None  # the output head (a linear layer), when chunked
 
 
 def enable_router_aux_loss(model: torch.nn.Module) -> bool:
@@ -65,31 +76,116 @@ def enable_router_aux_loss(model: torch.nn.Module) -> bool:
     return False
 
 
-def forward_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TargetForward:
+def forward_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor], logits: bool = True) -> TargetForward:
     """Forward `batch` (input_ids, labels, and attention_mask or position_ids) through `model` (a transformers
-    causal LM or the DeepSpeed engine around one), with logits only at the positions that predict a target."""
+    causal LM or the DeepSpeed engine around one), with logits only at the positions that predict a target.
+
+    `logits=False` asks for the chunked form where the model allows it (`chunkable_head`): the head's input is
+    captured and the head itself runs on no rows, so no (targets, vocab) tensor is built here."""
     keep, targets = target_positions(batch["labels"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    # use_cache=False also matters for packing: transformers only derives the packed mask when no cache is built
-    out = model(**inputs, logits_to_keep=keep, use_cache=False)
+    head = None if logits else chunkable_head(model)
+    captured: list[torch.Tensor] = []
+
+    def capture(module: torch.nn.Module, args: tuple) -> tuple:
+        captured.append(args[0])  # (n_targets, hidden)
+        return (args[0].narrow(-2, 0, 0), *args[1:])  # the head runs (ZeRO-3 gathers it as ever) on no rows
+
+    # first among the head's pre-hooks: ZeRO-3's own wraps the head's input for its backward bookkeeping, and the
+    # captured input must be the plain one (no gradient flows through the head, which runs on no rows)
+    handle = head.register_forward_pre_hook(capture, prepend=True) if head is not None else None
+    try:
+        # use_cache=False also matters for packing: transformers only derives the packed mask when no cache is built
+        out = model(**inputs, logits_to_keep=keep, use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
     aux = getattr(out, "aux_loss", None)
     config = getattr(model, "module", model).config  # the engine's or the model's
     router_loss = None if aux is None else aux.float() * float(config.router_aux_loss_coef)
-    return TargetForward(out.logits, targets, keep, inputs, router_loss)  # logits: (n_targets, vocab)
+    if head is None:
+        return TargetForward(out.logits, targets, keep, inputs, router_loss)  # logits: (n_targets, vocab)
+    hidden = captured[0].reshape(-1, captured[0].shape[-1])
+    return TargetForward(None, targets, keep, inputs, router_loss, hidden, head)
 
 
-def token_losses(forward: TargetForward) -> torch.Tensor:
-    """Cross-entropy of every target token, (n_targets,) fp32."""
-    return F.cross_entropy(forward.logits.float(), forward.targets, reduction="none")
+# a model that changes its logits after the head (Gemma's soft-capping, Granite's and Cohere's scaling) keeps the
+# full-logits loss: the chunked one projects with the head alone
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
 
 
-def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The summed token loss of `batch` through `model` (see `forward_targets`), in fp32.
+def chunkable_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's output head when the chunked loss computes exactly what its forward would: a frozen linear head
+    (no adapter on it: its hook would see no rows) whose output the model returns unchanged. None otherwise."""
+    module = getattr(model, "module", model)  # the DeepSpeed engine wraps the model
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    config = getattr(module, "config", None)
+    if not isinstance(head, torch.nn.Linear) or getattr(head, ADAPTER_ATTR, None) is not None:
+        return None
+    if any(p.requires_grad for p in head.parameters()):
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in fp32): peak memory independent of the vocabulary and tokens
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Per-token cross-entropy of `head(hidden)`, a chunk of target tokens at a time, forward and backward: the
+    (targets, vocab) logits never exist whole. The backward recomputes each chunk's logits (softmax - one-hot, from
+    the saved log-sum-exp) instead of keeping them. The head is frozen; under ZeRO-3 its weight is gathered for each
+    pass (every rank runs the same passes, as a gather requires), and applied without calling the module, whose
+    ZeRO-3 hooks already ran once in the model's forward. Logits are computed in the head's dtype and taken to fp32,
+    exactly as the full path's `logits.float()`."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk):  # type: ignore[override]
+        losses, lse = [], []
+        with gathered(list(head.parameters())):
+            for start in range(0, hidden.shape[0], chunk):
+                logits = F.linear(hidden[start : start + chunk], head.weight, head.bias).float()  # (chunk, vocab)
+                lse.append(torch.logsumexp(logits, dim=-1))
+                losses.append(lse[-1] - logits.gather(1, targets[start : start + chunk, None]).squeeze(1))
+        ctx.save_for_backward(hidden, targets, torch.cat(lse) if lse else hidden.new_zeros(0, dtype=torch.float32))
+        ctx.head, ctx.chunk = head, chunk
+        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        hidden, targets, lse = ctx.saved_tensors
+        head, chunk = ctx.head, ctx.chunk
+        grads = []
+        with gathered(list(head.parameters())):
+            weight = head.weight  # (vocab, hidden)
+            for start in range(0, hidden.shape[0], chunk):
+                end = min(start + chunk, hidden.shape[0])
+                logits = F.linear(hidden[start:end], weight, head.bias).float()  # (chunk, vocab)
+                grad = torch.exp(logits - lse[start:end, None])  # softmax
+                grad[torch.arange(end - start, device=grad.device), targets[start:end]] -= 1
+                grad *= grad_loss[start:end, None]
+                grads.append(grad.to(weight.dtype) @ weight)  # (chunk, hidden), as the head's own backward
+        return torch.cat(grads).to(hidden.dtype) if grads else torch.zeros_like(hidden), None, None, None
+
+
+def token_losses(forward: TargetForward, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Cross-entropy of every target token, (n_targets,) fp32: from the logits, or chunked from the hidden states
+    (`chunk_elements` logits at a time)."""
+    if forward.logits is not None:
+        return F.cross_entropy(forward.logits.float(), forward.targets, reduction="none")
+    chunk = max(1, chunk_elements // forward.head.out_features)
+    return _ChunkedHeadLoss.apply(forward.hidden, forward.targets, forward.head, chunk)
+
+
+def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True) -> torch.Tensor:
+    """The summed token loss of `batch` through `model` (see `forward_targets`), in fp32; `chunked` (where the model
+    allows it) never builds the (targets, vocab) logits whole.
 
     Equal to `loss_sum` on the full logits (tests/test_throughput_units.py), without projecting the positions that
     no label needs.
     """
-    return token_losses(forward_targets(model, batch)).sum()
+    return token_losses(forward_targets(model, batch, logits=not chunked)).sum()
 
 
 def answer_mask(targets: Sequence[int], answers: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -137,7 +233,8 @@ def micro_batch_loss(
     """One forward of `batch` and its loss sums: the task loss, the adapter method's extra terms (e.g. distillation;
     each is written to `metrics` per target token of this micro-batch) and the answer-only loss (`answer_mask` of the
     examples' `targets` and `answers` counts)."""
-    forward = forward_targets(model, batch)
+    needs_logits = type(method).batch_loss is not AdapterConfig.batch_loss  # the method's extra terms read them
+    forward = forward_targets(model, batch, logits=needs_logits)
     per_token = token_losses(forward)  # (n_targets,)
     task = per_token.sum()
     extra = method.batch_loss(model, forward.inputs, forward.keep, forward.logits, step) or {}
@@ -195,7 +292,7 @@ def validation_means(
     totals = None  # (summed loss, tokens) of all, answer and digit tokens
     for start in range(0, n, mb * world):
         indices = list(range(start + info.rank * mb, min(start + (info.rank + 1) * mb, n)))
-        forward = forward_targets(model, batch_of(indices or [0], dataset))
+        forward = forward_targets(model, batch_of(indices or [0], dataset), logits=False)
         mask = answer_mask(*([column[i] for i in indices or [0]] for column in counts), device=forward.targets.device)
         sums = narrow_sums(token_losses(forward), mask, digits.to(mask.device)[forward.targets]) * bool(indices)
         totals = sums if totals is None else totals + sums

@@ -194,6 +194,7 @@ class Trainer:
             max_replicated_base_share=args.max_replicated_base_share,
             attn_implementation=args.attn_implementation,
             before_initialize=self.create_output_dir,
+            quantization=args.quantization_spec(),
         )
         self.engine, self.pack = built.engine, built.packed
         # the run's metrics go to DeepSpeed's monitors at optimizer-step numbers; the engine's own events (lr at the
@@ -227,8 +228,8 @@ class Trainer:
             )  # fmt: skip
         barrier()
         self.log(
-            f"training {Path(self.base_model).name} with {args.adapter} on {info.world_size} rank(s), "
-            f"ZeRO stage {zero_stage(self.ds_config)}, {precision_name(self.ds_config)}; "
+            f"training {Path(self.base_model).name} with {args.adapter} on {info.world_size} rank(s), ZeRO stage "
+            f"{zero_stage(self.ds_config)}, {precision_name(self.ds_config)}, quantization {args.quantization}; "
             f"{parameter_report(self.engine.module)}"
         )
         if zero_stage(self.ds_config) == 3:
@@ -242,7 +243,8 @@ class Trainer:
             write_json(self.out / "zero3_partition.json", reports)
             base = reports[0]
             self.log(
-                f"ZeRO-3: base {base['base_local_numel']:,} of {base['base_numel']:,} elements resident per rank "
+                f"ZeRO-3: base {base['base_local_numel']:,} of {base['base_numel']:,} elements "
+                f"({base['base_bytes_per_rank']:,} of {base['base_bytes_total']:,} bytes) resident per rank "
                 f"({base['base_replicated_numel']:,} = {100 * base['base_replicated_share']:.2f} % of the base kept "
                 f"whole on every rank), adapters {base['adapter_local_numel']:,} of {base['adapter_numel']:,} "
                 "(replicated)"

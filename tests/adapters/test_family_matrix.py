@@ -5,10 +5,12 @@ where the record allows packing, and batched cached generation with left padding
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from tiny_models import MOE_FAMILIES, RECENT_CONFIGS, VOCAB, make_recent_model, sample_batch
 from tiny_tokenizer import make_tokenizer
+from transformers import AutoModelForCausalLM
 
 from adapters_ds import GatesConfig, InputError, LoRAConfig, ParallelConfig, SeriesConfig
 from adapters_ds.adapters.base import adapter_parameters
@@ -16,7 +18,10 @@ from adapters_ds.adapters.inject import freeze_base, inject_adapters
 from adapters_ds.adapters.prefix import PrefixConfig
 from adapters_ds.adapters.prompt import PromptConfig
 from adapters_ds.adapters.ptuning import PTuningConfig
+from adapters_ds.adapters.storage import save_adapter
 from adapters_ds.evaluation.generation import generate_ids
+from adapters_ds.evaluation.tensor_parallel import check_tensor_parallel
+from adapters_ds.export.peft import export_peft
 from adapters_ds.families import family_of
 from adapters_ds.training.data import collate, collate_packed
 from adapters_ds.training.loss import causal_lm_loss_sum, enable_router_aux_loss, micro_batch_loss
@@ -143,3 +148,39 @@ def test_parallel_on_a_fused_gate_up_projection_adds_to_the_up_half_only():
     half = fused.out_features // 2
     assert fused.adapter.up.shape[0] == half
     assert torch.equal(delta[:, :half], torch.zeros(3, half)) and delta[:, half:].abs().min() > 0
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "experts.down_proj"), ("o_proj", "mlp.experts")])
+def test_expert_lora_on_named_parameters_exports_to_peft_with_equal_logits(targets, tmp_path):
+    """A target may name a fused expert parameter (only it is adapted) or the experts module (both are)."""
+    make_recent_model("mixtral").save_pretrained(tmp_path / "base")
+    model, config = make_recent_model("mixtral"), LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=targets)
+    inject_adapters(model, config)
+    freeze_base(model)
+    params = adapter_parameters(model)
+    fused = {n.rpartition(".")[2] for n in params if "experts" in n}
+    wanted = {"down_proj"} if targets[1].endswith("down_proj") else {"gate_up_proj", "down_proj"}
+    assert fused == {f"{p}_lora_{s}" for p in wanted for s in "AB"}
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_(std=0.2)
+    save_adapter(model, config, tmp_path / "adapter")
+    export_peft(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "peft"))
+    base_model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = peft.PeftModel.from_pretrained(base_model, tmp_path / "peft")
+    batch = sample_batch()
+    with torch.no_grad():
+        ours, theirs = model.eval()(**batch).logits, peft_model.eval()(**batch).logits
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")(**batch).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert (ours - base).abs().max() > 1e-3  # the adapters change the outputs
+
+
+def test_tensor_parallel_evaluation_refuses_the_families_autotp_is_not_tested_on_by_name(tmp_path):
+    for family in RECENT_CONFIGS:
+        config = RECENT_CONFIGS[family]()
+        config.save_pretrained(tmp_path / family)
+        if family_of(config.model_type, "test").tensor_parallel is None:
+            continue
+        with pytest.raises(InputError, match=rf"--tensor_parallel 2: {config.model_type} models cannot be sharded"):
+            check_tensor_parallel(str(tmp_path / family), None, 2)

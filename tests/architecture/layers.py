@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("families",),
     ("distributed",),
     ("pruned_model",),
+    ("quantization",),
     ("modeling",),
     ("adapters",),
     ("training", "evaluation", "export", "mathdata"),

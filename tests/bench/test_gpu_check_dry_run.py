@@ -12,7 +12,7 @@ import sys
 import pytest
 from launch import EXTENSIONS, REPO
 
-PARTS = {"ops", "tests", "throughput", "mfu", "zero3_13b"}
+PARTS = {"ops", "tests", "throughput", "mfu", "zero3_13b", "qlora_13b"}
 
 
 @pytest.mark.slow
@@ -38,6 +38,8 @@ def test_the_dry_run_runs_every_part_and_reports_it(tmp_path):
     assert parts["mfu"]["result"]["mfu"] > 0 and parts["mfu"]["result"]["attn_implementation"]
     zero3 = parts["zero3_13b"]["result"]["runs"]["zero3_offload_1rank"][0]
     assert zero3["base_numel"] > 0 and zero3["world_size"] == 1
+    qlora = parts["qlora_13b"]["result"]["runs"]["zero3+nf4_1rank"][0]
+    assert qlora["base_bytes_total"] > 0 and qlora["tokens_per_s"] > 0 and qlora["world_size"] == 1
     assert report["environment"]["versions"]["deepspeed"] and report["model"]["source"].startswith("tiny LLaMA")
 
 
