@@ -67,9 +67,9 @@ from adapters_ds.adapters.virtual_tokens import (
     cache_length,
     check_count,
     check_init,
-    init_token_ids,
     packed_bounds,
-    repeat_to,
+    resolve_init,
+    start_token_ids,
     transformer_of,
 )
 from adapters_ds.errors import InputError
@@ -92,8 +92,8 @@ class PrefixConfig(VirtualTokensConfig):
         None, "prefix: start from the keys and values of this text's tokens", flag="prefix_init_text"
     )
     init_token_ids: tuple[int, ...] | None = None
-    """The real tokens whose keys and values the prefix starts from (the text's, or sampled): filled in at the first
-    injection, so a saved adapter loads without a tokenizer."""
+    """The real tokens whose keys and values the prefix starts from (the text's, or sampled): filled in by
+    `resolve(tokenizer)`, so a saved adapter loads without a tokenizer."""
     projection: bool = option(
         False, "prefix: train the prefixes through an MLP (folded away on export)", flag="prefix_projection"
     )
@@ -106,17 +106,13 @@ class PrefixConfig(VirtualTokensConfig):
         check_count("prefix encoder_hidden_size", self.encoder_hidden_size)
         self.init_token_ids = check_init("prefix", self.init, self.init_text, self.init_token_ids)
 
+    def resolve(self, tokenizer: Any) -> PrefixConfig:
+        return self if self.projection else resolve_init(self, tokenizer)
+
     def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
-        if self.projection:
+        ids = None if self.projection else start_token_ids(self, model)
+        if ids is None:
             return {}
-        if self.init_token_ids is None:
-            self.init_token_ids = init_token_ids(model, "prefix", self.init, self.init_text, self.num_virtual_tokens)
-        if self.init_token_ids is None:
-            return {}
-        vocab = model.get_input_embeddings().num_embeddings
-        if max(self.init_token_ids) >= vocab:
-            raise InputError(f"prefix init_token_ids {max(self.init_token_ids)} is outside the model's {vocab} tokens")
-        ids = repeat_to(self.init_token_ids, self.num_virtual_tokens)
         return {"init": real_token_prefixes(model, ids, self.layer_dims(name, model))}
 
     def peft_config(self, layers: dict[str, Adapter]) -> dict[str, Any]:

@@ -13,8 +13,9 @@ Initialisation (the paper's section 3.2 compares them; sampled vocabulary and cl
 common ones (`virtual_tokens.init_token_ids`); from a text (`--prompt_init_text`), the embeddings of the text's tokens
 (repeated or cut to num_virtual_tokens); or `--prompt_init random`, N(0, 1) as PEFT's `RANDOM`. Prompt tuning cannot
 be the identity at step 0 (it adds tokens to the input); what holds instead with real tokens: the model starts exactly
-as the base model reading those tokens before each input. The token ids are drawn once, when the adapter is first
-injected, and kept in the config (`init_token_ids`), so a saved adapter loads without a tokenizer.
+as the base model reading those tokens before each input. The token ids are resolved from the base model's tokenizer
+before injection (`PromptConfig.resolve`, which the training command calls; the config itself does no I/O) and kept in
+the config (`init_token_ids`), so a saved adapter loads without a tokenizer.
 
 Default learning rate (`default_learning_rate`): 3e-2. The paper trains with Adafactor at 0.3; AdamW, whose steps are
 about the learning rate per coordinate whatever the gradient's scale, needs a tenth of that on input embeddings of
@@ -38,10 +39,9 @@ from adapters_ds.adapters.virtual_tokens import (
     VirtualTokens,
     VirtualTokensConfig,
     check_init,
-    init_token_ids,
-    repeat_to,
+    resolve_init,
+    start_token_ids,
 )
-from adapters_ds.errors import InputError
 from adapters_ds.zero import gathered
 
 
@@ -57,24 +57,22 @@ class PromptConfig(VirtualTokensConfig):
         None, "prompt: initialise the soft prompt from the embeddings of this text's tokens", flag="prompt_init_text"
     )
     init_token_ids: tuple[int, ...] | None = None
-    """The real tokens the prompt starts from (the text's, or sampled): filled in at the first injection."""
+    """The real tokens the prompt starts from (the text's, or sampled): filled in by `resolve(tokenizer)`."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.init_token_ids = check_init("prompt", self.init, self.init_text, self.init_token_ids)
 
+    def resolve(self, tokenizer: Any) -> PromptConfig:
+        return resolve_init(self, tokenizer)
+
     def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
-        if self.init_token_ids is None:
-            self.init_token_ids = init_token_ids(model, "prompt", self.init, self.init_text, self.num_virtual_tokens)
-        if self.init_token_ids is None:
+        ids = start_token_ids(self, model)
+        if ids is None:
             return {}
         embedding = model.get_input_embeddings()
-        vocab = embedding.num_embeddings
-        if max(self.init_token_ids) >= vocab:
-            raise InputError(f"prompt init_token_ids {max(self.init_token_ids)} is outside the model's {vocab} tokens")
-        ids = list(repeat_to(self.init_token_ids, self.num_virtual_tokens))  # an older config kept the text's tokens
         with gathered([embedding.weight]):  # a ZeRO-3 partition holds no rows; every rank injects, so all gather
-            return {"init": embedding.weight[ids].detach().clone()}
+            return {"init": embedding.weight[list(ids)].detach().clone()}
 
 
 class PromptTuning(VirtualTokens):

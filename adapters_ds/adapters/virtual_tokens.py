@@ -18,6 +18,7 @@ only shifts the new token's position and extends the attention mask.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,6 @@ from transformers import Cache
 
 from adapters_ds.adapters.base import Adapter, AdapterConfig, option
 from adapters_ds.errors import InputError
-from adapters_ds.modeling import load_tokenizer
 from adapters_ds.prompts import encode_texts
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips (training.data's, which this layer cannot import)
@@ -119,43 +119,53 @@ def check_init(method: str, init: object, text: object, token_ids: object) -> tu
     return ids
 
 
-def init_token_ids(model: nn.Module, method: str, init: str, text: str | None, n: int) -> tuple[int, ...] | None:
-    """The real tokens a prompt/prefix starts from: `text`'s tokens by the base model's tokenizer (special tokens
-    off), repeated or cut to `n`; else, with init "vocab", `n` ids drawn uniformly with torch's global generator
-    (seeded by the run's --seed, alike on every rank) from the first COMMON_TOKENS ids of the vocabulary (a
-    byte-level BPE numbers its merges by frequency) less the special tokens; None for init "random"."""
+def resolve_init(config: VirtualTokensConfig, tokenizer: Any) -> VirtualTokensConfig:
+    """`config` with the real tokens its prompt/prefix starts from (`init_token_ids`) filled in from the base model's
+    tokenizer: `init_text`'s tokens (special tokens off), repeated or cut to num_virtual_tokens; else, with init
+    "vocab", num_virtual_tokens ids drawn uniformly with torch's global generator (seeded by the run's --seed, alike
+    on every rank) from the first COMMON_TOKENS ids of the vocabulary (a byte-level BPE numbers its merges by
+    frequency) less the special tokens. A new config; `config` itself when there is nothing to resolve."""
+    init, text, n = config.init, config.init_text, config.num_virtual_tokens  # type: ignore[attr-defined]
+    if config.init_token_ids is not None or (text is None and init != "vocab"):  # type: ignore[attr-defined]
+        return config
     if text is not None:
-        return repeat_to(text_token_ids(model, text, f"--{method}_init_text"), n)
-    if init != "vocab":
+        ids = encode_texts(tokenizer, [text], bos_id=None)[0]
+        if not ids:
+            raise InputError(f"--{config.method}_init_text {text!r} has no tokens")
+        return dataclasses.replace(config, init_token_ids=repeat_to(tuple(ids), n))
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return dataclasses.replace(config, init_token_ids=sample_ids(min(COMMON_TOKENS, len(tokenizer)), special, n))
+
+
+def start_token_ids(config: VirtualTokensConfig, model: nn.Module) -> tuple[int, ...] | None:
+    """The real tokens a prompt/prefix layer starts from, read without changing `config`: its resolved
+    `init_token_ids` (`resolve_init`); for init "vocab" without them (a library user who injects an unresolved
+    config), ids sampled as `resolve_init` does, with the model config's bos/eos/pad ids as the special tokens; None
+    for init "random". A text needs the tokenizer: resolve the config first (the training command does)."""
+    method, n = config.method, config.num_virtual_tokens
+    ids = config.init_token_ids  # type: ignore[attr-defined]
+    if ids is None and config.init_text is not None:  # type: ignore[attr-defined]
+        raise InputError(
+            f"--{method}_init_text needs the base model's tokenizer: call config.resolve(tokenizer) before injecting"
+        )
+    if ids is None and config.init == "vocab":  # type: ignore[attr-defined]
+        text_config = model.config.get_text_config()
+        special = {getattr(text_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = sample_ids(min(COMMON_TOKENS, vocab), {i for i in special if isinstance(i, int)}, n)
+    if ids is None:
         return None
     vocab = model.get_input_embeddings().num_embeddings
-    special = special_token_ids(model)
-    candidates = [i for i in range(min(COMMON_TOKENS, vocab)) if i not in special]
+    if max(ids) >= vocab:
+        raise InputError(f"{method} init_token_ids {max(ids)} is outside the model's {vocab} tokens")
+    return repeat_to(ids, n)  # an older config kept the text's tokens unrepeated
+
+
+def sample_ids(first: int, special: set[int], n: int) -> tuple[int, ...]:
+    """`n` ids drawn uniformly (torch's global generator) from range(first) less `special`."""
+    candidates = [i for i in range(first) if i not in special]
     picks = torch.randint(len(candidates), (n,)).tolist()
     return tuple(candidates[i] for i in picks)
-
-
-def text_token_ids(model: nn.Module, text: str, flag: str) -> tuple[int, ...]:
-    """The tokens of `text` by the base model's tokenizer, special tokens off."""
-    try:
-        tokenizer = load_tokenizer(getattr(model, "name_or_path", "") or "")
-    except InputError as exc:
-        raise InputError(f"{flag} needs the base model's tokenizer: {exc}") from None
-    ids = encode_texts(tokenizer, [text], bos_id=None)[0]
-    if not ids:
-        raise InputError(f"{flag} {text!r} has no tokens")
-    return tuple(ids)
-
-
-def special_token_ids(model: nn.Module) -> set[int]:
-    """The tokenizer's special and added tokens, or the config's bos/eos/pad ids where the model has no tokenizer."""
-    try:
-        tokenizer = load_tokenizer(getattr(model, "name_or_path", "") or "")
-    except InputError:
-        config = model.config.get_text_config()
-        ids = (getattr(config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id"))
-        return {i for i in ids if isinstance(i, int)}
-    return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
 
 
 def repeat_to(ids: tuple[int, ...], n: int) -> tuple[int, ...]:

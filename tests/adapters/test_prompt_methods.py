@@ -336,7 +336,9 @@ def test_real_token_init_starts_as_the_base_model_reading_those_tokens(tmp_path,
     text, N tokens sampled from the vocabulary, special tokens left out)."""
     path = saved_base(tmp_path)
     model = load_base_model(path, dtype="float32")
-    config = (PromptConfig if method == "prompt" else PrefixConfig)(num_virtual_tokens=N, init_text=text)
+    unresolved = (PromptConfig if method == "prompt" else PrefixConfig)(num_virtual_tokens=N, init_text=text)
+    config = unresolved.resolve(make_tokenizer())  # a new config: the tokens are resolved outside injection
+    assert unresolved.init_token_ids is None
     inject_adapters(model, config)
     if text is not None:
         ids = make_tokenizer()(text, add_special_tokens=False)["input_ids"]

@@ -11,6 +11,7 @@ import re
 import torch
 from launch import REPO
 from tiny_models import make_model, sample_batch
+from tiny_tokenizer import make_tokenizer
 
 import adapters_ds
 from adapters_ds import adapter_layers, freeze_base, get_method, inject_adapters
@@ -29,7 +30,7 @@ def readme_step_zero() -> tuple[set[str], set[str]]:
 
 def adapted(method: str) -> tuple[torch.nn.Module, object]:
     model = make_model("llama")
-    config = get_method(method).config()
+    config = get_method(method).config().resolve(make_tokenizer())  # prompt/prefix: their real tokens
     inject_adapters(model, config)
     freeze_base(model)
     return model.eval(), config
