@@ -42,7 +42,7 @@ from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.evaluation.harness import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, evaluate
 from adapters_ds.hardware import DTYPE_NAMES
 from adapters_ds.prompts import TEMPLATES
-from adapters_ds.quantization import QUANT_KINDS, spec_from_args
+from adapters_ds.quantization import add_quantization_options, spec_from_args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -75,14 +75,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bf16 where the hardware has it, else fp32"
     )
-    parser.add_argument(
-        "--quantization",
-        choices=("none", *QUANT_KINDS),
-        default="none",
-        help="quantize the base's linear layers (but the output head) after loading, as the training run's "
+    add_quantization_options(
+        parser,
+        "quantize the base's linear layers (but the output head) after loading, as the training run's "
         "--quantization did; adapters stay unmerged on it",
     )
-    parser.add_argument("--double_quant", action="store_true", help="the training run's --double_quant")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(
         "--label_scoring",
