@@ -82,6 +82,13 @@ class QuantSpec:
         return {"quantization": self.kind, "double_quant": self.double_quant}
 
 
+def add_quantization_options(parser: Any, help_text: str) -> None:
+    """A command's `--quantization` ("none" or one of `QUANT_KINDS`; `help_text` says what it does there) and
+    `--double_quant`, both the training run's; `spec_from_args` turns them into a spec."""
+    parser.add_argument("--quantization", choices=("none", *QUANT_KINDS), default="none", help=help_text)
+    parser.add_argument("--double_quant", action="store_true", help="the training run's --double_quant")
+
+
 def spec_from_args(quantization: str | None, double_quant: bool) -> QuantSpec | None:
     """The spec of `--quantization` ("none" or None: no quantization) and `--double_quant`."""
     if quantization in (None, "none"):

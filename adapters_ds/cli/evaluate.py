@@ -3,7 +3,7 @@
     python launcher/evaluate.py --base_model PATH [--adapter_dir DIR[,DIR...]] --datasets AddSub,gsm8k,AQuA \\
         --data_dir DIR --output_dir DIR[,DIR...] [--batch_size 32] [--max_new_tokens 256] [--num_beams 1] [--limit N] \\
         [--train_data FILE] [--overwrite] [--no_merge] [--template alpaca|chat] [--chat_template FILE]
-        [--dtype auto|bfloat16|float32|float16]
+        [--dtype auto|bfloat16|float32|float16] [--quantization nf4|fp4|int8 [--double_quant]]
         [--label_scoring | --compare_label_scoring] [--label_lead TEXT] [--tensor_parallel N|auto]
 
 Several adapters for one base (`--adapter_dir a,b,c --output_dir oa,ob,oc`) are scored in turn on one loaded base,
@@ -18,6 +18,11 @@ Also `adapters-ds-evaluate ...`, and under `deepspeed --num_gpus N`, torchrun, s
 the generation and the results are those of one process (`adapters_ds.evaluation.harness`). A model too large for one
 device: `--tensor_parallel N` shards it over groups of N ranks (DeepSpeed AutoTP; the groups share the questions),
 `--tensor_parallel auto` picks the smallest N whose shard fits (`adapters_ds.evaluation.tensor_parallel`).
+
+An adapter trained on a quantized base (`train --quantization`): `--quantization` (and `--double_quant`) as in
+training quantizes the base after loading, so the device holds the quantized base and the adapter computes on the
+weights it was trained against (unmerged); the rows are those of the model `export --merge --quantization` writes.
+Not with `--tensor_parallel` (refused).
 
 Data: `<data_dir>/<name>/test.json` per data set (`adapters_ds.evaluation.datasets`). Outputs in `--output_dir`
 (`adapters_ds.evaluation.results`): `<name>.jsonl` (one row per example, written as batches finish: a killed run
@@ -37,6 +42,7 @@ from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.evaluation.harness import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, evaluate
 from adapters_ds.hardware import DTYPE_NAMES
 from adapters_ds.prompts import TEMPLATES
+from adapters_ds.quantization import add_quantization_options, spec_from_args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -69,6 +75,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bf16 where the hardware has it, else fp32"
     )
+    add_quantization_options(
+        parser,
+        "quantize the base's linear layers (but the output head) after loading, as the training run's "
+        "--quantization did; adapters stay unmerged on it",
+    )
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(
         "--label_scoring",
@@ -96,6 +107,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.tensor_parallel = _tensor_parallel(args.tensor_parallel)
+    args.quantization_spec = spec_from_args(args.quantization, args.double_quant)  # refuses a lone --double_quant
+    if args.quantization_spec is not None and args.tensor_parallel != 1:
+        raise InputError("--tensor_parallel works on an unquantized base only; evaluate with --quantization without it")
     for name in ("batch_size", "max_new_tokens", "num_beams", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -22,7 +22,7 @@ from adapters_ds.export.peft import export_peft
 from adapters_ds.export.pruned import export_pruned
 from adapters_ds.fileio import check_output_dir
 from adapters_ds.hardware import CHECKPOINT, DTYPE_NAMES
-from adapters_ds.quantization import QUANT_KINDS, spec_from_args
+from adapters_ds.quantization import add_quantization_options, spec_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,14 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --prune: dtype of the written model (checkpoint: the base checkpoint's; float32 keeps outputs "
         "exact; auto: bf16 where the hardware computes it natively, else fp32)",
     )
-    parser.add_argument(
-        "--quantization",
-        choices=("none", *QUANT_KINDS),
-        default="none",
-        help="with --merge or --prune: the training run's --quantization (fold into the dequantized weights it "
+    add_quantization_options(
+        parser,
+        "with --merge or --prune: the training run's --quantization (fold into the dequantized weights it "
         "trained against)",
     )
-    parser.add_argument("--double_quant", action="store_true", help="the training run's --double_quant")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     return parser.parse_args(argv)
 

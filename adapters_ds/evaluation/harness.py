@@ -65,7 +65,7 @@ from adapters_ds.evaluation.generation import (
 )
 from adapters_ds.evaluation.label_scoring import continuation_ids, continuation_log_likelihoods
 from adapters_ds.evaluation.labels import answer_lead, record_labels
-from adapters_ds.evaluation.loading import attached, check_adapter_dir, load_model
+from adapters_ds.evaluation.loading import attached, check_adapter_dir, load_model, prepared_base
 from adapters_ds.evaluation.results import (
     LABEL_SCORING_SUFFIX,
     Row,
@@ -328,13 +328,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
     ranks = Ranks()
     device = accelerator_device()
     dtype = resolve_dtype(args.dtype, device)
+    spec = getattr(args, "quantization_spec", None)  # the base's quantization (`cli.evaluate`); None: none
     score = functools.partial(_score, ranks, datasets=datasets, train_texts=train_texts, args=args, dtype=dtype)
     if len(adapter_dirs) > 1:
         if getattr(args, "tensor_parallel", 1) != 1:
             raise InputError("--tensor_parallel takes one --adapter_dir; score several adapters without it")
         for adapter_dir in adapter_dirs:  # every bad folder fails before the (slow) base model load
             check_adapter_dir(adapter_dir)
-        model = load_base_model(args.base_model, dtype=dtype).to(device).eval()
+        model = prepared_base(load_base_model(args.base_model, dtype=dtype), spec, device)
         tokenizer = load_tokenizer(args.base_model)
         summaries = []
         for adapter_dir, out_dir in zip(adapter_dirs, out_dirs, strict=True):
@@ -348,7 +349,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | list[dict[str, Any]]:
         score = functools.partial(_score, ranks, datasets=datasets, train_texts=train_texts, args=args, dtype=dtype)
         model, tokenizer, method = load_sharded_model(args.base_model, args.adapter_dir, dtype, ranks)
     else:
-        model, tokenizer, method = load_model(args.base_model, args.adapter_dir, dtype, device, merge=not args.no_merge)
+        model, tokenizer, method = load_model(args.base_model, args.adapter_dir, dtype, device, not args.no_merge, spec)
     return score(model, tokenizer, method, args.adapter_dir, out_dirs[0], tp=tp, start=start)
 
 
@@ -385,6 +386,7 @@ def _score(
         stop_strings=DEFAULT_STOP_STRINGS,
         label_scoring=mode,
         label_lead=getattr(args, "label_lead", None),
+        quantization=getattr(args, "quantization_spec", None),
     )
     ranks.on_main(lambda: start_output(out_dir, settings, args.dataset_names, args.overwrite))
 

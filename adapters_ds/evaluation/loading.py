@@ -6,6 +6,11 @@ so that one loaded base scores several adapters in turn (`launcher/evaluate.py -
 results of separate runs: a mergeable adapter (LoRA) is merged as a separate run merges it, and the weights the
 merge changed are restored afterwards from an exact copy (kept in host memory; an unmerge would leave rounding),
 others are detached.
+
+On a quantized base (`--quantization`, `adapters_ds.quantization`: the base quantized right after loading, as
+training quantizes it) the base's linear layers stay quantized, so nothing merges into them: every adapter stays
+attached and computes on the dequantized weights, as in training; the outputs are those of the model `export
+--merge --quantization` writes, up to rounding.
 """
 
 from __future__ import annotations
@@ -19,28 +24,49 @@ import torch
 from adapters_ds.adapters.inject import adapter_layers, merge_adapters, remove_adapters
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
 from adapters_ds.modeling import load_base_model, load_tokenizer
+from adapters_ds.quantization import QuantLinear, QuantSpec, quantize_model
 
 
 def load_model(
-    base_model: str, adapter_dir: str | None, dtype: torch.dtype, device: torch.device, merge: bool = True
+    base_model: str,
+    adapter_dir: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    merge: bool = True,
+    quantization: QuantSpec | None = None,
 ) -> tuple[Any, Any, str]:
-    """(model, tokenizer, adapter method or "none"): the base model with the adapter attached, in eval mode.
+    """(model, tokenizer, adapter method or "none"): the base model (quantized with `quantization`) with the
+    adapter attached, in eval mode.
 
     No DeepSpeed engine: the adapter is loaded as `storage.load_adapter` loads it. Mergeable adapters (LoRA) are
-    merged into the base weights (then the empty adapters are removed) unless `merge` is False: the same outputs at
-    the base model's speed. Adapters that cannot be merged (Series, Parallel) stay attached.
+    merged into the base weights (then the empty adapters are removed) unless `merge` is False or the base is
+    quantized: the same outputs at the base model's speed. Adapters that cannot be merged (Series, Parallel) stay
+    attached.
     """
     if adapter_dir is not None:  # a bad adapter folder fails before the (slow) base model load
         check_adapter_dir(adapter_dir)
-    model = load_base_model(base_model, dtype=dtype)
+    model = prepared_base(load_base_model(base_model, dtype=dtype), quantization, device)
     method = "none"
     if adapter_dir is not None:
         method = load_adapter(model, adapter_dir).method
-        if merge and all(adapter.mergeable for _, _, adapter in adapter_layers(model)):
+        if merges(model, merge):
             merge_adapters(model)
             remove_adapters(model)
-    tokenizer = load_tokenizer(base_model)
-    return model.to(device).eval(), tokenizer, method
+    return model.eval(), load_tokenizer(base_model), method
+
+
+def prepared_base(model: Any, quantization: QuantSpec | None, device: torch.device) -> Any:
+    """A loaded base model quantized (on the host, where it was loaded: the device only ever holds the quantized
+    base), on `device`, in eval mode."""
+    if quantization is not None:
+        quantize_model(model, quantization)
+    return model.to(device).eval()
+
+
+def merges(model: Any, merge: bool) -> bool:
+    """Whether the attached adapters are merged: asked to (`merge`), every one mergeable, none on a quantized layer."""
+    layers = adapter_layers(model)
+    return merge and all(adapter.mergeable and not isinstance(base, QuantLinear) for _, base, adapter in layers)
 
 
 def check_adapter_dir(adapter_dir: str) -> None:
@@ -61,7 +87,7 @@ def attached(model: Any, adapter_dir: str | None, merge: bool = True) -> Iterato
     model.eval()
     saved: dict[str, dict[str, torch.Tensor]] | None = None
     try:
-        if merge and all(adapter.mergeable for _, _, adapter in adapter_layers(model)):
+        if merges(model, merge):
             saved = {
                 name: {key: p.detach().to("cpu", copy=True) for key, p in base.named_parameters(recurse=False)}
                 for name, base, _ in adapter_layers(model)

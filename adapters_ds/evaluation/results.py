@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from adapters_ds.evaluation.label_scoring import best_label
 from adapters_ds.evaluation.labels import clean_pick, score_label
 from adapters_ds.fileio import atomic_write_text, read_json, write_json
 from adapters_ds.records import question_text
+
+if TYPE_CHECKING:
+    from adapters_ds.quantization import QuantSpec
 
 SETTINGS_FILE = "eval_settings.json"
 SUMMARY_JSON = "summary.json"
@@ -205,20 +208,24 @@ def eval_settings(
     stop_strings: Sequence[str],
     label_scoring: str = "off",
     label_lead: str | None = None,
+    quantization: QuantSpec | None = None,
 ) -> dict[str, Any]:
     """What the rows depend on; batch size and limit are not, so a rerun may change them.
 
-    `label_scoring` ("off", "on", "compare") and an explicit `label_lead` are recorded only when set, so folders
-    written before they existed resume as they were.
+    `merged`: a mergeable adapter asked to be merged; never on a quantized base (the adapters stay attached there,
+    `loading.merges`). `label_scoring` ("off", "on", "compare"), an explicit `label_lead` and the base's
+    `quantization` are recorded only when set, so folders written before they existed resume as they were.
     """
     optional = {"label_scoring": label_scoring} if label_scoring != "off" else {}
     if label_lead is not None:
         optional["label_lead"] = label_lead
+    if quantization is not None:
+        optional.update(quantization.to_dict())
     return {
         "base_model": path_or_name(base_model),
         "adapter_dir": None if adapter_dir is None else path_or_name(adapter_dir),
         "adapter_method": adapter_method,
-        "merged": merged,
+        "merged": merged and quantization is None,
         "template": template,
         "dtype": str(dtype).removeprefix("torch."),
         "max_new_tokens": max_new_tokens,

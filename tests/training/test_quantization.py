@@ -257,3 +257,72 @@ def test_an_adapter_of_our_quantized_base_loads_on_transformers_4bit_base_and_ex
     assert not any(isinstance(m, QuantLinear) for m in merged.modules())
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_evaluating_on_the_quantized_base_gives_the_rows_of_the_merged_export(qlora_assets, tmp_path):
+    """`evaluate --quantization nf4 --double_quant` with two adapters on one loaded base: the LoRA's rows are
+    those of the model `export --merge` writes with the same quantization (its logits too, to rounding); the series
+    adapter's rows are those of a run of its own (the base left as it was); with --tensor_parallel it is refused."""
+    from adapters_ds.adapters.lora import LoRAConfig
+    from adapters_ds.adapters.series import SeriesConfig
+    from adapters_ds.adapters.storage import save_adapter
+    from adapters_ds.cli.evaluate import main as evaluate_main
+    from adapters_ds.cli.evaluate import parse_args
+    from adapters_ds.cli.export import main as export_main
+    from adapters_ds.evaluation.loading import load_model
+
+    base, spec = qlora_assets / "base", QuantSpec("nf4", double_quant=True)
+    for name, config in (("lora", LoRAConfig(r=4, use_rslora=True)), ("series", SeriesConfig(bottleneck_size=8))):
+        model = quantizable_llama()
+        quantize_model(model, spec)
+        inject_adapters(model, config)
+        freeze_base(model)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:  # a trained-looking adapter: every tensor away from its start
+                    param.copy_(torch.randn(param.shape) * 0.2)
+        save_adapter(model, config, tmp_path / name)
+    questions = [f"What is {a} plus {b}?" for a, b in ((1, 2), (3, 4), (12, 30), (7, 8))]
+    (tmp_path / "data" / "Arith").mkdir(parents=True)
+    (tmp_path / "data" / "Arith" / "test.json").write_text(
+        json.dumps([{"instruction": q, "input": "", "output": "", "answer": "0"} for q in questions])
+    )
+
+    def args(model, adapters, outs, *extra):
+        return ["--base_model", str(model), "--adapter_dir", adapters, "--datasets", "Arith", "--data_dir",
+                str(tmp_path / "data"), "--output_dir", outs, "--max_new_tokens", "6", "--dtype", "float32",
+                *extra]  # fmt: skip
+
+    quant = ["--quantization", "nf4", "--double_quant"]
+    both = f"{tmp_path / 'lora'},{tmp_path / 'series'}"
+    evaluate_main(args(base, both, f"{tmp_path / 'q_lora'},{tmp_path / 'q_series'}", *quant))
+    evaluate_main(args(base, str(tmp_path / "series"), str(tmp_path / "series_alone"), *quant))
+    export_main(["--base_model", str(base), "--adapter_dir", str(tmp_path / "lora"), "--output_dir",
+                 str(tmp_path / "merged"), "--merge", *quant])  # fmt: skip
+    evaluate_main(["--base_model", str(tmp_path / "merged"), "--datasets", "Arith", "--data_dir",
+                   str(tmp_path / "data"), "--output_dir", str(tmp_path / "m_out"), "--max_new_tokens", "6",
+                   "--dtype", "float32"])  # fmt: skip
+
+    def rows(out):
+        return [json.loads(line) for line in (tmp_path / out / "Arith.jsonl").read_text().splitlines()]
+
+    assert len(rows("q_lora")) == 4 and rows("q_lora") == rows("m_out")
+    assert rows("q_series") == rows("series_alone") != rows("q_lora")
+    settings = json.loads((tmp_path / "q_lora" / "eval_settings.json").read_text())
+    assert settings["quantization"] == "nf4" and settings["double_quant"] is True
+    assert settings["adapter_method"] == "lora" and settings["merged"] is False  # nothing merges into NF4 codes
+
+    quantized, _, _ = load_model(
+        str(base), str(tmp_path / "lora"), torch.float32, torch.device("cpu"), quantization=spec
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert sum(isinstance(m, QuantLinear) for m in quantized.modules()) == 14
+    ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+    with pytest.raises(InputError, match="--tensor_parallel .*--quantization"):
+        parse_args(args(base, str(tmp_path / "lora"), str(tmp_path / "tp"), *quant, "--tensor_parallel", "auto"))
+    with pytest.raises(InputError, match="--double_quant"):
+        parse_args(args(base, str(tmp_path / "lora"), str(tmp_path / "dq"), "--double_quant"))
