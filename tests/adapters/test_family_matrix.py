@@ -178,11 +178,17 @@ def test_expert_lora_on_named_parameters_exports_to_peft_with_equal_logits(targe
     assert (ours - base).abs().max() > 1e-3  # the adapters change the outputs
 
 
-def test_tensor_parallel_evaluation_refuses_the_families_autotp_is_not_tested_on_by_name(tmp_path):
+def test_tensor_parallel_evaluation_refuses_the_families_autotp_cannot_shard_by_name(tmp_path):
+    """The others are sharded and compared with the whole model in tests/evaluation/test_tensor_parallel.py."""
+    refused = []
     for family in RECENT_CONFIGS:
         config = RECENT_CONFIGS[family]()
         config.save_pretrained(tmp_path / family)
-        if family_of(config.model_type, "test").tensor_parallel is None:
+        why = family_of(config.model_type, "test").tensor_parallel
+        if why is None:
             continue
-        with pytest.raises(InputError, match=rf"--tensor_parallel 2: {config.model_type} models cannot be sharded"):
+        refused.append(family)
+        with pytest.raises(InputError, match=rf"--tensor_parallel 2: {family} models cannot be sharded") as error:
             check_tensor_parallel(str(tmp_path / family), None, 2)
+        assert why in str(error.value)
+    assert refused == ["phi3", "olmo2", "olmoe"]
