@@ -26,6 +26,7 @@ from adapters_ds.training.attention import (
     deferred_mask,
     is_packed_call,
     materialize,
+    per_example_sdpa,
     resolve_attn_implementation,
     varlen_sdpa,
     without_varlen,
@@ -48,7 +49,8 @@ def packed_sdpa(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention, run per example on a packed row (one row whose `position_ids` restart at 0).
+    """transformers' sdpa attention, run per example on a packed row (one row whose `position_ids` restart at 0),
+    within the layer's sliding window where it has one.
 
     Anything else (several rows, a cache, a non-causal module, no position_ids) goes to plain sdpa with the mask
     transformers built, so the function is safe wherever sdpa is.
@@ -62,14 +64,8 @@ def packed_sdpa(
     if position_ids is None or query.shape[0] != 1 or key.shape[2] != q_len or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
-    bounds = list(zip(starts, [*starts[1:], q_len], strict=True))
-    outputs = [
-        sdpa_attention_forward(
-            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, is_causal=True, **kwargs
-        )[0]
-        for s, e in bounds
-    ]
-    return torch.cat(outputs, dim=1), None  # (1, seq, heads, head_dim), as sdpa_attention_forward returns
+    sliding_window = kwargs.pop("sliding_window", None)  # Mistral's, Gemma's local layers: applied per example
+    return per_example_sdpa(module, query, key, value, [*starts, q_len], sliding_window, **kwargs), None
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)

@@ -23,6 +23,7 @@ from adapters_ds.evaluation.generation import generate_ids
 from adapters_ds.evaluation.tensor_parallel import check_tensor_parallel
 from adapters_ds.export.peft import export_peft
 from adapters_ds.families import family_of
+from adapters_ds.training.attention import packed_inputs
 from adapters_ds.training.data import collate, collate_packed
 from adapters_ds.training.loss import causal_lm_loss_sum, enable_router_aux_loss, micro_batch_loss
 from adapters_ds.training.packing import enable_packing, supports_packing
@@ -103,8 +104,13 @@ def test_packed_rows_equal_padded_batches_where_the_record_allows_packing(family
     with torch.no_grad():
         padded = causal_lm_loss_sum(model, collate(examples, 0))
         assert enable_packing(model)
-        packed = causal_lm_loss_sum(model, collate_packed(examples))
+        packed = causal_lm_loss_sum(model, collate_packed(examples))  # examples found from position_ids
+        bounded = collate_packed(examples)  # as the trainer passes them: boundaries from the host
+        bounded.update(packed_inputs(model, [len(f["input_ids"]) for f in examples]))
+        assert "cu_seq_lens_q" in bounded
+        with_bounds = causal_lm_loss_sum(model, bounded)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_bounds, padded, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(RECENT_CONFIGS))
