@@ -110,9 +110,7 @@ _MOE = Layout(
 )
 _FUSED_PRUNING = "its gate and up projections are one fused matrix, which the pruning export does not split"
 _MOE_PRUNING = "its MLP is a mixture of experts (fused 3-D expert parameters), which unit gates do not prune"
-_SOFTCAP = (
-    "its attention logits are soft-capped, which transformers' sdpa attention (the packed and prefix kernels) omits"
-)
+_SOFTCAP = "its attention logits are soft-capped, which transformers' sdpa attention (the prefix kernel) omits"
 
 # BLOOM's ALiBi, written once: each head's attention bias is a slope from the head's index and the head count,
 # computed in BLOOM's own attention code (not transformers' attention interface) from the attention mask.
@@ -188,7 +186,7 @@ for _family in (
     _llama_like("qwen3", tensor_parallel=None),
     _llama_like("olmo2", tensor_parallel=_WHOLE_QK_NORM),
     _llama_like("granite", tensor_parallel=None),
-    Family("gemma2", _LLAMA, packing=_SOFTCAP, prefix=_SOFTCAP, tensor_parallel=None),
+    Family("gemma2", _LLAMA, prefix=_SOFTCAP, tensor_parallel=None),
     Family("gemma3_text", _LLAMA, tensor_parallel=None),
     Family("phi3", _PHI3, pruning=_FUSED_PRUNING, tensor_parallel=_QKV_SLICED_BY_CONFIG),
     # AutoTP shards a mixture of experts' attention; the fused 3-D expert parameters stay whole on every rank

@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from adapters_ds.errors import InputError
 from adapters_ds.families import find_family
 from adapters_ds.training.attention import (
     PACKED_SDPA,
@@ -75,8 +76,21 @@ AttentionMaskInterface.register(PACKED_SDPA, deferred_mask)  # built only where 
 def enable_packing(model: Any, attn_implementation: AttnChoice = "auto") -> bool:
     """Prepare `model` for packed micro-batches with the attention `--attn_implementation` names (see
     `attention.py`); False where packing would mix examples: the model then trains on padded batches with
-    transformers' implementation of that name (unchanged for "auto")."""
+    transformers' implementation of that name (unchanged for "auto").
+
+    A model whose attention logits are soft-capped (`config.attn_logit_softcapping`, Gemma 2) packs only where the
+    kernel applies the cap: sdpa omits it, so "auto" takes the flash kernel where it runs (it caps) and else
+    transformers' eager attention (it caps, and finds the examples from `position_ids`); "sdpa" is an error."""
     packed = supports_packing(model)
+    if packed and getattr(model.config, "attn_logit_softcapping", None) is not None:
+        if attn_implementation == "auto":
+            resolved = resolve_attn_implementation("auto", model.dtype, packed)
+            attn_implementation = "flash_attention_2" if resolved != PACKED_SDPA else "eager"
+        elif attn_implementation == "sdpa":
+            raise InputError(
+                f"--attn_implementation sdpa cannot train {model.config.model_type} models: their attention logits "
+                "are soft-capped, which sdpa omits; use eager, flash_attention_2 or auto"
+            )
     if packed or attn_implementation != "auto":
         model.set_attn_implementation(resolve_attn_implementation(attn_implementation, model.dtype, packed))
     return packed

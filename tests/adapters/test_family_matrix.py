@@ -107,10 +107,32 @@ def test_packed_rows_equal_padded_batches_where_the_record_allows_packing(family
         packed = causal_lm_loss_sum(model, collate_packed(examples))  # examples found from position_ids
         bounded = collate_packed(examples)  # as the trainer passes them: boundaries from the host
         bounded.update(packed_inputs(model, [len(f["input_ids"]) for f in examples]))
-        assert "cu_seq_lens_q" in bounded
+        assert ("cu_seq_lens_q" in bounded) == (model.config._attn_implementation != "eager")  # eager: positions
         with_bounds = causal_lm_loss_sum(model, bounded)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(with_bounds, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_capped_attention_stays_soft_capped_in_packed_rows():
+    """Gemma 2 with a cap low enough to change the loss: packed rows (eager, which caps) equal padded batches, and
+    sdpa, which would drop the cap, is refused."""
+    config = RECENT_CONFIGS["gemma2"]()
+    config.attn_logit_softcapping, config.initializer_range = 0.5, 0.5  # attention logits well past the cap
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    uncapped = AutoModelForCausalLM.from_config(config).eval()
+    uncapped.load_state_dict(model.state_dict())
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    examples = _features([9, 14, 5, 11])
+    with torch.no_grad():
+        padded = causal_lm_loss_sum(model, collate(examples, 0))
+        assert not torch.allclose(causal_lm_loss_sum(uncapped, collate(examples, 0)), padded)  # the cap matters
+        with pytest.raises(InputError, match="gemma2 models: their attention logits are soft-capped"):
+            enable_packing(model, "sdpa")
+        assert enable_packing(model) and model.config._attn_implementation == "eager"
+        packed = causal_lm_loss_sum(model, collate_packed(examples))
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(RECENT_CONFIGS))
