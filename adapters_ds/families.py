@@ -110,15 +110,21 @@ _MOE = Layout(
 )
 _FUSED_PRUNING = "its gate and up projections are one fused matrix, which the pruning export does not split"
 _MOE_PRUNING = "its MLP is a mixture of experts (fused 3-D expert parameters), which unit gates do not prune"
-_SOFTCAP = (
-    "its attention logits are soft-capped, which transformers' sdpa attention (the packed and prefix kernels) omits"
-)
-_SLIDING = "its local layers attend within a sliding window, which the packed kernels do not apply"
+_SOFTCAP = "its attention logits are soft-capped, which transformers' sdpa attention (the prefix kernel) omits"
 
 # BLOOM's ALiBi, written once: each head's attention bias is a slope from the head's index and the head count,
 # computed in BLOOM's own attention code (not transformers' attention interface) from the attention mask.
 _ALIBI = "its ALiBi attention bias (a slope per head, from the head's index and the head count) is BLOOM's own code"
 UNTESTED_TP = "DeepSpeed's AutoTP sharding of this family is not tested here"
+# What AutoTP's per-rank shards of q_proj/k_proj (or of a fused qkv_proj) break, checked against the unsharded model.
+_WHOLE_QK_NORM = (
+    "its q_norm/k_norm normalise the whole q and k projections across all heads, while AutoTP gives each rank a "
+    "slice of the heads"
+)
+_QKV_SLICED_BY_CONFIG = (
+    "its attention splits the fused qkv_proj output at offsets from the config's head counts, which AutoTP's "
+    "per-rank shard of qkv_proj does not have"
+)
 
 
 @dataclass(frozen=True)
@@ -177,15 +183,16 @@ for _family in (
     _llama_like("llama", tensor_parallel=None),
     _llama_like("mistral", tensor_parallel=None),
     _llama_like("qwen2", tensor_parallel=None),
-    _llama_like("qwen3"),
-    _llama_like("olmo2"),
-    _llama_like("granite"),
-    Family("gemma2", _LLAMA, packing=_SOFTCAP, prefix=_SOFTCAP),
-    Family("gemma3_text", _LLAMA, packing=_SLIDING),
-    Family("phi3", _PHI3, pruning=_FUSED_PRUNING),
-    Family("mixtral", _MOE, pruning=_MOE_PRUNING),
-    Family("qwen3_moe", _MOE, pruning=_MOE_PRUNING),
-    Family("olmoe", _MOE, pruning=_MOE_PRUNING),
+    _llama_like("qwen3", tensor_parallel=None),
+    _llama_like("olmo2", tensor_parallel=_WHOLE_QK_NORM),
+    _llama_like("granite", tensor_parallel=None),
+    Family("gemma2", _LLAMA, prefix=_SOFTCAP, tensor_parallel=None),
+    Family("gemma3_text", _LLAMA, tensor_parallel=None),
+    Family("phi3", _PHI3, pruning=_FUSED_PRUNING, tensor_parallel=_QKV_SLICED_BY_CONFIG),
+    # AutoTP shards a mixture of experts' attention; the fused 3-D expert parameters stay whole on every rank
+    Family("mixtral", _MOE, pruning=_MOE_PRUNING, tensor_parallel=None),
+    Family("qwen3_moe", _MOE, pruning=_MOE_PRUNING, tensor_parallel=None),
+    Family("olmoe", _MOE, pruning=_MOE_PRUNING, tensor_parallel=_WHOLE_QK_NORM),
     Family(
         "gpt_neox",
         Layout(

@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from adapters_ds.errors import InputError
 from adapters_ds.families import find_family
 from adapters_ds.training.attention import (
     PACKED_SDPA,
@@ -26,6 +27,7 @@ from adapters_ds.training.attention import (
     deferred_mask,
     is_packed_call,
     materialize,
+    per_example_sdpa,
     resolve_attn_implementation,
     varlen_sdpa,
     without_varlen,
@@ -48,7 +50,8 @@ def packed_sdpa(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention, run per example on a packed row (one row whose `position_ids` restart at 0).
+    """transformers' sdpa attention, run per example on a packed row (one row whose `position_ids` restart at 0),
+    within the layer's sliding window where it has one.
 
     Anything else (several rows, a cache, a non-causal module, no position_ids) goes to plain sdpa with the mask
     transformers built, so the function is safe wherever sdpa is.
@@ -62,14 +65,8 @@ def packed_sdpa(
     if position_ids is None or query.shape[0] != 1 or key.shape[2] != q_len or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
-    bounds = list(zip(starts, [*starts[1:], q_len], strict=True))
-    outputs = [
-        sdpa_attention_forward(
-            module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, is_causal=True, **kwargs
-        )[0]
-        for s, e in bounds
-    ]
-    return torch.cat(outputs, dim=1), None  # (1, seq, heads, head_dim), as sdpa_attention_forward returns
+    sliding_window = kwargs.pop("sliding_window", None)  # Mistral's, Gemma's local layers: applied per example
+    return per_example_sdpa(module, query, key, value, [*starts, q_len], sliding_window, **kwargs), None
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)
@@ -79,8 +76,21 @@ AttentionMaskInterface.register(PACKED_SDPA, deferred_mask)  # built only where 
 def enable_packing(model: Any, attn_implementation: AttnChoice = "auto") -> bool:
     """Prepare `model` for packed micro-batches with the attention `--attn_implementation` names (see
     `attention.py`); False where packing would mix examples: the model then trains on padded batches with
-    transformers' implementation of that name (unchanged for "auto")."""
+    transformers' implementation of that name (unchanged for "auto").
+
+    A model whose attention logits are soft-capped (`config.attn_logit_softcapping`, Gemma 2) packs only where the
+    kernel applies the cap: sdpa omits it, so "auto" takes the flash kernel where it runs (it caps) and else
+    transformers' eager attention (it caps, and finds the examples from `position_ids`); "sdpa" is an error."""
     packed = supports_packing(model)
+    if packed and getattr(model.config, "attn_logit_softcapping", None) is not None:
+        if attn_implementation == "auto":
+            resolved = resolve_attn_implementation("auto", model.dtype, packed)
+            attn_implementation = "flash_attention_2" if resolved != PACKED_SDPA else "eager"
+        elif attn_implementation == "sdpa":
+            raise InputError(
+                f"--attn_implementation sdpa cannot train {model.config.model_type} models: their attention logits "
+                "are soft-capped, which sdpa omits; use eager, flash_attention_2 or auto"
+            )
     if packed or attn_implementation != "auto":
         model.set_attn_implementation(resolve_attn_implementation(attn_implementation, model.dtype, packed))
     return packed

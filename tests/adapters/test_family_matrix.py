@@ -23,6 +23,7 @@ from adapters_ds.evaluation.generation import generate_ids
 from adapters_ds.evaluation.tensor_parallel import check_tensor_parallel
 from adapters_ds.export.peft import export_peft
 from adapters_ds.families import family_of
+from adapters_ds.training.attention import packed_inputs
 from adapters_ds.training.data import collate, collate_packed
 from adapters_ds.training.loss import causal_lm_loss_sum, enable_router_aux_loss, micro_batch_loss
 from adapters_ds.training.packing import enable_packing, supports_packing
@@ -103,6 +104,33 @@ def test_packed_rows_equal_padded_batches_where_the_record_allows_packing(family
     with torch.no_grad():
         padded = causal_lm_loss_sum(model, collate(examples, 0))
         assert enable_packing(model)
+        packed = causal_lm_loss_sum(model, collate_packed(examples))  # examples found from position_ids
+        bounded = collate_packed(examples)  # as the trainer passes them: boundaries from the host
+        bounded.update(packed_inputs(model, [len(f["input_ids"]) for f in examples]))
+        assert ("cu_seq_lens_q" in bounded) == (model.config._attn_implementation != "eager")  # eager: positions
+        with_bounds = causal_lm_loss_sum(model, bounded)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_bounds, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_capped_attention_stays_soft_capped_in_packed_rows():
+    """Gemma 2 with a cap low enough to change the loss: packed rows (eager, which caps) equal padded batches, and
+    sdpa, which would drop the cap, is refused."""
+    config = RECENT_CONFIGS["gemma2"]()
+    config.attn_logit_softcapping, config.initializer_range = 0.5, 0.5  # attention logits well past the cap
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    uncapped = AutoModelForCausalLM.from_config(config).eval()
+    uncapped.load_state_dict(model.state_dict())
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    examples = _features([9, 14, 5, 11])
+    with torch.no_grad():
+        padded = causal_lm_loss_sum(model, collate(examples, 0))
+        assert not torch.allclose(causal_lm_loss_sum(uncapped, collate(examples, 0)), padded)  # the cap matters
+        with pytest.raises(InputError, match="gemma2 models: their attention logits are soft-capped"):
+            enable_packing(model, "sdpa")
+        assert enable_packing(model) and model.config._attn_implementation == "eager"
         packed = causal_lm_loss_sum(model, collate_packed(examples))
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
 
@@ -178,11 +206,17 @@ def test_expert_lora_on_named_parameters_exports_to_peft_with_equal_logits(targe
     assert (ours - base).abs().max() > 1e-3  # the adapters change the outputs
 
 
-def test_tensor_parallel_evaluation_refuses_the_families_autotp_is_not_tested_on_by_name(tmp_path):
+def test_tensor_parallel_evaluation_refuses_the_families_autotp_cannot_shard_by_name(tmp_path):
+    """The others are sharded and compared with the whole model in tests/evaluation/test_tensor_parallel.py."""
+    refused = []
     for family in RECENT_CONFIGS:
         config = RECENT_CONFIGS[family]()
         config.save_pretrained(tmp_path / family)
-        if family_of(config.model_type, "test").tensor_parallel is None:
+        why = family_of(config.model_type, "test").tensor_parallel
+        if why is None:
             continue
-        with pytest.raises(InputError, match=rf"--tensor_parallel 2: {config.model_type} models cannot be sharded"):
+        refused.append(family)
+        with pytest.raises(InputError, match=rf"--tensor_parallel 2: {family} models cannot be sharded") as error:
             check_tensor_parallel(str(tmp_path / family), None, 2)
+        assert why in str(error.value)
+    assert refused == ["phi3", "olmo2", "olmoe"]

@@ -69,7 +69,9 @@ def test_examples_longer_than_the_sliding_window_keep_it():
         assert not torch.allclose(causal_lm_loss_sum(unwindowed, collate(examples, 0)), padded)  # the window matters
         enable_packing(model, "sdpa")
         packed = causal_lm_loss_sum(model, packed_batch(model, examples, LENGTHS))
+        from_positions = causal_lm_loss_sum(model, collate_packed(examples))  # no host boundaries: position_ids
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_positions, padded, rtol=1e-5, atol=1e-5)
 
 
 def full_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
