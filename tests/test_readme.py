@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 
+import pytest
 import torch
 from adapters.test_plugin_method import method_example
 from launch import REPO
@@ -54,7 +55,16 @@ def readme_train_commands() -> list[list[str]]:
     return [shlex.split(line) for line in found]
 
 
-def test_every_method_trains_under_the_shipped_zero3_config_as_printed(tmp_path, monkeypatch):
+@pytest.fixture
+def registry_restored():
+    """The method registry as it was before the test (a plugin registered here must not leak into later tests)."""
+    saved = dict(adapters_ds.METHODS)
+    yield
+    adapters_ds.METHODS.clear()
+    adapters_ds.METHODS.update(saved)
+
+
+def test_every_method_trains_under_the_shipped_zero3_config_as_printed(tmp_path, monkeypatch, registry_restored):
     """The README's `--adapter` commands and every registered method with the shipped ZeRO-3 config (and the README's
     own plugin method, as a plugin): the options parse, and on the embedded model's shapes (SmolLM2-135M,
     grouped-query attention) the adapters stay whole and the base is partitioned within the limit."""

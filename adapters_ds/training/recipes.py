@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from adapters_ds.adapters.registry import METHODS, get_method
 from adapters_ds.errors import InputError
 from adapters_ds.records import json_type
 
@@ -54,10 +55,19 @@ def load_config(path: str) -> dict[str, Any]:
     if not isinstance(document, Mapping):
         raise InputError(f"config {path!r}: expected a mapping of option names to values; found {json_type(document)}")
     if isinstance(document.get("args"), Mapping) and "ds_config" in document:  # a run folder's train_args.json
-        return {k: v for k, v in document["args"].items() if k not in SAVED_ONLY}
+        return saved_options(document["args"])
     if "config" in document:
         raise InputError(f"config {path!r}: a config cannot name another config; found 'config'")
     return dict(document)
+
+
+def saved_options(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a saved run repeats with: every recorded option but the method options of the methods the run
+    did not use (recorded at their defaults; given back, each would be refused as not applying to --adapter)."""
+    adapter = get_method(saved.get("adapter", "lora")).config
+    own = {adapter.flag(f) for f in adapter.options()}
+    others = {m.config.flag(f) for m in METHODS.values() for f in m.config.options()} - own
+    return {k: v for k, v in saved.items() if k not in SAVED_ONLY and k not in others}
 
 
 def config_words(parser: argparse.ArgumentParser, options: Mapping[str, Any], source: str) -> list[str]:

@@ -427,9 +427,9 @@ def test_bf16_base_gives_bf16_adapter_that_runs(case):
 # ---- real 2-rank ZeRO-3 runs -----------------------------------------------------------------------------------------
 
 ZERO3_RUNS = {
-    "prefix": ["--prefix_projection"],
+    "prefix": ["--prefix_projection", "--encoder_hidden_size", "16"],
     "prompt": ["--prompt_init_text", "What is the sum"],
-    "ptuning": ["--encoder_type", "lstm"],
+    "ptuning": ["--encoder_type", "lstm", "--encoder_hidden_size", "16"],
 }
 
 
@@ -445,7 +445,7 @@ def zero3(tmp_path_factory):
             "--base_model", str(assets / "base"), "--data_path", str(assets / "data.json"), "--output_dir", str(out),
             "--ds_config", "ds_configs/zero3.json", "--cutoff_len", "48", "--micro_batch_size", "4",
             "--batch_size", "8", "--logging_steps", "1", "--lr_scheduler", "constant", "--learning_rate", "3e-1",
-            "--save_steps", "3", "--num_virtual_tokens", "8", "--encoder_hidden_size", "16", "--seed", "7",
+            "--save_steps", "3", "--num_virtual_tokens", "8", "--seed", "7",
             "--adapter", method, *ZERO3_RUNS[method], *extra,
         ])  # fmt: skip
 

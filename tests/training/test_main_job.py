@@ -9,6 +9,7 @@ prepared; .ci/setup prepares it)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -26,10 +27,13 @@ pytestmark = pytest.mark.slow
 def test_main_job_writes_gain_json_and_prefix_starts_from_real_tokens(tmp_path):
     root = write_train_assets(tmp_path)
     out = tmp_path / "run"
-    run(["--ds_config", str(root / "zero3_fp32.json"), "--base_model", str(root / "base"), "--adapter", "prefix",
+    # the main job (no --base_model, no --data_path) on a tiny model put where the embedded one is looked for
+    home = tmp_path / "home"
+    shutil.copytree(root / "base", home / default_model_dir().name)
+    run(["--ds_config", str(root / "zero3_fp32.json"), "--adapter", "prefix",
          "--num_virtual_tokens", "4", "--max_steps", "1", "--learning_rate", "1e-12", "--warmup_ratio", "0",
          "--batch_size", "4", "--micro_batch_size", "2", "--cutoff_len", "512", "--eval_limit", "16",
-         "--output_dir", str(out)])  # fmt: skip
+         "--output_dir", str(out)], env_extra={"ADAPTERS_DS_HOME": str(home)})  # fmt: skip
     gain = json.loads((out / "gain.json").read_text())
     assert gain["adapter"] == "prefix" and gain["n"] == 16 and "exact McNemar" in gain["test"]
     for model in ("base", "adapted"):

@@ -387,11 +387,12 @@ def test_pickle_weights_load_only_when_allowed(assets, tmp_path):
 
 
 class NaNLogits:
-    """A forward hook on the LM head: the logits of the forward calls numbered in `calls` become NaN."""
+    """A forward hook on the final norm (the LM head's input): the logits of the forward calls numbered in `calls`
+    become NaN, whether the loss runs the head on every position or in chunks over the target positions."""
 
     def __init__(self, model: torch.nn.Module, calls: set[int] | None = None) -> None:
         self.calls, self.count = set(calls or ()), 0
-        model.get_output_embeddings().register_forward_hook(self)
+        model.get_decoder().norm.register_forward_hook(self)
 
     def __call__(self, module, inputs, output):
         self.count += 1
