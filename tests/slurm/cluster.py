@@ -373,4 +373,5 @@ def assert_same_adapter(output: Path, reference: Path) -> None:
     got, expected = adapter_tensors(output), adapter_tensors(reference)
     assert set(got) == set(expected)
     for name, tensor in expected.items():
-        torch.testing.assert_close(got[name].float(), tensor.float(), atol=1e-6, rtol=0)
+        # fp32: equal up to summation order (a resumed run's first step re-reads its state from the checkpoint)
+        torch.testing.assert_close(got[name].float(), tensor.float(), atol=1e-5, rtol=0)
