@@ -121,7 +121,7 @@ def make_model(out: Path, like: Path | None, tiny: bool) -> None:
     if tiny:
         tokenizer = byte_tokenizer()
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     else:
@@ -185,10 +185,10 @@ def parts(out: Path, work: Path, model: Path, dry_run: bool) -> list[Part]:
     ops = [py, str(bench / "gpu_check.py"), "build-ops"]
     tests = [py, "-m", "pytest", str(REPO / "tests" / "gpu"), "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
              f"--junit-xml={work / 'junit.xml'}", "-o", "junit_family=xunit2"]  # fmt: skip
-    if dry_run:
+    if dry_run:  # the tiny model reads bytes: its prompts are long, hence --cutoff_len 1024
         throughput = [py, str(bench / "train_throughput.py"), "--base_model", str(model), "--modes", "b",
                       "--steps", "2", "--bf16_steps", "2", "--warmup_steps", "1", "--micro_batch_size", "2",
-                      "--batch_size", "4", "--cutoff_len", "256"]  # fmt: skip
+                      "--batch_size", "4", "--cutoff_len", "1024"]  # fmt: skip
         mfu = [py, str(bench / "mfu.py"), *TINY_LLAMA, "--vocab", "512", "--tokens", "256", "--steps", "2",
                "--warmup", "1"]  # fmt: skip
         zero3 = [py, str(bench / "zero3_memory.py"), *TINY_LLAMA, "--vocab", "512", "--configs", "zero3_offload",
