@@ -74,7 +74,7 @@ def paired_difference(first: Sequence[bool], second: Sequence[bool]) -> dict[str
     return {
         "delta": _pct((only_first - only_second) / n if n else 0.0),
         "ci95": [_pct(lo), _pct(hi)],
-        "p_value": round(p_value, 6),
+        "p_value": float(f"{p_value:.4g}"),  # 4 significant digits: a tiny p stays > 0
         "n": n,
         "only_first": only_first,
         "only_second": only_second,
