@@ -143,6 +143,7 @@ def start_token_ids(config: VirtualTokensConfig, model: nn.Module) -> tuple[int,
     config), ids sampled as `resolve_init` does, with the model config's bos/eos/pad ids as the special tokens; None
     for init "random". A text needs the tokenizer: resolve the config first (the training command does)."""
     method, n = config.method, config.num_virtual_tokens
+    vocab = model.get_input_embeddings().num_embeddings
     ids = config.init_token_ids  # type: ignore[attr-defined]
     if ids is None and config.init_text is not None:  # type: ignore[attr-defined]
         raise InputError(
@@ -151,11 +152,9 @@ def start_token_ids(config: VirtualTokensConfig, model: nn.Module) -> tuple[int,
     if ids is None and config.init == "vocab":  # type: ignore[attr-defined]
         text_config = model.config.get_text_config()
         special = {getattr(text_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        vocab = model.get_input_embeddings().num_embeddings
         ids = sample_ids(min(COMMON_TOKENS, vocab), {i for i in special if isinstance(i, int)}, n)
     if ids is None:
         return None
-    vocab = model.get_input_embeddings().num_embeddings
     if max(ids) >= vocab:
         raise InputError(f"{method} init_token_ids {max(ids)} is outside the model's {vocab} tokens")
     return repeat_to(ids, n)  # an older config kept the text's tokens unrepeated
