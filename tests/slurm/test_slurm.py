@@ -110,8 +110,11 @@ def test_requeued_job_resumes_on_the_ranks_of_its_new_allocation(cluster, assets
     instead of two (what a requeue onto a smaller allocation does) and released. Its next run lays itself out on
     the new allocation (one rank), resumes from the 2-rank checkpoint and finishes: the same losses as the straight
     job up to the interruption, and close to them after. Close, not equal: the recipe's LoRA dropout draws its masks
-    per rank, so one rank draws other masks than two did. That a resume on another number of ranks computes exactly
-    what that layout would is tests/training/test_resume_world_size.py's (fp32)."""
+    per rank, so one rank draws other masks than two did, and each later step's loss moves by the dropout's noise
+    (about 0.01 here, single steps up to 0.025). The bounds below are several times that noise and well under what
+    a resume from the wrong state gives (the loss falls about 0.04 per step, so restarting from an earlier step's
+    adapter shifts every later loss by a multiple of that). That a resume on another number of ranks computes
+    exactly what that layout would is tests/training/test_resume_world_size.py's (fp32)."""
     reference, _ = straight
     job = submit_lora(cluster, assets, "reshaped", ONE_NODE, CHAIN_EVAL="0", DS_CONFIG=str(assets / "fp32.json"))
     timeline = [f"job {job.id} submitted with 2 tasks"]
@@ -132,12 +135,13 @@ def test_requeued_job_resumes_on_the_ranks_of_its_new_allocation(cluster, assets
     got, expected = losses(job.output), losses(reference.output)
     assert len(got) == STEPS
     assert got[:stop] == pytest.approx(expected[:stop], abs=1e-6)
-    assert got[stop:] == pytest.approx(expected[stop:], abs=2e-2), (got, expected)
+    after = [abs(a - b) for a, b in zip(got[stop:], expected[stop:], strict=True)]
+    assert max(after) < 0.1 and sum(after) / len(after) < 0.03, (got, expected)
     resumed, straight_adapter = adapter_tensors(job.output), adapter_tensors(reference.output)
     assert set(resumed) == set(straight_adapter)
     timeline.append(
-        f"{info['JobState']} {info['ExitCode']} on 1 rank; largest loss difference to the straight job after step "
-        f"{stop}: {max(abs(a - b) for a, b in zip(got[stop:], expected[stop:], strict=True)):.2e} (losses: step 1 "
+        f"{info['JobState']} {info['ExitCode']} on 1 rank; loss differences to the straight job after step "
+        f"{stop}: largest {max(after):.2e}, mean {sum(after) / len(after):.2e} (losses: step 1 "
         f"{expected[0]:.4f}, step {stop} {expected[stop - 1]:.4f}, last {expected[-1]:.4f})"
     )
     print("\n" + "; ".join(timeline))
