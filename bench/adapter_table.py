@@ -88,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated sets of --data_dir, or {BUILTIN} (the built-in problems' held-out split); default: "
         f"every set in --data_dir, and {BUILTIN} first on the embedded model",
     )
-    parser.add_argument("--limit", type=int, help="score only the first N questions of each set")
+    parser.add_argument(
+        "--limit", type=int, help=f"score only the first N questions of each --data_dir set ({BUILTIN} is scored whole)"
+    )
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--output_dir", default="outputs/adapter_table")
     parser.add_argument("--decontaminate", action="store_true", help="also report accuracy without contaminated items")
@@ -114,28 +116,34 @@ def builtin_records() -> list[dict]:
     return default_splits(seed=0)[1]
 
 
+def full_test_set(args: argparse.Namespace, name: str) -> list[dict]:
+    """Every question of data set `name`: the built-in held-out split, or `--data_dir`'s `<name>/test.json`."""
+    return builtin_records() if name == BUILTIN else read_records(Path(args.data_dir) / name / "test.json", name)
+
+
 def scored_data_dir(args: argparse.Namespace, out: Path) -> Path:
-    """A folder of <name>/test.json for the harness: --data_dir's sets linked, builtin written (`O/sets`)."""
+    """A folder of <name>/test.json for the harness holding exactly the questions scored (`O/sets`): builtin whole
+    (its 200 questions are what makes its intervals narrow), each `--data_dir` set its first `--limit`. Rewritten
+    when the selection changed, atomically (staged, then renamed)."""
     root = out / "sets"
     for name in args.datasets:
-        folder = root / name
-        if folder.exists():
+        records = full_test_set(args, name)
+        if name != BUILTIN and args.limit:
+            records = records[: args.limit]
+        text = json.dumps(records, ensure_ascii=False)
+        target = root / name / "test.json"
+        if target.is_file() and target.read_text() == text:
             continue
-        root.mkdir(parents=True, exist_ok=True)
-        if name == BUILTIN:
-            staging = root / f".{name}.tmp"
-            staging.mkdir(exist_ok=True)
-            (staging / "test.json").write_text(json.dumps(builtin_records()))
-            staging.rename(folder)
-        else:
-            folder.symlink_to((Path(args.data_dir) / name).resolve(), target_is_directory=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(".test.json.tmp")
+        staging.write_text(text)
+        staging.replace(target)
     return root
 
 
 def test_sets(args: argparse.Namespace) -> dict[str, list[dict]]:
-    """The scored records of each data set (the first --limit of them)."""
-    sets = {name: read_records(Path(args.sets_dir) / name / "test.json", name) for name in args.datasets}
-    return {name: records[: args.limit] if args.limit else records for name, records in sets.items()}
+    """The scored records of each data set (as staged by `scored_data_dir`)."""
+    return {name: read_records(Path(args.sets_dir) / name / "test.json", name) for name in args.datasets}
 
 
 def clean_training_set(args: argparse.Namespace, sets: dict[str, list[dict]], out: Path) -> dict:
@@ -148,9 +156,7 @@ def clean_training_set(args: argparse.Namespace, sets: dict[str, list[dict]], ou
         "mawps": mawps_to_records(read_records(args.mawps, "mawps"), source=args.mawps),
     }
     records = [record for part in parts.values() for record in part]
-    every_test = [
-        question_text(r) for name in args.datasets for r in read_records(Path(args.sets_dir) / name / "test.json", name)
-    ]
+    every_test = [question_text(r) for name in args.datasets for r in full_test_set(args, name)]
     contaminated = occurs_in_training([question_text(r) for r in records], every_test)
     seen, kept, duplicates = set(), [], 0
     for record, dirty in zip(records, contaminated, strict=True):
@@ -248,7 +254,6 @@ def evaluate(args: argparse.Namespace, base: str, adapters: dict[Path, Path | No
                 "--max_new_tokens", str(args.max_new_tokens)]  # fmt: skip
         folders = [str(adapter) for adapter in pending.values() if adapter is not None]
         argv += ["--adapter_dir", ",".join(folders)] if folders else []
-        argv += ["--limit", str(args.limit)] if args.limit else []
         for out in pending:
             out.mkdir(parents=True, exist_ok=True)
         launch("evaluate.py", argv, args.nproc, Path(args.output_dir) / "eval.log")

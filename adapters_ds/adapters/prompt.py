@@ -40,9 +40,8 @@ from adapters_ds.adapters.virtual_tokens import (
     VirtualTokensConfig,
     check_init,
     resolve_init,
-    start_token_ids,
+    start_embeddings,
 )
-from adapters_ds.zero import gathered
 
 
 @dataclass
@@ -67,12 +66,7 @@ class PromptConfig(VirtualTokensConfig):
         return resolve_init(self, tokenizer)
 
     def layer_options(self, model: nn.Module, name: str) -> dict[str, Any]:
-        ids = start_token_ids(self, model)
-        if ids is None:
-            return {}
-        embedding = model.get_input_embeddings()
-        with gathered([embedding.weight]):  # a ZeRO-3 partition holds no rows; every rank injects, so all gather
-            return {"init": embedding.weight[list(ids)].detach().clone()}
+        return start_embeddings(self, model)
 
 
 class PromptTuning(VirtualTokens):

@@ -31,6 +31,7 @@ from transformers import Cache
 from adapters_ds.adapters.base import Adapter, AdapterConfig, option
 from adapters_ds.errors import InputError
 from adapters_ds.prompts import encode_texts
+from adapters_ds.zero import gathered
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips (training.data's, which this layer cannot import)
 PACKED_BOUNDS = "packed_bounds"  # a packed row's example boundaries as host numbers, passed by the trainer
@@ -158,6 +159,18 @@ def start_token_ids(config: VirtualTokensConfig, model: nn.Module) -> tuple[int,
     if max(ids) >= vocab:
         raise InputError(f"{method} init_token_ids {max(ids)} is outside the model's {vocab} tokens")
     return repeat_to(ids, n)  # an older config kept the text's tokens unrepeated
+
+
+def start_embeddings(config: VirtualTokensConfig, model: nn.Module) -> dict[str, Any]:
+    """`{"init": (num_virtual_tokens, hidden)}`: the model's input embeddings of the real tokens a prompt starts from
+    (`start_token_ids`), for a layer's constructor; {} for init "random". Every rank injects, so all gather the
+    (ZeRO-3 partitioned) embedding."""
+    ids = start_token_ids(config, model)
+    if ids is None:
+        return {}
+    embedding = model.get_input_embeddings()
+    with gathered([embedding.weight]):  # a ZeRO-3 partition holds no rows
+        return {"init": embedding.weight[list(ids)].detach().clone()}
 
 
 def sample_ids(first: int, special: set[int], n: int) -> tuple[int, ...]:

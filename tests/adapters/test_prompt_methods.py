@@ -328,15 +328,20 @@ def saved_base(tmp_path, family: str = "llama") -> str:
     return str(tmp_path / "base")
 
 
+REAL_TOKEN_CONFIGS = {"prompt": PromptConfig, "prefix": PrefixConfig, "ptuning": PTuningConfig}
+
+
 @pytest.mark.parametrize("method,text", [("prompt", "is 42"), ("prefix", "Let us think step by step"),
-                                         ("prompt", None), ("prefix", None)])  # fmt: skip
+                                         ("ptuning", "is 42"), ("prompt", None), ("prefix", None),
+                                         ("ptuning", None)])  # fmt: skip
 def test_real_token_init_starts_as_the_base_model_reading_those_tokens(tmp_path, method, text):
-    """Prompt tuning from the tokens' embeddings, prefix tuning from their keys and values: either way the adapted
-    model's logits equal the base model's reading the tokens first (a text repeated or cut to N tokens; without a
-    text, N tokens sampled from the vocabulary, special tokens left out)."""
+    """Prompt tuning from the tokens' embeddings, prefix tuning from their keys and values, P-tuning's residual
+    encoder from their embeddings (its last layer zero): either way the adapted model's logits equal the base
+    model's reading the tokens first (a text repeated or cut to N tokens; without a text, N tokens sampled from the
+    vocabulary, special tokens left out)."""
     path = saved_base(tmp_path)
     model = load_base_model(path, dtype="float32")
-    unresolved = (PromptConfig if method == "prompt" else PrefixConfig)(num_virtual_tokens=N, init_text=text)
+    unresolved = REAL_TOKEN_CONFIGS[method](num_virtual_tokens=N, init_text=text)
     config = unresolved.resolve(make_tokenizer())  # a new config: the tokens are resolved outside injection
     assert unresolved.init_token_ids is None
     inject_adapters(model, config)
@@ -359,6 +364,22 @@ def test_real_token_init_starts_as_the_base_model_reading_those_tokens(tmp_path,
     save_adapter(model, config, tmp_path / "adapter")
     fresh = make_model("llama")
     assert load_adapter(fresh, tmp_path / "adapter").init_token_ids == config.init_token_ids
+
+
+def test_ptuning_random_init_is_pefts_encoder_and_old_configs_keep_it():
+    """`--ptuning_init random` is PEFT's form, P = encoder(E); a saved config without `init` (written before the
+    residual form) loads as that form, so its P is what it was; the default is residual."""
+    assert PTuningConfig().residual and PTuningConfig(init_text="x").residual
+    old = {k: v for k, v in PTuningConfig(num_virtual_tokens=N, encoder_hidden_size=ENC).to_dict().items()}
+    del old["init"]
+    loaded = config_from_dict(old)
+    assert loaded.init == "random" and not loaded.residual
+    model = make_model("llama")
+    inject_adapters(model, loaded)
+    layer = the_adapter(model)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(), layer.mlp(layer.embedding), rtol=0, atol=0)
+        assert layer.mlp[-1].weight.abs().sum() > 0  # PEFT's initialisation, not the residual form's zero
 
 
 def test_prompt_from_text_needs_the_tokenizer():

@@ -32,6 +32,10 @@ def exported(tmp_path):
 
     def make(family: str, case: str):
         model, config = adapted(family, case)
+        with torch.no_grad():  # as trained: no tensor at its start (P-tuning's residual encoder adds nothing there)
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param), alpha=0.05)
         make_model(family).save_pretrained(tmp_path / "base")
         save_adapter(model, config, tmp_path / "adapter")
         out = tmp_path / "peft"
@@ -116,12 +120,14 @@ def test_export_files_hold_peft_config_and_one_tensor(exported, case):
 def test_peft_export_of_a_bf16_adapter_is_computed_in_fp32(exported, tmp_path):
     """A bf16 adapter's encoder runs in fp32 for the export: the tensor is the fp32 model's, not a bf16 rounding."""
     model, config = adapted("llama", "ptuning_mlp", torch.bfloat16)
+    ((_, _, adapter),) = adapter_layers(model)
+    with torch.no_grad():  # as trained: the residual encoder's last layer no longer zero
+        adapter.mlp[-1].weight.normal_(0, 0.1)
     make_model("llama").save_pretrained(tmp_path / "b16base")
     save_adapter(model, config, tmp_path / "b16")
     export_main(["--base_model", str(tmp_path / "b16base"), "--adapter_dir", str(tmp_path / "b16"),
                  "--output_dir", str(tmp_path / "b16peft"), "--peft"])  # fmt: skip
     exported_tensor = load_file(str(tmp_path / "b16peft" / WEIGHTS_NAME))["prompt_embeddings"]
-    ((_, _, adapter),) = adapter_layers(model)
     with torch.no_grad():
         in_bf16 = adapter().float()
         in_fp32 = adapter.float()()  # the same weights, upcast before the encoder runs
