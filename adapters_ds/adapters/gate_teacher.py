@@ -31,7 +31,7 @@ from torch import nn
 
 from adapters_ds.adapters.base import ADAPTER_ATTR, reference_weight, resolve_dtype
 from adapters_ds.adapters.lora import LoRAConfig
-from adapters_ds.adapters.storage import read_adapter_config, read_adapter_tensors
+from adapters_ds.adapters.storage import check_base_model, read_adapter_config, read_adapter_tensors
 from adapters_ds.errors import InputError
 
 
@@ -43,21 +43,16 @@ def load_teacher(model: nn.Module, path: str | Path, layers: Mapping[str, Any]) 
     where = f"--gate_teacher {str(path)!r}"
     try:
         config, meta = read_adapter_config(path)
+        check_base_model(model, meta, path)
     except InputError as exc:  # the option it came from, in front of what is wrong with the folder
         raise InputError(f"{where}: {exc}") from None
     if not isinstance(config, LoRAConfig):
         raise InputError(f"{where} is a {config.method!r} adapter; the teacher must be a LoRA adapter (--adapter lora)")
     if config.use_dora:
         raise InputError(f"{where} is a DoRA adapter; the teacher must be a plain LoRA adapter (without --use_dora)")
-    base = meta["base_model"] or {}
-    if base.get("model_type") != model.config.model_type:
-        raise InputError(
-            f"{where} was trained on a {base.get('model_type')!r} model ({base.get('name_or_path')!r}); this base "
-            f"model is {model.config.model_type!r}"
-        )
     modules = list(meta["adapted_modules"] or [])
     outside = [name for name in modules if name not in layers]
-    if outside or not modules:
+    if outside:
         raise InputError(
             f"{where} adapts {len(outside)} module(s) the gates do not (e.g. {outside[:3]}); the teacher's targets "
             f"must be among the gated layers ({len(layers)} here, e.g. {list(layers)[:2]})"

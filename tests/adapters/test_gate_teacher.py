@@ -214,3 +214,4 @@ def test_a_training_run_distills_from_the_teacher_and_saves_no_teacher_tensor(tm
     assert refused.returncode == 2, refused.stderr[-2000:]
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --gate_teacher ") and "is a 'gates' adapter; the teacher must be a LoRA" in last
+    assert not (tmp_path / "refused").exists()  # refused before the run folder is written
