@@ -349,13 +349,16 @@ class GatesStrategy(Strategy):
         super().__init__(config)
         self.fishers: dict[Gates, schedule.Fisher] = {}
         self.pending: dict[Gates, torch.Tensor] = {}
+        self.taught: list[Gates] = []  # the gated layers that compute the `--gate_teacher` model, as of `prepare`
 
     def prepare(self, model: nn.Module) -> None:
         """The recording hooks on the unit-gate layers, and the teacher's LoRA (`--gate_teacher`) into the gated
         layers it adapts (`gate_teacher.load_teacher`: refused by name unless it is a LoRA of this base's gated
         layers)."""
         if self.config.teacher is not None:
-            gate_teacher.load_teacher(model, self.config.teacher, self.teachable(model))
+            layers = self.teachable(model)
+            gate_teacher.load_teacher(model, self.config.teacher, layers)
+            self.taught = list(layers.values())
         for layer in schedule.unit_layers(model):
             self.fishers[layer] = schedule.Fisher(layer.col_group)
             layer.register_forward_hook(self._record)
@@ -397,7 +400,7 @@ class GatesStrategy(Strategy):
         distillation."""
         if not self.config.distill:
             return None
-        teacher = gate_teacher.teaching(self.teachable(model).values()) if self.config.teacher is not None else None
+        teacher = gate_teacher.teaching(self.taught) if self.config.teacher is not None else None
         kl = schedule.distillation(model, schedule.unit_layers(model), inputs, keep, logits, teacher)
         return {"gates/distill": self.config.distill * kl}
 
