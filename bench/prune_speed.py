@@ -2,7 +2,8 @@
 base, on the embedded model and the built-in problems, in one run (resumable).
 
     python bench/prune_speed.py [--sparsities 0.2,0.3,0.4] [--steps 200] [--lora_steps N] [--floor [0.3,...]]
-                                [--gate OPTION=VALUE ...] [--eval_n 200] [--val_n 48] [--batch 8] [--seq 256]
+                                [--gate OPTION=VALUE ...] [--teacher_from_lora] [--eval_n 200] [--val_n 48]
+                                [--batch 8] [--seq 256]
                                 [--reps 7] [--bf16_reps 5] [--bf16_batch B] [--gen_tokens 32]
                                 [--out_dir outputs/bench_prune] [--fresh]
 
@@ -11,9 +12,12 @@ base, on the embedded model and the built-in problems, in one run (resumable).
    validation split: its eval/answer_loss and eval/digit_loss are logged every 10 steps and reported here):
    LoRA (the defaults of `--adapter lora`, r 32) for `--lora_steps` (default `--steps`), and `--adapter gates` with
    its defaults and `--gate_target_sparsity` s for every s of `--sparsities`, `--steps` each; `--gate K=V` passes
-   `--gate_K V` to the gates runs. `--floor` adds, at every s (or at the shares it lists), a gates run that
-   closes random units (`--gate_importance random`): what the same schedule and recovery give without the
-   importance estimates.
+   `--gate_K V` to the gates runs (`--gate distill=1 --gate teacher=DIR`: distillation from the LoRA adapter in
+   DIR). `--teacher_from_lora` makes this run's own LoRA reference (trained first) the gates runs' dense teacher
+   (`--gate_teacher <its adapter>`), the fine-tuned teacher of issue 32's first lever; it needs the weight,
+   `--gate distill=W` with W > 0 (the trainer refuses a teacher without one), and a LoRA run (`--lora_steps` > 0).
+   `--floor` adds, at every s (or at the shares it lists), a gates run that closes random units
+   (`--gate_importance random`): what the same schedule and recovery give without the importance estimates.
 2. Exports each gates adapter (`export.pruned.export_pruned`, per-layer shapes, fp32 weights) and checks that the
    pruned model's logits equal the gated model's (evaluation mode) on a batch of held-out prompts.
 3. Forward latency of the dense base and each pruned model on the same random batch (--batch × --seq), the fastest
@@ -59,6 +63,11 @@ def parse_args() -> argparse.Namespace:
         "--gate", action="append", default=[], metavar="OPTION=VALUE", help="for the gates runs: --gate_OPTION VALUE"
     )
     parser.add_argument(
+        "--teacher_from_lora",
+        action="store_true",
+        help="the gates runs distill from this run's LoRA reference (--gate_teacher); needs --gate distill=W, W > 0",
+    )
+    parser.add_argument(
         "--floor", nargs="?", const="all", help="also prune random units at every share, or at those listed (0.3,0.4)"
     )
     parser.add_argument("--val_n", type=int, default=48, help="held-out training problems for the eval/* losses")
@@ -81,6 +90,18 @@ def parse_args() -> argparse.Namespace:
     floor = args.floor or ""
     args.floor = args.sparsities if floor == "all" else [float(s) for s in floor.split(",") if s]
     args.lora_steps = args.steps if args.lora_steps is None else args.lora_steps
+    if args.teacher_from_lora:
+        given = dict(option.partition("=")[::2] for option in args.gate)
+        if "teacher" in given:
+            parser.error("--teacher_from_lora and --gate teacher=DIR name two teachers: give one")
+        try:
+            weight = float(given.get("distill", 0))
+        except ValueError:
+            weight = 0.0
+        if weight <= 0:
+            parser.error("--teacher_from_lora needs the distillation weight: --gate distill=W with W > 0 (e.g. 1)")
+        if not args.lora_steps:
+            parser.error("--teacher_from_lora needs the LoRA reference run: --lora_steps > 0")
     return args
 
 
@@ -232,8 +253,11 @@ def speed(base: str, pruned: str, args: argparse.Namespace, prompts: list[str]) 
     return result
 
 
-def gates_point(base: str, args: argparse.Namespace, stages: Stages, sparsity: float, floor: bool, data: dict) -> dict:
-    """Train, export, check, time and score a gates run at `sparsity` (`floor`: random units)."""
+def gates_point(
+    base: str, args: argparse.Namespace, stages: Stages, sparsity: float, floor: bool, data: dict, teacher: dict | None
+) -> dict:
+    """Train, export, check, time and score a gates run at `sparsity` (`floor`: random units; `teacher`: the LoRA
+    reference's stage settings and result, whose adapter the run distills from)."""
     from adapters_ds.export.pruned import export_pruned
 
     name = f"gates_{sparsity:g}" + ("_random" if floor else "")
@@ -242,7 +266,11 @@ def gates_point(base: str, args: argparse.Namespace, stages: Stages, sparsity: f
     for option in args.gate:
         key, _, value = option.partition("=")
         extra += [f"--gate_{key}", value]
+    if teacher is not None:
+        extra += ["--gate_teacher", teacher["result"]["adapter_dir"]]
     settings = {"steps": args.steps, "lr": args.learning_rate, "extra": extra, "val_n": args.val_n, "base": base}
+    if teacher is not None:  # keyed by the teacher's own settings too: a retrained LoRA is another teacher
+        settings["teacher"] = teacher["settings"]
     trained = stages.run(f"train {name}", settings, lambda: train_adapter(base, run_dir, args, "gates", args.steps,
                                                                           extra))  # fmt: skip
     pruned = str(run_dir / "pruned")
@@ -291,13 +319,17 @@ def main() -> None:
         "/proc/cpuinfo").is_file() else []  # fmt: skip
     result: dict = {"machine": {"cpu": cpu, "bf16_flags": flags, "threads": torch.get_num_threads()},
                     "base_model": base, "eval_n": len(data["records"]), "steps": args.steps}  # fmt: skip
-    curve = [gates_point(base, args, stages, s, False, data) for s in args.sparsities]
-    curve += [gates_point(base, args, stages, s, True, data) for s in args.floor]
-    accuracy = {}
-    if args.lora_steps:
+    accuracy, lora, teacher = {}, None, None
+    if args.lora_steps:  # first: with --teacher_from_lora the gates runs distill from it
         settings = {"steps": args.lora_steps, "lr": args.learning_rate, "val_n": args.val_n, "base": base}
         lora = stages.run("train lora", settings,
                           lambda: train_adapter(base, out / "lora", args, "lora", args.lora_steps, []))  # fmt: skip
+        teacher = {"settings": settings, "result": lora} if args.teacher_from_lora else None
+    if teacher is not None:
+        result["teacher"] = teacher["result"]["adapter_dir"]
+    curve = [gates_point(base, args, stages, s, False, data, teacher) for s in args.sparsities]
+    curve += [gates_point(base, args, stages, s, True, data, teacher) for s in args.floor]
+    if lora is not None:
         accuracy["lora"] = stages.run("accuracy lora", {**settings, "eval_n": args.eval_n},
                                       lambda: {"accuracy": accuracy_of(base, lora["adapter_dir"], data["records"])}
                                       )["accuracy"]  # fmt: skip

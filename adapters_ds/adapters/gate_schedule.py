@@ -30,13 +30,16 @@ and an open unit's gradient is exactly 0, so without weight decay (their own opt
 Until the update lands, the layer remembers the choice (`Gates.closing`), so the unit is closed from the next
 forward on.
 
-Distillation (CoFi, Xia et al. 2022, arXiv 2204.00408), off by default (`distill` 0): the dense model is the
-teacher. It is the same model with every gate open (the frozen base and the same LoRA: no weights beyond the
-student's), run once more per micro-batch without gradient; the loss adds `distill` · KL(teacher ‖ student) per
-target token. While no unit is closed the two are the same model: the teacher forward is skipped and the term is
-exactly 0. Why off: that teacher is no fine-tuned dense model (CoFi's) but the dense base with the LoRA the *pruned*
-model is learning, so the term pulls the student towards a model nobody trains for the task (`bench/prune_speed.py`
-measures runs with and without it; the README reports what it found).
+Distillation (CoFi, Xia et al. 2022, arXiv 2204.00408), off by default (`distill` 0): a dense model is the
+teacher, run once more per micro-batch without gradient; the loss adds `distill` · KL(teacher ‖ student) per target
+token. With `teacher` (`--gate_teacher ADAPTER_DIR`) it is CoFi's fine-tuned dense model: the frozen base with a LoRA
+adapter trained first, every gate open, the LoRA inside the gates left out (`gate_teacher`: the teacher's LoRA pair
+sits in the gated layers, so no second copy of the base), from the first step on. Without it, it is the same model
+with every gate open (the frozen base and the same LoRA: no weights beyond the student's); while no unit is closed
+the two are the same model, so that teacher's forward is skipped and the term is exactly 0. Why off by default: that
+self-teacher is no fine-tuned dense model but the dense base with the LoRA the *pruned* model is learning, so the term
+pulls the student towards a model nobody trains for the task (`bench/prune_speed.py` measures runs with and without
+it, and with `--teacher_from_lora` the fine-tuned teacher; the README reports what it found).
 """
 
 from __future__ import annotations
@@ -252,14 +255,23 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.
 
 
 def distillation(
-    model: nn.Module, layers: list[Any], inputs: dict[str, Any], keep: torch.Tensor, logits: torch.Tensor
+    model: nn.Module,
+    layers: list[Any],
+    inputs: dict[str, Any],
+    keep: torch.Tensor,
+    logits: torch.Tensor,
+    teacher: contextlib.AbstractContextManager | None = None,
 ) -> torch.Tensor:
     """Σ over the target positions of KL(dense ‖ gated): `logits` (n_targets, vocab) are the gated model's from
-    its forward of `inputs` (the positions `keep`), the dense ones come from one more forward of `model` with every
-    gate of `layers` open, without gradient; skipped (exactly 0) while no unit is closed, the same on every rank."""
-    if not any(layer.any_closed for layer in layers):
-        return logits.new_zeros((), dtype=torch.float32)
-    with torch.no_grad(), opened(layers):
+    its forward of `inputs` (the positions `keep`), the dense ones come from one more forward of `model` without
+    gradient, inside `teacher` (the context in which `model` is the teacher: `gate_teacher.teaching`). Without one,
+    the self-teacher: every gate of `layers` open, skipped (exactly 0) while no unit is closed, the same on every
+    rank."""
+    if teacher is None:
+        if not any(layer.any_closed for layer in layers):
+            return logits.new_zeros((), dtype=torch.float32)
+        teacher = opened(layers)
+    with torch.no_grad(), teacher:
         teacher = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (n_targets, vocab)
     return kl_sum(logits, teacher)
 

@@ -8,8 +8,9 @@ z_r (out features) and z_c (in features) are gates in [0, 1]; this module holds 
 gates: one gate per unit that `export --prune` removes (an MLP unit, an attention KV group), on the consumer's input,
 exactly 0 or 1, closed by a schedule that reaches `target_sparsity` (the share of block parameters removed) in the
 order of the task's importance estimates, the LoRA inside the gates recovering the task (optionally distilled from
-the dense model): the recipe is `gate_schedule`'s. The paper's own gates (a noisy gate per row and column and a
-sparsity penalty) are a method of their own, `gates_paper`.
+a dense teacher: a fine-tuned LoRA adapter, `gate_teacher`, or the same model with every gate open): the recipe is
+`gate_schedule`'s. The paper's own gates (a noisy gate per row and column and a sparsity penalty) are a method of
+their own, `gates_paper`.
 
 The gated input x' is what both W and the LoRA term read, and z_r multiplies their sum and the bias: a closed row
 or column stays removable with LoRA inside the gates (the reference code applies LoRA outside them). No bias is
@@ -19,12 +20,13 @@ Attachment: the column gates change the base layer's *input*, which the additive
 the adapter sets `transforms_input` (a forward pre-hook calls `adapter(x, None)` → z_c ⊙ x) and
 `replaces_output` (the forward hook calls `adapter(x', out)` → z_r ⊙ (out + LoRA)); see `adapters/base.py`.
 
-Training (`GatesStrategy`): the gates get their own optimizer group (no weight decay); `step_begin` makes the
-schedule's choices, `batch_loss` the distillation term, `regularizer` the term that moves closed gates' θ. What a
-forward leaves for the loss terms (that term's inputs, the importance estimates) is recorded by the strategy's own
-forward hooks on the gate layers, registered before `deepspeed.initialize`, so they run while ZeRO-3 still holds
-the gates gathered (in its first, tracing step it releases even persistent parameters after use). TensorBoard:
-gates/target, gates/removed, gates/closed_units/{mlp,attn}, gates/distill.
+Training (`GatesStrategy`): `prepare` loads the `--gate_teacher` adapter into the gated layers (`gate_teacher`); the
+gates get their own optimizer group (no weight decay); `step_begin` makes the schedule's choices, `batch_loss` the
+distillation term, `regularizer` the term that moves closed gates' θ. What a forward leaves for the loss terms (that
+term's inputs, the importance estimates) is recorded by the strategy's own forward hooks on the gate layers,
+registered before `deepspeed.initialize`, so they run while ZeRO-3 still holds the gates gathered (in its first,
+tracing step it releases even persistent parameters after use). TensorBoard: gates/target, gates/removed,
+gates/closed_units/{mlp,attn}, gates/distill.
 
 `adapters_ds.export.pruned` turns a trained gates adapter into a physically smaller plain `transformers` model.
 """
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from adapters_ds.adapters import gate_schedule as schedule
+from adapters_ds.adapters import gate_teacher
 from adapters_ds.adapters.base import Adapter, AdapterConfig, Strategy, adapter_layers, check_range, option
 from adapters_ds.adapters.lora import add_lora_parameters, lora_delta, lora_update
 from adapters_ds.adapters.registry import register
@@ -91,9 +94,17 @@ class GatesConfig(GatedConfig):
     )
     distill: float = option(
         0.0,
-        "unit gates: weight of KL(dense ‖ gated) per target token, the dense model being the same model with every "
-        "gate open (0, the default: no distillation, no second forward; see gate_schedule for why)",
+        "unit gates: weight of KL(dense ‖ gated) per target token, the dense model being --gate_teacher's, or without "
+        "it the same model with every gate open (0, the default: no distillation, no second forward; see "
+        "gate_schedule for why)",
         flag="gate_distill",
+    )
+    teacher: str | None = option(
+        None,
+        "unit gates: a LoRA adapter folder (trained first with --adapter lora on the same base) whose model is the "
+        "distillation's dense teacher: the frozen base with that LoRA, every gate open, the LoRA inside the gates not "
+        "applied; needs --gate_distill > 0 (see gate_teacher)",
+        flag="gate_teacher",
     )
     importance: Literal["fisher", "random"] = option(
         "fisher",
@@ -113,6 +124,14 @@ class GatesConfig(GatedConfig):
         if not 0 <= start <= end <= 1:
             raise InputError(f"gates ramp must be 'start,end' with 0 <= start <= end <= 1, found {self.ramp!r}")
         check_range("gates distill", self.distill, 0)
+        if self.teacher is not None:  # no I/O here: the folder is read by the training strategy (`gate_teacher`)
+            if not isinstance(self.teacher, str) or not self.teacher:
+                raise InputError(f"gates teacher must be an adapter folder, found {self.teacher!r}")
+            if not self.distill:  # a weight the curve depends on is given, never implied
+                raise InputError(
+                    f"gates teacher (--gate_teacher {self.teacher}) is used by distillation only: give its weight, "
+                    "distill (--gate_distill) > 0, e.g. 1"
+                )
         if self.importance not in ("fisher", "random"):
             raise InputError(f"gates importance must be 'fisher' or 'random', found {self.importance!r}")
 
@@ -263,12 +282,27 @@ class Gates(GatedLinear):
         super().__init__(config, dims, dtype, device, False, gate_cols, col_group)
         self.unit_cost, self.unit_kind = unit_cost, unit_kind
         self.force_open = False  # all open (the dense teacher, inside `gate_schedule.opened`)
+        # the dense fine-tuned teacher (`gate_teacher`): its LoRA pair, frozen, not saved, whole on every rank
+        # (buffers: ZeRO-3 partitions parameters only); `teaching` switches the forward to it
+        self.register_buffer("teacher_A", None, persistent=False)  # (r_t, in)
+        self.register_buffer("teacher_B", None, persistent=False)  # (out, r_t)
+        self.teacher_scaling = 0.0
+        self.teaching = False
         # units chosen to close, until their θ has dropped below 1 (a buffer: moves with the module, not saved)
         self.register_buffer("closing", None, persistent=False)
         self.any_closed = False  # whether any unit is closed, as of `step_begin` or the latest `close`
 
     def init_theta(self, theta: nn.Parameter) -> None:
         nn.init.ones_(theta)  # open: exactly 1
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        if not self.teaching:
+            return super().forward(x, out)
+        # the teacher: every gate open, the LoRA inside the gates left out, W x + b + s_t · B_t A_t x where the teacher
+        # adapts this layer, in `lora.LoRA`'s evaluation order (so equal to the LoRA model's logits bit for bit)
+        if out is None or self.teacher_A is None:
+            return x if out is None else out
+        return out + lora_update(x, self.teacher_A, self.teacher_B, self.teacher_scaling).to(out.dtype)
 
     def gate(self, side: str, training: bool) -> torch.Tensor:
         if self.force_open:
@@ -315,8 +349,16 @@ class GatesStrategy(Strategy):
         super().__init__(config)
         self.fishers: dict[Gates, schedule.Fisher] = {}
         self.pending: dict[Gates, torch.Tensor] = {}
+        self.taught: list[Gates] = []  # the gated layers that compute the `--gate_teacher` model, as of `prepare`
 
     def prepare(self, model: nn.Module) -> None:
+        """The recording hooks on the unit-gate layers, and the teacher's LoRA (`--gate_teacher`) into the gated
+        layers it adapts (`gate_teacher.load_teacher`: refused by name unless it is a LoRA of this base's gated
+        layers)."""
+        if self.config.teacher is not None:
+            layers = self.teachable(model)
+            gate_teacher.load_teacher(model, self.config.teacher, layers)
+            self.taught = list(layers.values())
         for layer in schedule.unit_layers(model):
             self.fishers[layer] = schedule.Fisher(layer.col_group)
             layer.register_forward_hook(self._record)
@@ -325,7 +367,8 @@ class GatesStrategy(Strategy):
         """After `layer(x, None)` in a training forward: its θ term (d/dθ = PUSH on closed units, exactly 0 on open
         ones) and a backward hook on x' for the Fisher estimate (which needs x' to require grad: without LoRA
         nothing upstream does, so x' becomes a leaf that does)."""
-        if args[1] is not None or layer.force_open or not (layer.training and torch.is_grad_enabled()):
+        teacher = layer.force_open or layer.teaching  # a teacher's forward: no θ term, no estimate
+        if args[1] is not None or teacher or not (layer.training and torch.is_grad_enabled()):
             return None
         theta = layer.theta_cols
         shut = layer.closed_units()
@@ -353,11 +396,18 @@ class GatesStrategy(Strategy):
         self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, logits: torch.Tensor, step: int
     ) -> dict[str, torch.Tensor] | None:
         """{"gates/distill": `distill` · KL(dense ‖ gated) summed over the target positions}
-        (`gate_schedule.distillation`); None without distillation."""
+        (`gate_schedule.distillation`; the dense model is `--gate_teacher`'s where one is given); None without
+        distillation."""
         if not self.config.distill:
             return None
-        kl = schedule.distillation(model, schedule.unit_layers(model), inputs, keep, logits)
+        teacher = gate_teacher.teaching(self.taught) if self.config.teacher is not None else None
+        kl = schedule.distillation(model, schedule.unit_layers(model), inputs, keep, logits, teacher)
         return {"gates/distill": self.config.distill * kl}
+
+    @staticmethod
+    def teachable(model: nn.Module) -> dict[str, Gates]:
+        """Every unit-gates layer by the path of the module it adapts: where a teacher's LoRA may go."""
+        return {name: adapter for name, adapter in gate_layers(model) if isinstance(adapter, Gates)}
 
     def regularizer(self, model: nn.Module, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         """The term that moves closed gates' θ down (value 0, see `gate_schedule`) from the latest training forward,

@@ -87,15 +87,20 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(f"adapter weights {str(file)!r} are corrupt or unreadable: {exc}") from None
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> AdapterConfig:
-    """Attach the adapter saved in `path` to a freshly loaded base model, with its saved weights."""
-    config, meta = read_adapter_config(path)
+def check_base_model(model: nn.Module, meta: dict, path: str | Path) -> None:
+    """Refuse an adapter (`meta`: its folder's metadata) trained on another model type than `model`'s."""
     base = meta["base_model"] or {}
     if base.get("model_type") != model.config.model_type:
         raise InputError(
             f"adapter {str(path)!r} was trained on a {base.get('model_type')!r} model "
             f"({base.get('name_or_path')!r}); this base model is {model.config.model_type!r}"
         )
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> AdapterConfig:
+    """Attach the adapter saved in `path` to a freshly loaded base model, with its saved weights."""
+    config, meta = read_adapter_config(path)
+    check_base_model(model, meta, path)
     tensors = read_adapter_tensors(path)
     names = inject_adapters(model, config)
     try:

@@ -1,0 +1,72 @@
+"""bench/prune_speed.py's teachers: `--gate teacher=DIR` and `--teacher_from_lora` reach the gates runs as
+`--gate_teacher`, keyed by the teacher's settings; a switch without its weight or its LoRA run is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+from launch import REPO
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("prune_speed", REPO / "bench" / "prune_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Recorded:
+    """A `Stages` that runs nothing: it records each stage's name and settings and answers with canned results."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict] = {}
+
+    def run(self, name: str, settings: dict, compute) -> dict:
+        self.seen[name] = settings
+        canned = {"blocks_removed_fraction": 0.3, "removed_fraction": 0.2, "max_abs_logit_diff_gated_vs_pruned": 0}
+        speed = {"fp32": {"speedup": 1.0}, "bf16": {"speedup": 1.0}}
+        return {"adapter_dir": "a", "train": {}, "accuracy": 50.0, **canned, **speed}
+
+
+def parse(bench, monkeypatch, *argv: str):
+    monkeypatch.setattr(sys, "argv", ["prune_speed.py", *argv])
+    return bench.parse_args()
+
+
+def test_the_lora_reference_is_the_gates_runs_teacher(monkeypatch):
+    bench = load_bench()
+    args = parse(bench, monkeypatch, "--teacher_from_lora", "--gate", "distill=1", "--steps", "10")
+    teacher = {"settings": {"steps": 10, "lr": 1e-3}, "result": {"adapter_dir": "out/lora/adapter"}}
+    stages = Recorded()
+    bench.gates_point("base", args, stages, 0.3, False, {"prompts": [], "records": []}, teacher)
+    settings = stages.seen["train gates_0.3"]
+    extra = settings["extra"]
+    assert extra[extra.index("--gate_distill") + 1] == "1"
+    assert extra[extra.index("--gate_teacher") + 1] == "out/lora/adapter"
+    assert settings["teacher"] == teacher["settings"]  # a retrained LoRA is another teacher: another stage
+    args = parse(bench, monkeypatch, "--gate", "distill=1", "--gate", "teacher=runs/lora/adapter")
+    stages = Recorded()
+    bench.gates_point("base", args, stages, 0.3, False, {"prompts": [], "records": []}, None)
+    extra = stages.seen["train gates_0.3"]["extra"]
+    assert (
+        extra[extra.index("--gate_teacher") + 1] == "runs/lora/adapter"
+        and "teacher" not in stages.seen["train gates_0.3"]
+    )
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--teacher_from_lora"], "needs the distillation weight: --gate distill=W with W > 0"),
+        (["--teacher_from_lora", "--gate", "distill=0"], "needs the distillation weight"),
+        (["--teacher_from_lora", "--gate", "distill=1", "--lora_steps", "0"], "needs the LoRA reference run"),
+        (["--teacher_from_lora", "--gate", "distill=1", "--gate", "teacher=x"], "name two teachers"),
+    ],
+)
+def test_the_switch_without_its_weight_or_its_lora_run_is_refused(monkeypatch, capsys, argv, message):
+    bench = load_bench()
+    with pytest.raises(SystemExit) as exit_info:
+        parse(bench, monkeypatch, *argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
