@@ -143,6 +143,21 @@ def shrink_block(block: nn.Module, layout: Layout, geo: Geometry, target: BlockP
         layout.patch(block.get_submodule(layout.attention), n_heads, n_kv, geo.head_dim)
 
 
+def forward_flops(model: PreTrainedModel, batch: int, seq: int) -> int:
+    """Multiply-adds × 2 of a forward of `batch` × `seq` tokens through the blocks' linear layers and the LM head
+    (2 per weight per token) and attention's scores and weighted values (2 × 2 × seq per query channel per token,
+    the full square: a causal kernel may skip up to half of it); norms, activations and the embedding lookup are
+    left out. Read from the modules, so it counts a pruned model's per-layer shapes. `bench/prune_speed.py` divides
+    the dense model's by the pruned one's: the speed-up that the removed FLOPs allow."""
+    layout = layout_of(model.config.model_type)
+    blocks = model.get_submodule(layout.blocks)
+    weights = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, (nn.Linear, Conv1D)))
+    head = model.get_output_embeddings()
+    weights += head.weight.numel() if head is not None else 0
+    query_channels = sum(linear_dims(layout.o, block.get_submodule(layout.o)).in_features for block in blocks)
+    return batch * seq * (2 * weights + 4 * seq * query_channels)
+
+
 def read_shapes(path: str | Path) -> dict[str, Any]:
     record = read_json(Path(path) / SHAPES_NAME, "pruned shapes")
     if not isinstance(record, dict) or record.get("format") != FORMAT:

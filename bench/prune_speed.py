@@ -3,7 +3,7 @@ base, on the embedded model and the built-in problems, in one run (resumable).
 
     python bench/prune_speed.py [--sparsities 0.2,0.3,0.4] [--steps 200] [--lora_steps N] [--floor [0.3,...]]
                                 [--gate OPTION=VALUE ...] [--teacher_from_lora] [--eval_n 200] [--val_n 48]
-                                [--batch 8] [--seq 256]
+                                [--batch 8] [--seq 256] [--width_multiple 64]
                                 [--reps 7] [--bf16_reps 5] [--bf16_batch B] [--gen_tokens 32]
                                 [--out_dir outputs/bench_prune] [--fresh]
 
@@ -18,8 +18,11 @@ base, on the embedded model and the built-in problems, in one run (resumable).
    `--gate distill=W` with W > 0 (the trainer refuses a teacher without one), and a LoRA run (`--lora_steps` > 0).
    `--floor` adds, at every s (or at the shares it lists), a gates run that closes random units
    (`--gate_importance random`): what the same schedule and recovery give without the importance estimates.
-2. Exports each gates adapter (`export.pruned.export_pruned`, per-layer shapes, fp32 weights) and checks that the
-   pruned model's logits equal the gated model's (evaluation mode) on a batch of held-out prompts.
+2. Exports each gates adapter (`export.pruned.export_pruned`, per-layer shapes, fp32 weights, each layer's kept MLP
+   width rounded up to a multiple of --width_multiple with closed units whose outputs are zero; 1: no rounding) and
+   checks that the pruned model's logits equal the gated model's (evaluation mode) on a batch of held-out prompts.
+   The curve gives the share the export removes (`blocks_removed_fraction`, rounding included) beside the target and
+   the share the closed units alone remove (`blocks_removed_fraction_unpadded`).
 3. Forward latency of the dense base and each pruned model on the same random batch (--batch × --seq), the fastest
    of --reps runs after one warm-up (load on a shared machine only ever adds time: the median of 3 moved the
    speed-up of one model between 1.14× and 1.37× from run to run on 2 busy cores; the fastest of 7 varies less, though
@@ -27,6 +30,8 @@ base, on the embedded model and the built-in problems, in one run (resumable).
    two models alternating (a shared machine's load drifts), in fp32 and bf16
    (on CPUs without AMX or AVX512-BF16, bf16 is emulated and far slower: reported anyway, with fewer runs and
    --bf16_batch 1 unless told otherwise); with --gen_tokens > 0 also greedy generation throughput (KV cache).
+   Beside each forward speed-up, `flop_ceiling`: the dense model's forward FLOPs (blocks and LM head) over the
+   pruned model's for the same batch × seq (`pruned_model.forward_flops`), the speed-up the removed FLOPs allow.
 4. Held-out accuracy (`evaluation.evaluate_records`, the first --eval_n test problems, max 64 new tokens, fp32) of
    the base, LoRA and each pruned model.
 
@@ -83,6 +88,12 @@ def parse_args() -> argparse.Namespace:
         "about 1 GFLOP/s on an AVX2 CPU, so a batch-8 forward of even a 135M model takes minutes)",
     )
     parser.add_argument("--gen_tokens", type=int, default=32, help="0: no generation throughput")
+    parser.add_argument(
+        "--width_multiple",
+        type=int,
+        help="the export rounds each layer's kept MLP width up to a multiple of this (default: the export's, 64; "
+        "1: no rounding)",
+    )
     parser.add_argument("--out_dir", default="outputs/bench_prune")
     parser.add_argument("--fresh", action="store_true", help="ignore the stages a previous run finished")
     args = parser.parse_args()
@@ -90,6 +101,12 @@ def parse_args() -> argparse.Namespace:
     floor = args.floor or ""
     args.floor = args.sparsities if floor == "all" else [float(s) for s in floor.split(",") if s]
     args.lora_steps = args.steps if args.lora_steps is None else args.lora_steps
+    if args.width_multiple is None:
+        from adapters_ds.export.pruned import WIDTH_MULTIPLE
+
+        args.width_multiple = WIDTH_MULTIPLE
+    if args.width_multiple < 1:
+        parser.error(f"--width_multiple must be >= 1 (1: no rounding), found {args.width_multiple}")
     if args.teacher_from_lora:
         given = dict(option.partition("=")[::2] for option in args.gate)
         if "teacher" in given:
@@ -230,9 +247,11 @@ def gated_vs_pruned(base: str, adapter_dir: str, pruned: str, prompts: list[str]
 
 
 def speed(base: str, pruned: str, args: argparse.Namespace, prompts: list[str]) -> dict:
-    """fp32 and bf16 forward latency, and generation throughput, of the dense base and the pruned model."""
+    """fp32 and bf16 forward latency, and generation throughput, of the dense base and the pruned model; beside
+    each forward speed-up the FLOP-proportional ceiling (`flop_ceiling`)."""
     from adapters_ds.hardware import native_bf16
     from adapters_ds.modeling import load_base_model, load_tokenizer
+    from adapters_ds.pruned_model import forward_flops
 
     bf16_batch = args.bf16_batch or (args.batch if native_bf16() else 1)
     result: dict = {"seq": args.seq}
@@ -242,8 +261,10 @@ def speed(base: str, pruned: str, args: argparse.Namespace, prompts: list[str]) 
     ):
         models = [load_base_model(path, dtype=dtype).eval() for path in (base, pruned)]
         dense_s, pruned_s = forward_latency(models, batch, args.seq, reps)
+        dense_flops, pruned_flops = (forward_flops(model, batch, args.seq) for model in models)
         result[name] = {"batch": batch, "native": dtype == torch.float32 or native_bf16(), "dense_s": round(dense_s, 3),
-                        "pruned_s": round(pruned_s, 3), "speedup": round(dense_s / pruned_s, 3)}  # fmt: skip
+                        "pruned_s": round(pruned_s, 3), "speedup": round(dense_s / pruned_s, 3),
+                        "flop_ceiling": round(dense_flops / pruned_flops, 3)}  # fmt: skip
     if args.gen_tokens:
         models = [load_base_model(path, dtype=torch.float32).eval() for path in (base, pruned)]
         dense, fast = generation_throughput(models, load_tokenizer(base), prompts, args.gen_tokens, args.reps)
@@ -274,9 +295,12 @@ def gates_point(
     trained = stages.run(f"train {name}", settings, lambda: train_adapter(base, run_dir, args, "gates", args.steps,
                                                                           extra))  # fmt: skip
     pruned = str(run_dir / "pruned")
+    if args.width_multiple != 1:  # another export, timed and scored anew (1: the stages of runs before the option)
+        settings = {**settings, "width_multiple": args.width_multiple}
 
     def export() -> dict:
-        record = export_pruned(base, trained["adapter_dir"], pruned, dtype="float32")
+        record = export_pruned(base, trained["adapter_dir"], pruned, dtype="float32",
+                               width_multiple=args.width_multiple)  # fmt: skip
         layers = record["layers"]
         return {**record["parameters"], "heads_kept": sum(s["heads"] for s in layers),
                 "kv_heads_kept": sum(s["kv_heads"] for s in layers),
@@ -285,14 +309,18 @@ def gates_point(
                                                                       data["prompts"])}  # fmt: skip
 
     exported = stages.run(f"export {name}", settings, export)
-    timed = {**settings, "batch": args.batch, "seq": args.seq, "timing": "fastest"}
+    timed = {**settings, "batch": args.batch, "seq": args.seq, "timing": "fastest", "flop_ceiling": True}
     timing = stages.run(f"speed {name}", timed, lambda: speed(base, pruned, args, data["prompts"]))
     scored = stages.run(f"accuracy {name}", {**settings, "eval_n": args.eval_n},
                         lambda: {"accuracy": accuracy_of(pruned, None, data["records"])})  # fmt: skip
     return {"target_sparsity": sparsity, "importance": "random" if floor else "fisher",
             "blocks_removed_fraction": round(exported["blocks_removed_fraction"], 4),
+            "blocks_removed_fraction_unpadded": round(exported.get("blocks_removed_fraction_unpadded",
+                                                                   exported["blocks_removed_fraction"]), 4),
+            "width_multiple": args.width_multiple,
             "removed_fraction": round(exported["removed_fraction"], 4), "accuracy": scored["accuracy"],
-            "fp32_speedup": timing["fp32"]["speedup"], "bf16_speedup": timing["bf16"]["speedup"],
+            "fp32_speedup": timing["fp32"]["speedup"], "fp32_flop_ceiling": timing["fp32"].get("flop_ceiling"),
+            "bf16_speedup": timing["bf16"]["speedup"], "bf16_flop_ceiling": timing["bf16"].get("flop_ceiling"),
             "generation_speedup": timing.get("generation_tokens_per_s", {}).get("speedup"),
             "max_abs_logit_diff_gated_vs_pruned": exported["max_abs_logit_diff_gated_vs_pruned"],
             "train": trained["train"], "export": exported, "speed": timing}  # fmt: skip

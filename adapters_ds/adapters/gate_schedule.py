@@ -7,7 +7,8 @@ projection's columns; one head where every head has its own keys and values; BLO
 `export.pruned`). The gate sits on the consumer's input (down_proj, o_proj): z_u is 1 (open) or 0 (closed), nothing
 in between, so the gated model in evaluation mode *is* the pruned export at every step. A unit's cost is the number
 of block parameters the export removes with it, so the share the schedule controls is the export's
-`blocks_removed_fraction` (one unit more at most: an MLP unit is a few thousand parameters, a KV group more).
+`blocks_removed_fraction_unpadded` (one unit more at most: an MLP unit is a few thousand parameters, a KV group
+more); the export keeps a few closed units to round each MLP width to a multiple of 64, and says how many.
 
 Schedule (gradual pruning, Zhu & Gupta 2017, arXiv 1710.01878): the share of block parameters removed is 0 for the
 first `start` of the run, while the LoRA inside the gates learns the task with every unit open; then

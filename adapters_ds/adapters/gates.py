@@ -28,7 +28,8 @@ registered before `deepspeed.initialize`, so they run while ZeRO-3 still holds t
 tracing step it releases even persistent parameters after use). TensorBoard: gates/target, gates/removed,
 gates/closed_units/{mlp,attn}, gates/distill.
 
-`adapters_ds.export.pruned` turns a trained gates adapter into a physically smaller plain `transformers` model.
+`adapters_ds.export.pruned` turns a trained gates adapter into a physically smaller plain `transformers` model (each
+kept MLP width rounded up to a multiple of 64 with closed units, for the matmul kernels: `--prune_width_multiple`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """The export command: a trained adapter for use outside adapters_ds.
 
     python launcher/export.py --base_model B --adapter_dir A --output_dir O --peft|--merge|--prune [--uniform_shapes]
+                              [--prune_width_multiple 64]
 
 - `--peft`: an adapter of a method Hugging Face PEFT has (LoRA, prefix, prompt, ptuning: `AdapterConfig.peft_type`)
   in PEFT's format; `peft.PeftModel.from_pretrained(base, out)` gives the same outputs as our adapted model.
 - `--merge`: a mergeable adapter (LoRA) folded into the base weights, written as a plain Hugging Face model folder.
 - `--prune`: a pruning adapter (stochastic gates) folded into the base and the closed rows, columns and heads cut out:
   a physically smaller model (`--uniform_shapes` pads all layers to one shape so that plain
-  `AutoModelForCausalLM.from_pretrained` loads it).
+  `AutoModelForCausalLM.from_pretrained` loads it; `--prune_width_multiple` rounds each layer's kept MLP width up to
+  a multiple of 64 by default, with closed units whose outputs are zero, for the matmul kernels).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from adapters_ds.distributed import closing_distributed
 from adapters_ds.errors import ArgumentParser, InputError, run_main
 from adapters_ds.export.merged import export_merged
 from adapters_ds.export.peft import export_peft
-from adapters_ds.export.pruned import export_pruned
+from adapters_ds.export.pruned import WIDTH_MULTIPLE, export_pruned
 from adapters_ds.fileio import check_output_dir
 from adapters_ds.hardware import CHECKPOINT, DTYPE_NAMES
 from adapters_ds.quantization import add_quantization_options, spec_from_args
@@ -42,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--uniform_shapes",
         action="store_true",
         help="with --prune: give every layer the same (largest kept) shapes, loadable by plain transformers",
+    )
+    parser.add_argument(
+        "--prune_width_multiple",
+        type=int,
+        help=f"with --prune: round each layer's kept MLP width up to a multiple of this (at most the full width) "
+        f"with closed units whose outputs are zero, so the export stays exact (default {WIDTH_MULTIPLE}; 1: off)",
     )
     parser.add_argument(
         "--dtype",
@@ -68,21 +76,28 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_args(argv)
         out = Path(args.output_dir)
         check_output_dir(out, allowed=args.overwrite)
-        if (args.uniform_shapes or args.dtype != CHECKPOINT) and not args.prune:
-            raise InputError("--uniform_shapes and --dtype only apply to --prune")
+        if (
+            args.uniform_shapes or args.dtype != CHECKPOINT or args.prune_width_multiple is not None
+        ) and not args.prune:
+            raise InputError("--uniform_shapes, --prune_width_multiple and --dtype only apply to --prune")
+        multiple = WIDTH_MULTIPLE if args.prune_width_multiple is None else args.prune_width_multiple
+        if multiple < 1:
+            raise InputError(f"--prune_width_multiple must be >= 1 (1: no rounding), found {multiple}")
         quantization = spec_from_args(args.quantization, args.double_quant)
         if quantization is not None and args.peft:
             raise InputError("--quantization applies to --merge and --prune (a PEFT adapter is the same either way)")
         if args.prune:
             record = export_pruned(
                 args.base_model, args.adapter_dir, args.output_dir, uniform=args.uniform_shapes, dtype=args.dtype,
-                quantization=quantization,
+                quantization=quantization, width_multiple=multiple,
             )  # fmt: skip
             counts = record["parameters"]
             print(
                 f"removed {counts['removed']:,} of {counts['base']:,} parameters "
                 f"({100 * counts['removed_fraction']:.1f} %; {100 * counts['blocks_removed_fraction']:.1f} % of the "
-                f"blocks); loads with plain transformers: {record['loads_with_transformers']}"
+                f"blocks; {100 * counts['blocks_removed_fraction_unpadded']:.1f} % without the "
+                f"{counts['width_padding_units']:,} closed MLP units kept to round widths to multiples of {multiple}); "
+                f"loads with plain transformers: {record['loads_with_transformers']}"
             )
         elif args.peft:
             export_peft(args.base_model, args.adapter_dir, args.output_dir)

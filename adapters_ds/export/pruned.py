@@ -36,6 +36,16 @@ the base sizes and `load_pruned_model` (reached through `adapters_ds.modeling.lo
 plain `transformers` class and resizes each layer's modules to the recorded shapes before loading the weights.
 `uniform=True` (`export --prune --uniform_shapes`) pads every layer to the largest kept sizes (with dead units,
 outputs unchanged) so that plain `from_pretrained` works, at some cost in speed.
+
+Kernel-friendly widths. `width_multiple` m (`export --prune_width_multiple`, default `WIDTH_MULTIPLE` = 64; 1: off)
+rounds each block's kept MLP width up to a multiple of m (at most the full width), keeping a few more dead units:
+the first closed ones, their consumer columns zeroed (they contribute exactly 0 already; zeroing makes it so
+whatever the activation), so the export stays exact. Matmul kernels tile the width: on a 2-core AVX-512 CPU an
+fp32 LLaMA MLP at width 1075 took 1.17× the time of width 1088 (1.15× at the 7B width 7706 against 7744), for
+1 % more FLOPs; bf16 gained less (-5 % to +11 %). KV groups are few and left as they are. The record's parameters
+say what the rounding kept (`width_padding_units`, `width_padding_parameters`) and what the export would remove
+without it (`blocks_removed_fraction_unpadded`: the closed units' share, the gates' gates/removed, unless
+`uniform` padded too), beside what it removes (`blocks_removed_fraction`).
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ from adapters_ds.adapters.inject import remove_adapters
 from adapters_ds.adapters.registry import METHODS, get_method
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
 from adapters_ds.errors import InputError
-from adapters_ds.families import Layout, layout_of
+from adapters_ds.families import Layout, layout_of, linear_dims
 from adapters_ds.fileio import atomic_dir, write_json
 from adapters_ds.hardware import CHECKPOINT
 from adapters_ds.modeling import has_tokenizer, load_base_model, load_tokenizer
@@ -64,8 +74,11 @@ from adapters_ds.pruned_model import (
     Geometry,
     geometry,
     shrink_block,
+    weight_out_in,
 )
 from adapters_ds.quantization import QuantSpec, round_trip
+
+WIDTH_MULTIPLE = 64  # kept MLP widths are rounded up to a multiple of it (see the module docstring)
 
 
 def plan_block(layout: Layout, geo: Geometry, z_rows: Callable, z_cols: Callable) -> BlockPlan:
@@ -138,6 +151,18 @@ def make_uniform(plans: list[BlockPlan], geo: Geometry, layout: Layout) -> list[
     return out
 
 
+def round_widths(plans: list[BlockPlan], geo: Geometry, multiple: int) -> list[BlockPlan]:
+    """Each block's kept MLP units rounded up to a multiple of `multiple` (at most the full width) with the first
+    units the plan leaves out (dead: they contribute exactly 0)."""
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise InputError(f"the kept-width multiple must be an integer >= 1 (1: no rounding), found {multiple!r}")
+    out = []
+    for plan in plans:
+        width = min(-(-len(plan.intermediate) // multiple) * multiple, geo.intermediate)
+        out.append(BlockPlan(plan.groups, _fill(plan.intermediate, range(geo.intermediate), width)))
+    return out
+
+
 def shape_of(plan: BlockPlan, geo: Geometry) -> dict[str, int]:
     return {
         "heads": len(plan.heads),
@@ -166,9 +191,11 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def prune_model(model: PreTrainedModel, uniform: bool = False) -> dict[str, Any]:
-    """Fold the gates into `model` and cut out the removable units, in place. Returns the shapes record
-    (what `pruned_shapes.json` holds, less the file provenance); updates `model.config` where it can state them."""
+def prune_model(model: PreTrainedModel, uniform: bool = False, width_multiple: int = 1) -> dict[str, Any]:
+    """Fold the gates into `model` and cut out the removable units, in place, each block's MLP width rounded up to a
+    multiple of `width_multiple` with dead units (1: no rounding; `export_pruned` defaults to `WIDTH_MULTIPLE`).
+    Returns the shapes record (what `pruned_shapes.json` holds, less the file provenance); updates `model.config`
+    where it can state them."""
     layout = layout_of(model.config.model_type)
     blocks = model.get_submodule(layout.blocks)
     geo = geometry(model.config, blocks[0], layout)
@@ -181,8 +208,16 @@ def prune_model(model: PreTrainedModel, uniform: bool = False) -> dict[str, Any]
     plans = [plan_block(layout, geo, lookup(i, 0), lookup(i, 1)) for i in range(len(blocks))]
     if uniform:
         plans = make_uniform(plans, geo, layout)
-    for block, plan in zip(blocks, plans, strict=True):
+    rounded = round_widths(plans, geo, width_multiple)
+    padding = [sorted(set(r.intermediate) - set(p.intermediate)) for p, r in zip(plans, rounded, strict=True)]
+    unit_cost = _mlp_unit_cost(blocks[0], layout)
+    for block, plan, pad in zip(blocks, rounded, padding, strict=True):
+        if pad:  # dead units: their output is 0 already, a zero column makes it so whatever the activation
+            with torch.no_grad():
+                weight_out_in(block.get_submodule(layout.mlp_out))[:, pad] = 0
         shrink_block(block, layout, geo, plan, copy=True)
+    plans = rounded
+    padded_units = sum(map(len, padding))
     shapes = [shape_of(plan, geo) for plan in plans]
     loads_plain = _write_config_sizes(model.config, layout, geo, shapes)
     pruned, pruned_blocks = _numel(model), _numel(blocks)
@@ -204,8 +239,22 @@ def prune_model(model: PreTrainedModel, uniform: bool = False) -> dict[str, Any]
             "blocks_base": base_block_params,
             "blocks_pruned": pruned_blocks,
             "blocks_removed_fraction": (base_block_params - pruned_blocks) / base_block_params,
+            "width_multiple": width_multiple,
+            "width_padding_units": padded_units,
+            "width_padding_parameters": padded_units * unit_cost,
+            "blocks_removed_fraction_unpadded": (base_block_params - pruned_blocks + padded_units * unit_cost)
+            / base_block_params,
         },
     }
+
+
+def _mlp_unit_cost(block: nn.Module, layout: Layout) -> int:
+    """Parameters one MLP unit holds: a row (and bias) of each producer, a column of the consumer."""
+    rows = 0
+    for name in layout.mlp_in:
+        module = block.get_submodule(name)
+        rows += linear_dims(name, module).in_features + (getattr(module, "bias", None) is not None)
+    return rows + linear_dims(layout.mlp_out, block.get_submodule(layout.mlp_out)).out_features
 
 
 def _write_config_sizes(config: Any, layout: Layout, geo: Geometry, shapes: list[dict[str, int]]) -> bool:
@@ -235,13 +284,15 @@ def export_pruned(
     uniform: bool = False,
     dtype: str = CHECKPOINT,
     quantization: QuantSpec | None = None,
+    width_multiple: int = WIDTH_MULTIPLE,
 ) -> dict[str, Any]:
     """Base model + gates adapter → a smaller model folder (see the module docstring). Returns the shapes record.
 
     `dtype` is that of the written weights: "checkpoint" keeps the base checkpoint's (the folded gates and LoRA are
     rounded to it, as a LoRA merge is); "float32" keeps the gated model's outputs exactly; "auto" is the project's
     rule (`hardware.resolve_dtype`). With `quantization` (the run's `--quantization`) the gates fold into the
-    dequantized weights they were trained against."""
+    dequantized weights they were trained against. `width_multiple`: each block's kept MLP width is rounded up to a
+    multiple of it with dead units (1: no rounding); the record's `target_sparsity` is the adapter's."""
     config, _ = read_adapter_config(adapter_dir)  # a wrong or corrupt adapter fails before the (slow) model load
     if not get_method(config.method).layer.prunable:
         prunable = sorted(name for name, method in METHODS.items() if method.layer.prunable)
@@ -252,8 +303,9 @@ def export_pruned(
     read_adapter_tensors(adapter_dir)
     model = round_trip(load_base_model(base_model, dtype=dtype), quantization)
     load_adapter(model, adapter_dir)
-    record = prune_model(model.eval(), uniform=uniform)
+    record = prune_model(model.eval(), uniform=uniform, width_multiple=width_multiple)
     record.update(base_model=base_model, adapter_dir=str(adapter_dir))
+    record["parameters"]["target_sparsity"] = getattr(config, "target_sparsity", None)
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / SHAPES_NAME, record)
