@@ -23,8 +23,12 @@ as the base model reading those tokens before each input, and the encoder's firs
 first step on through the last one (as LoRA's B = 0 start). `--ptuning_init random` keeps PEFT's form (and a saved
 config without `init`, written before the option, means that form).
 
-Default learning rate (`default_learning_rate`): 1e-3, Hugging Face PEFT's P-tuning example rate with AdamW for a
-frozen base (the paper's SuperGLUE runs tune the whole model with the encoder, so their rate does not carry over).
+Default learning rate (`default_learning_rate`): 3e-2, prompt tuning's (`prompt`): in the residual form E is a soft
+prompt whose gradient, while the encoder's last layer is near zero, is prompt tuning's, and at PEFT's P-tuning
+example rate, 1e-3, it barely moves in a short run. Measured on the main job (embedded model, 30 steps, 200 held-out
+problems, base 10.0 %): residual at 1e-3 +1.0 points (McNemar p 0.85), at 3e-2 +6.0 [+0.6, +11.6] (p 0.043); PEFT's
+form at 1e-3 +4.5 (p 0.11) and at 1e-2 +2.0. (The paper's SuperGLUE runs tune the whole model with the encoder, so
+their rate does not carry over.)
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ LSTM_LAYERS = 2  # PEFT's PromptEncoderConfig.encoder_num_layers
 class PTuningConfig(VirtualTokensConfig):
     method: ClassVar[str] = "ptuning"
     peft_type: ClassVar[str] = "P_TUNING"
-    default_learning_rate: ClassVar[float] = 1e-3
+    default_learning_rate: ClassVar[float] = 3e-2
 
     encoder_type: Literal["mlp", "lstm"] = option(
         "mlp", "ptuning: prompt encoder, an MLP (PEFT's default) or a bidirectional LSTM + MLP (the paper's)",
