@@ -10,9 +10,9 @@ the (possibly tied, partitioned) head weight as they would for full logits.
 Even those logits are (target tokens, vocab) in fp32: at a 152k vocabulary and 16k target tokens, 9.7 GB before
 the softmax's gradient. So the loss is chunked (`token_losses` on a `forward_targets(..., logits=False)`): the head's
 input at the target positions is captured, the head runs on no rows, and a custom autograd function computes the
-cross-entropy a chunk of tokens at a time, recomputing each chunk's logits in the backward (memory: one chunk of
-logits, whatever the vocabulary). A method whose extra loss terms read the logits (`batch_loss`: gates'
-distillation) gets them whole as before.
+cross-entropy a chunk of tokens at a time, with each token's gradient computed while its chunk's logits exist
+(memory: one chunk of logits, whatever the vocabulary, and the head's FLOPs of the full path). A method whose extra
+loss terms read the logits (`batch_loss`: gates' distillation) gets them whole as before.
 
 Beside the loss a run reports two narrower ones from the same per-token losses: the answer-only loss (the tokens of
 the response, whatever `--train_on_inputs` trains on: `answer_mask`) and the digit-token loss (the answer tokens
@@ -134,40 +134,40 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MB in fp32): peak memory indepe
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """Per-token cross-entropy of `head(hidden)`, a chunk of target tokens at a time, forward and backward: the
-    (targets, vocab) logits never exist whole. The backward recomputes each chunk's logits (softmax - one-hot, from
-    the saved log-sum-exp) instead of keeping them. The head is frozen; under ZeRO-3 its weight is gathered for each
-    pass (every rank runs the same passes, as a gather requires), and applied without calling the module, whose
-    ZeRO-3 hooks already ran once in the model's forward. Logits are computed in the head's dtype and taken to fp32,
-    exactly as the full path's `logits.float()`."""
+    """Per-token cross-entropy of `head(hidden)`, a chunk of target tokens at a time: the (targets, vocab) logits never
+    exist whole. The head is frozen, so the only gradient is the hidden states', and each token's loss depends on its
+    own row only: d loss_i / d hidden_i = (softmax_i - onehot_i) W, whatever the caller does with the losses. So the
+    forward, while it has a chunk's logits, also computes those rows (when `hidden` needs a gradient) and the backward
+    only scales them by the incoming per-token gradient: two passes over the head's matmul in all, as the full logits
+    take (forward and backward), instead of recomputing every chunk's logits in the backward; what is kept is
+    (targets, hidden), like `hidden` itself. Under ZeRO-3 the head's weight is gathered for the forward (every rank
+    runs the same passes, as a gather requires) and applied without calling the module, whose ZeRO-3 hooks already ran
+    once in the model's forward. Logits are computed in the head's dtype and taken to fp32, exactly as the full path's
+    `logits.float()`; the rows are cast to the head's dtype before the matmul with W, as the head's own backward."""
 
     @staticmethod
     def forward(ctx, hidden, targets, head, chunk):  # type: ignore[override]
-        losses, lse = [], []
-        with gathered(list(head.parameters())):
-            for start in range(0, hidden.shape[0], chunk):
-                logits = F.linear(hidden[start : start + chunk], head.weight, head.bias).float()  # (chunk, vocab)
-                lse.append(torch.logsumexp(logits, dim=-1))
-                losses.append(lse[-1] - logits.gather(1, targets[start : start + chunk, None]).squeeze(1))
-        ctx.save_for_backward(hidden, targets, torch.cat(lse) if lse else hidden.new_zeros(0, dtype=torch.float32))
-        ctx.head, ctx.chunk = head, chunk
-        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
-        hidden, targets, lse = ctx.saved_tensors
-        head, chunk = ctx.head, ctx.chunk
-        grads = []
+        losses, rows = [], []
         with gathered(list(head.parameters())):
             weight = head.weight  # (vocab, hidden)
             for start in range(0, hidden.shape[0], chunk):
                 end = min(start + chunk, hidden.shape[0])
                 logits = F.linear(hidden[start:end], weight, head.bias).float()  # (chunk, vocab)
-                grad = torch.exp(logits - lse[start:end, None])  # softmax
-                grad[torch.arange(end - start, device=grad.device), targets[start:end]] -= 1
-                grad *= grad_loss[start:end, None]
-                grads.append(grad.to(weight.dtype) @ weight)  # (chunk, hidden), as the head's own backward
-        return torch.cat(grads).to(hidden.dtype) if grads else torch.zeros_like(hidden), None, None, None
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = targets[start:end, None]
+                losses.append(lse - logits.gather(1, picked).squeeze(1))
+                if ctx.needs_input_grad[0]:
+                    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    grad.scatter_add_(1, picked, grad.new_full(picked.shape, -1.0))  # - onehot
+                    rows.append(grad.to(weight.dtype) @ weight)  # (chunk, hidden)
+        ctx.save_for_backward(torch.cat(rows) if rows else hidden.new_zeros((0, *hidden.shape[1:])))
+        ctx.hidden_dtype = hidden.dtype
+        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        return (rows.float() * grad_loss[:, None]).to(ctx.hidden_dtype), None, None, None
 
 
 def token_losses(forward: TargetForward, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
