@@ -40,6 +40,7 @@ from adapters_ds.demo.default_model import prepare_default_model
 from adapters_ds.demo.problems import default_splits
 from adapters_ds.evaluation.datasets import training_texts
 from adapters_ds.evaluation.stats import PAIRED_INTERVAL, PAIRED_TEST, accuracy_summary, paired_difference
+from adapters_ds.fileio import atomic_write_text
 from adapters_ds.mathdata.convert import gsm8k_to_records, mawps_to_records
 from adapters_ds.records import normalize_question, occurs_in_training, question_text, read_records
 
@@ -124,7 +125,7 @@ def full_test_set(args: argparse.Namespace, name: str) -> list[dict]:
 def scored_data_dir(args: argparse.Namespace, out: Path) -> Path:
     """A folder of <name>/test.json for the harness holding exactly the questions scored (`O/sets`): builtin whole
     (its 200 questions are what makes its intervals narrow), each `--data_dir` set its first `--limit`. Rewritten
-    when the selection changed, atomically (staged, then renamed)."""
+    when the selection changed, atomically (`fileio.atomic_write_text`)."""
     root = out / "sets"
     for name in args.datasets:
         records = full_test_set(args, name)
@@ -134,10 +135,7 @@ def scored_data_dir(args: argparse.Namespace, out: Path) -> Path:
         target = root / name / "test.json"
         if target.is_file() and target.read_text() == text:
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(".test.json.tmp")
-        staging.write_text(text)
-        staging.replace(target)
+        atomic_write_text(target, text)
     return root
 
 
