@@ -164,13 +164,20 @@ def find_family(model_type: str | None) -> Family | None:
     return _FAMILIES.get(model_type) if model_type is not None else None
 
 
+# How to go on with a model type that has no record: the end of every such error.
+_WITHOUT_RECORD = (
+    "LoRA, series and parallel adapters work on any model with --target_modules (module names, or an experts "
+    "module's parameter such as experts.down_proj); prompt and P-tuning need no record; for anything else register "
+    "a record (adapters_ds.families.register_family, e.g. in a module named by ADAPTERS_DS_METHODS)"
+)
+
+
 def family_of(model_type: str, needed_for: str) -> Family:
     """The record of `model_type`; for an unknown one an error saying what `needed_for` needs and how to go on."""
     if model_type not in _FAMILIES:
         raise InputError(
             f"{needed_for} needs a known model family; {model_type!r} has no record (known: {sorted(_FAMILIES)}); "
-            "LoRA, series and parallel adapters work on any model with --target_modules, or register a record "
-            "(adapters_ds.families.register_family, e.g. in a module named by ADAPTERS_DS_METHODS)"
+            + _WITHOUT_RECORD
         )
     return _FAMILIES[model_type]
 
@@ -280,7 +287,7 @@ for _family in (
 
 def layout_of(model_type: str) -> Layout:
     """The layout pruning (unit gates, the pruning export, the pruned-model loader) works from."""
-    family = family_of(model_type, "pruning")
+    family = family_of(model_type, "gates and pruning")
     if family.pruning is not None:
         raise InputError(f"gates and pruning cannot be applied to {model_type} models: {family.pruning}")
     return family.layout
@@ -311,8 +318,8 @@ def default_targets(model_type: str, roles: Iterable[Role], method: str, experts
     family = find_family(model_type)
     if family is None:
         raise InputError(
-            f"adapter method {method!r} has no default target modules for model type {model_type!r} (known: "
-            f"{sorted(_FAMILIES)}); give --target_modules explicitly"
+            f"adapter method {method!r} has no default target modules for model type {model_type!r}, which has no "
+            f"record (known: {sorted(_FAMILIES)}); " + _WITHOUT_RECORD
         )
     layout, roles = family.layout, tuple(roles)
     if layout.experts is not None and any(r in MLP_ROLES for r in roles) and not experts:

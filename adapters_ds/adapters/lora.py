@@ -41,14 +41,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters_ds.adapters.base import Adapter, AdapterConfig, Strategy, adapter_layers, check_range, option
+from adapters_ds.adapters.base import (
+    ADAPTER_ATTR,
+    Adapter,
+    AdapterConfig,
+    Strategy,
+    adapter_layers,
+    check_range,
+    option,
+)
 from adapters_ds.adapters.dropout import SharedDropout
-from adapters_ds.adapters.lora_experts import ExpertDims, ExpertLoRA, expert_dims, is_experts
+from adapters_ds.adapters.lora_experts import ExpertDims, ExpertLoRA, expert_dims, is_experts, is_router
 from adapters_ds.adapters.registry import register
 from adapters_ds.errors import InputError
 from adapters_ds.families import LinearDims
 from adapters_ds.quantization import QuantLinear, dense_weight
-from adapters_ds.zero import gathered
+from adapters_ds.zero import full_shape, gathered
 
 
 @dataclass
@@ -101,12 +109,13 @@ class LoRAConfig(AdapterConfig):
     def peft_config(self, layers: dict[str, Adapter]) -> dict[str, Any]:
         """PEFT's LoRA fields: our target matching rule (exact name or dotted suffix) is PEFT's, so the same modules
         are adapted; PEFT's DoRA norm and rsLoRA scale are ours, so both flags carry over as they are (LoRA+ only
-        changes training). LoRA on a mixture of experts' fused parameters goes to PEFT's `target_parameters`
-        (`lora_experts`), with `lora_dropout` 0, which PEFT requires there (dropout acts in training only, so the
-        exported model computes the same)."""
-        experts: dict[str, list[str]] = {}  # target name that selected experts modules or their parameters: PEFT's
-        for path, layer in layers.items():  # `target_parameters`
+        changes training). LoRA on a mixture of experts' fused parameters (`lora_experts`) or on its router's weight
+        (`RouterLoRA`) goes to PEFT's `target_parameters`, with `lora_dropout` 0, which PEFT requires there (dropout
+        acts in training only, so the exported model computes the same)."""
+        experts: dict[str, list[str]] = {}  # target name that selected experts modules or their parameters (or a
+        for path, layer in layers.items():  # router's weight): PEFT's `target_parameters`
             params = [name for name, _, _ in layer.dims.shapes] if isinstance(layer, ExpertLoRA) else []
+            params = ["weight"] if isinstance(layer, RouterLoRA) else params
             for t in self.target_modules if params else ():
                 if path == t or path.endswith("." + t):  # a target naming the module stands for its parameters
                     experts[t] = [f"{t}.{p}" for p in params]
@@ -129,9 +138,18 @@ class LoRAConfig(AdapterConfig):
         }
 
     def layer_dims(self, name: str, module: nn.Module) -> LinearDims | ExpertDims:
-        """A linear layer's shapes, or an experts module's fused expert matrices (`lora_experts`)."""
+        """A linear layer's shapes, an experts module's fused expert matrices (`lora_experts`), or a router's
+        weight (`RouterLoRA`)."""
         if is_experts(module):
             return expert_dims(name, module, self.use_dora, self.target_modules)
+        if is_router(module):
+            if self.use_dora:
+                raise InputError(
+                    f"lora with DoRA cannot adapt the router {name!r} ({type(module).__name__}, a bare weight; neither "
+                    "can PEFT): drop --use_dora or leave the router out of --target_modules"
+                )
+            out, inp = full_shape(module.weight)
+            return RouterDims(inp, out, transposed=False)
         return super().layer_dims(name, module)
 
 
@@ -290,10 +308,49 @@ class LoRA(Adapter):
                 self.merged_norm = None
 
 
+@dataclass(frozen=True)
+class RouterDims(LinearDims):
+    """A mixture of experts' router weight: (out, in) = (experts, hidden)."""
+
+
+class RouterLoRA(LoRA):
+    """LoRA on a mixture of experts' router (`lora_experts.is_router`), whose weight is a bare parameter read inside
+    the router's forward, before its softmax and top-k: the router's forward runs again on W + s·B A, so routing,
+    its normalisation and the router logits the auxiliary loss reads stay transformers' own. The same update as PEFT's
+    `target_parameters` on `<router>.weight`, and as there without dropout (the update is a weight, not a function
+    of a dropped input) or DoRA. Merging, the PEFT tensors and LoRA+'s groups are LoRA's."""
+
+    def hooks(self, base: nn.Module) -> list[Any]:
+        # first among the forward hooks: under ZeRO-3 the router's weight is still gathered (DeepSpeed's release
+        # hook comes later), and transformers' output recorder (router logits for the aux loss) sees the new output
+        return [base.register_forward_hook(_route_with_lora, prepend=True)]
+
+    def forward(self) -> torch.Tensor:  # type: ignore[override]
+        """s · B A in fp32, (experts, hidden)."""
+        return self.delta_weight()
+
+
+def _route_with_lora(router: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook of an adapted router: its output recomputed with `weight` = W + s·B A (the original output,
+    from W alone, is dropped). The weight is swapped for the call only; the module's parameter is never changed."""
+    adapter = getattr(router, ADAPTER_ATTR, None)
+    if adapter is None or adapter.merged:
+        return None
+    weight = router._parameters["weight"]
+    # through __call__, as ExpertLoRA: ZeRO-3's hooks see the adapter's parameters used
+    router._parameters["weight"] = weight + adapter().to(weight.dtype)  # (experts, hidden)
+    try:
+        return type(router).forward(router, *args)
+    finally:
+        router._parameters["weight"] = weight
+
+
 def lora_layer(config: LoRAConfig, dims: LinearDims | ExpertDims, dtype: torch.dtype, device: torch.device) -> Adapter:
-    """The LoRA layer for what `LoRAConfig.layer_dims` found: a linear layer or an experts module."""
+    """The LoRA layer for what `LoRAConfig.layer_dims` found: a linear layer, an experts module or a router."""
     if isinstance(dims, ExpertDims):
         return ExpertLoRA(config, dims, dtype, device)
+    if isinstance(dims, RouterDims):
+        return RouterLoRA(config, dims, dtype, device)
     return LoRA(config, dims, dtype, device)
 
 

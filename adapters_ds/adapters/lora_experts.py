@@ -16,8 +16,10 @@ transformers' eager loop.
 ZeRO-3: the experts module's forward is called on every rank whatever the routing, so its fused parameters are
 gathered collectively on every rank, and each pair of adapter tensors is one parameter for all experts, so every
 rank's backward produces its gradient (zeros for the experts its tokens did not reach): a batch that routes no token
-to some expert on one rank neither hangs nor changes the gradient. The router is a linear layer (`mlp.gate`),
-frozen unless named in `--target_modules`.
+to some expert on one rank neither hangs nor changes the gradient.
+
+The router (`mlp.gate`, a transformers `*TopKRouter`: a bare (experts, hidden) weight, not a linear layer) stays
+frozen unless named in `--target_modules`; then `lora.RouterLoRA` adapts its weight.
 
 PEFT's names (`export --peft`): `target_parameters` with lora_A.weight (experts · r, in) and lora_B.weight
 (out, r · experts), the parameters of one module nested (the first-registered one innermost, under `base_layer`).
@@ -55,6 +57,13 @@ def is_experts(module: nn.Module) -> bool:
     """A transformers experts module with fused 3-D expert parameters."""
     return all(isinstance(getattr(module, n, None), nn.Parameter) and len(full_shape(getattr(module, n))) == 3
                for n in FUSED)  # fmt: skip
+
+
+def is_router(module: nn.Module) -> bool:
+    """A transformers top-k router: one (experts, hidden) `weight` parameter, no linear layer, choosing `top_k`
+    experts per token from `F.linear(hidden, weight)`."""
+    own = dict(module.named_parameters(recurse=False))
+    return hasattr(module, "top_k") and set(own) == {"weight"} and len(full_shape(own["weight"])) == 2
 
 
 def expert_dims(name: str, module: nn.Module, use_dora: bool, targets: tuple[str, ...] | None = None) -> ExpertDims:

@@ -9,7 +9,8 @@ registered by one is known here. Used by test_families.py.
 CASES_JSON: {"<case>": {"base": DIR, "method": NAME, "options": {...}, "ranks": 2, "force_router": false}, ...}
 A case run by a single process with "ranks": 2 trains on both ranks' batches at once (the 2-rank run's reference).
 "force_router": rank 0's tokens are routed to experts 0 and 1 only (a forward hook on every router rewrites its
-choice), so on one rank the other experts get no token.
+choice), so on one rank the other experts get no token; a 2-rank forced case also records each rank's tokens per expert
+(summed over layers and steps) as "<case>_tokens_per_expert", the proof that the forcing happened.
 """
 
 from __future__ import annotations
@@ -55,7 +56,24 @@ def force_router(model: torch.nn.Module, rows: int) -> None:
         block.get_submodule(layout.router).register_forward_hook(hook)
 
 
-def train(base: str, method: str, options: dict, out: Path, ranks: int = 2, forced: bool = False) -> list[float]:
+def count_routed(model: torch.nn.Module) -> torch.Tensor:
+    """Tokens each expert receives in this process from now on (summed over layers and steps): a forward pre-hook on
+    every experts module reads the expert ids it is called with."""
+    layout = family_of(model.config.model_type, "counting routed tokens").layout
+    experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
+    counts = torch.zeros(experts, dtype=torch.long)
+
+    def hook(module, args):
+        counts.add_(torch.bincount(args[1].flatten().cpu(), minlength=experts))
+
+    for block in model.get_submodule(layout.blocks):
+        block.get_submodule(layout.experts).register_forward_pre_hook(hook)
+    return counts
+
+
+def train(
+    base: str, method: str, options: dict, out: Path, ranks: int = 2, forced: bool = False
+) -> tuple[list[float], list[list[int]] | None]:
     info = init_distributed()
     held = [info.rank] if info.world_size > 1 else list(range(ranks))  # whose batches this process trains on
     raw = load_ds_config(str(REPO / "ds_configs" / "zero3.json"))
@@ -71,6 +89,7 @@ def train(base: str, method: str, options: dict, out: Path, ranks: int = 2, forc
     engine.train()
     if forced:
         force_router(engine.module, MICRO * SEQ if held[0] == 0 else 0)
+        routed = count_routed(engine.module)
     batches = [batch(r) for r in held]
     data = {k: torch.cat([b[k] for b in batches]).to(engine.device) for k in batches[0]}
     losses = []
@@ -82,7 +101,8 @@ def train(base: str, method: str, options: dict, out: Path, ranks: int = 2, forc
     save_adapter(engine.module, adapter_config, out)
     del engine, built
     gc.collect()
-    return losses
+    per_rank = Ranks(start=False).gather(routed.tolist()) if forced and info.world_size > 1 else None
+    return losses, per_rank
 
 
 def main() -> None:
@@ -93,7 +113,9 @@ def main() -> None:
     for name, c in cases.items():
         where = out / "adapters" / name
         options, ranks, forced = c.get("options", {}), c.get("ranks", 2), c.get("force_router", False)
-        results[name] = train(c["base"], c["method"], options, where, ranks, forced)
+        results[name], routed = train(c["base"], c["method"], options, where, ranks, forced)
+        if routed is not None:
+            results[f"{name}_tokens_per_expert"] = routed
     if Ranks(start=False).is_main:
         (out / "results.json").write_text(json.dumps(results))
 

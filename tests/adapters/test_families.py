@@ -12,11 +12,23 @@ import peft
 import pytest
 import torch
 from launch import REPO, command, env
-from tiny_models import _LLAMA_LIKE, CONFIGS, KV, LAYERS, RECENT_CONFIGS, make_model, make_recent_model, sample_batch
+from tiny_models import (
+    _LLAMA_LIKE,
+    _MOE,
+    CONFIGS,
+    EXPERTS,
+    KV,
+    LAYERS,
+    RECENT_CONFIGS,
+    make_model,
+    make_recent_model,
+    sample_batch,
+)
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from adapters_ds import GatesConfig, InputError, LoRAConfig, ParallelConfig, SeriesConfig
-from adapters_ds.adapters.inject import inject_adapters, resolve_targets
+from adapters_ds.adapters.base import adapter_parameters
+from adapters_ds.adapters.inject import freeze_base, inject_adapters, resolve_targets
 from adapters_ds.adapters.prefix import PrefixConfig
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
 from adapters_ds.export.peft import export_peft
@@ -42,6 +54,33 @@ def test_default_targets_match_exactly_the_modules_of_their_roles(family, case):
         f"{layout.blocks}.{i}.{path}" for i in range(len(blocks)) for r in roles for path in role_paths(layout, r)
     }
     assert set(resolve_targets(model, config)) == expected
+
+
+_QKV_UP_DOWN = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+RECENT_DEFAULTS = {  # (lora, series pfeiffer, series houlsby, parallel), written from the architectures
+    **{f: (_QKV_UP_DOWN, ("down_proj",), ("o_proj", "down_proj"), ("up_proj", "down_proj"))
+       for f in ("llama3", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite")},
+    # fused [Q | K | V] and [gate | up]: LoRA on the fused matrices, Parallel on the fused up (it adds to its up half)
+    "phi3": (("qkv_proj", "gate_up_proj", "down_proj"), ("down_proj",), ("o_proj", "down_proj"),
+             ("gate_up_proj", "down_proj")),
+    # the MLP is the experts module (both fused 3-D parameters); bottlenecks have no linear MLP layer to sit on
+    **{f: (("q_proj", "k_proj", "v_proj", "experts"), None, None, None) for f in ("mixtral", "qwen3_moe", "olmoe")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(RECENT_CONFIGS))
+def test_recent_families_default_targets_map_the_reference_recipe_to_their_layouts(family):
+    model = make_recent_model(family)
+    model_type = model.config.model_type
+    configs = (LoRAConfig(), SeriesConfig(), SeriesConfig(preset="houlsby"), ParallelConfig())
+    for config, expected in zip(configs, RECENT_DEFAULTS[family], strict=True):
+        if expected is None:
+            with pytest.raises(InputError, match=rf"cannot adapt the MLP of {model_type} models: .*mixture of experts"):
+                config.default_targets(model_type)
+            continue
+        assert config.default_targets(model_type) == expected
+        blocks = len(model.model.layers)
+        assert len(resolve_targets(model, config)) == blocks * len(expected)  # one module per name and block
 
 
 def test_every_tested_family_has_a_layout():
@@ -87,6 +126,56 @@ def _toy_model():
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def _unrecorded_moe():
+    """Qwen2-MoE, which has no record here: fused experts beside a shared expert."""
+    config = AutoConfig.for_model("qwen2_moe", **{**_LLAMA_LIKE, **_MOE}, num_experts=EXPERTS,
+                                  shared_expert_intermediate_size=16)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "config", "adapted"),
+    [
+        (_toy_model, LoRAConfig(target_modules=("q_proj", "c_fc")), ("self_attn.q_proj", "mlp.c_fc")),
+        (_toy_model, SeriesConfig(target_modules=("o_proj", "c_proj")), ("self_attn.o_proj", "mlp.c_proj")),
+        (_toy_model, ParallelConfig(target_modules=("c_fc",)), ("mlp.c_fc",)),
+        (
+            _unrecorded_moe,
+            LoRAConfig(target_modules=("q_proj", "experts.down_proj")),
+            ("self_attn.q_proj", "mlp.experts"),
+        ),
+        (_unrecorded_moe, SeriesConfig(target_modules=("shared_expert.down_proj",)), ("mlp.shared_expert.down_proj",)),
+    ],
+)
+def test_a_family_without_a_record_trains_lora_series_and_parallel_on_named_targets(build, config, adapted):
+    model = build()
+    assert model.config.model_type not in families()
+    assert set(inject_adapters(model, config)) == {f"model.layers.{i}.{a}" for i in range(LAYERS) for a in adapted}
+    freeze_base(model)
+    batch = sample_batch()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in adapter_parameters(model).values())
+
+
+@pytest.mark.parametrize("build", [_toy_model, _unrecorded_moe])
+@pytest.mark.parametrize(
+    ("config", "needed_for"),
+    [
+        (LoRAConfig(), "adapter method 'lora' has no default target modules"),
+        (GatesConfig(), "adapter method 'gates' has no default target modules"),
+        (GatesConfig(target_modules=("q_proj",)), "gates and pruning needs a known model family"),
+        (PrefixConfig(num_virtual_tokens=3), "prefix tuning needs a known model family"),
+    ],
+)
+def test_a_family_without_a_record_says_how_to_go_on(build, config, needed_for):
+    with pytest.raises(InputError) as caught:
+        inject_adapters(build(), config)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(needed_for) and "has no record" in message
+    assert "--target_modules" in message and "register_family" in message
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One 2-rank ZeRO-3 launch for every case: the toy family's LoRA and prefix (its record registered by a plugin
@@ -101,6 +190,8 @@ def trained(tmp_path_factory):
     for family in RECENT_CONFIGS:
         make_recent_model(family).save_pretrained(root / family)
         cases[family] = {"base": str(root / family), "method": "lora", "options": LORA}
+    router = {**LORA, "target_modules": ["q_proj", "experts", "mlp.gate"]}  # experts and the router adapted
+    cases["mixtral_router"] = {"base": str(root / "mixtral"), "method": "lora", "options": router}
     forced = {"base": str(root / "mixtral"), "method": "lora", "options": LORA, "force_router": True}
     cases["moe_forced"] = forced
     results = {}
@@ -135,22 +226,37 @@ def test_a_family_registered_in_one_place_trains_lora_and_prefix(trained):
         inject_adapters(_toy_model(), PrefixConfig(num_virtual_tokens=3))
 
 
+def _trained_and_exported_with_equal_logits(root: Path, case: str, family: str, out: Path) -> LoRAConfig:
+    """The case's adapter moved away from zero, and its PEFT export gives the logits of the adapter loaded here."""
+    base_dir, adapter_dir = root / family, root / "adapters" / case
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    load_adapter(model, adapter_dir)
+    assert any(t.abs().sum() > 0 for n, t in read_adapter_tensors(adapter_dir).items() if "lora_B" in n)
+    export_peft(str(base_dir), str(adapter_dir), str(out))
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
+    batch = sample_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
+    return read_adapter_config(adapter_dir)[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(RECENT_CONFIGS))
 def test_lora_with_default_targets_trains_on_two_ranks_and_exports_to_peft(trained, family, tmp_path):
     root, losses = trained
     assert len(losses[family]) == 4 and losses[family][-1] < losses[family][0], losses[family]
-    base_dir, adapter_dir = root / family, root / "adapters" / family
-    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    load_adapter(model, adapter_dir)
-    config, _ = read_adapter_config(adapter_dir)
-    assert config.target_modules == LoRAConfig().default_targets(model.config.model_type)
-    assert any(t.abs().sum() > 0 for n, t in read_adapter_tensors(adapter_dir).items() if "lora_B" in n)
-    export_peft(str(base_dir), str(adapter_dir), str(tmp_path / "peft"))
-    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "peft")
-    batch = sample_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model.eval()(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
+    config = _trained_and_exported_with_equal_logits(root, family, family, tmp_path / "peft")
+    model_type = RECENT_CONFIGS[family]().model_type
+    assert config.target_modules == LoRAConfig().default_targets(model_type)
+
+
+@pytest.mark.slow
+def test_lora_on_experts_and_router_trains_on_two_ranks_and_exports_to_peft(trained, tmp_path):
+    root, losses = trained
+    assert losses["mixtral_router"][-1] < losses["mixtral_router"][0], losses["mixtral_router"]
+    tensors = read_adapter_tensors(root / "adapters" / "mixtral_router")
+    assert all(tensors[f"model.layers.{i}.mlp.gate.adapter.lora_B"].abs().sum() > 0 for i in range(LAYERS))
+    _trained_and_exported_with_equal_logits(root, "mixtral_router", "mixtral", tmp_path / "peft")
 
 
 @pytest.mark.slow
@@ -158,5 +264,7 @@ def test_moe_rank_whose_tokens_skip_experts_neither_hangs_nor_changes_the_losses
     """Rank 0 routes no token to experts 2 and 3, rank 1 does: the 2-rank ZeRO-3 run finishes and its losses are
     those of one process training on both batches (fp32)."""
     _, losses = trained
+    routed = losses["moe_forced_tokens_per_expert"]  # per rank, tokens per expert over the whole run
+    assert routed[0][2:] == [0, 0] and min(routed[0][:2]) > 0 and min(routed[1]) > 0, routed
     assert losses["moe_forced"][-1] < losses["moe_forced"][0]
     torch.testing.assert_close(losses["moe_forced"], losses["moe_forced_one_process"], rtol=1e-5, atol=1e-6)

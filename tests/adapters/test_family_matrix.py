@@ -8,7 +8,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from tiny_models import MOE_FAMILIES, RECENT_CONFIGS, VOCAB, make_recent_model, sample_batch
+from tiny_models import LAYERS, MOE_FAMILIES, RECENT_CONFIGS, TOP_K, VOCAB, make_recent_model, sample_batch
 from tiny_tokenizer import make_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -204,6 +204,48 @@ def test_expert_lora_on_named_parameters_exports_to_peft_with_equal_logits(targe
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")(**batch).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert (ours - base).abs().max() > 1e-3  # the adapters change the outputs
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_the_router_stays_frozen_by_default_and_lora_on_it_routes_trains_and_exports_to_peft(family, tmp_path):
+    """Default targets leave the router (a bare weight, not a linear layer) frozen; named, its weight gets a LoRA
+    pair: the routing and the router logits the aux loss reads follow it, a backward reaches it, and PEFT's
+    `target_parameters` export gives equal logits."""
+    model = make_recent_model(family)
+    inject_adapters(model, LoRAConfig(r=2, dropout=0.0))
+    freeze_base(model)
+    router_params = [n for n, p in model.named_parameters() if ".mlp.gate." in n]
+    assert router_params and not any(model.get_parameter(n).requires_grad for n in router_params)
+    make_recent_model(family).save_pretrained(tmp_path / "base")
+    model, batch = make_recent_model(family), sample_batch()
+    with torch.no_grad():  # before injection: transformers' router-logit recorder hooks come first
+        base_logits = model(**batch, output_router_logits=True).router_logits
+    config = LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=("q_proj", "mlp.gate"))
+    assert [p for p in inject_adapters(model, config) if p.endswith("gate")] == [
+        f"model.layers.{i}.mlp.gate" for i in range(LAYERS)
+    ]
+    freeze_base(model)
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            p.normal_(std=0.5)
+        adapted = model(**batch, output_router_logits=True).router_logits
+    choices = [t.topk(TOP_K, dim=-1).indices.sort(dim=-1).values for t in (*base_logits, *adapted)]
+    assert any(not torch.equal(a, b) for a, b in zip(choices[:LAYERS], choices[LAYERS:], strict=True))
+    model.train()
+    assert enable_router_aux_loss(model)
+    model(**_labelled(batch)).loss.backward()
+    grads = {n: p.grad for n, p in adapter_parameters(model).items() if ".mlp.gate." in n}
+    assert len(grads) == 2 * LAYERS and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.eval()
+    save_adapter(model, config, tmp_path / "adapter")
+    export_peft(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "peft"))
+    base_model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = peft.PeftModel.from_pretrained(base_model, tmp_path / "peft")
+    assert set(peft_model.peft_config["default"].target_parameters) == {"mlp.gate.weight"}
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"DoRA cannot adapt the router 'model.layers.0.mlp.gate'"):
+        inject_adapters(make_recent_model(family), LoRAConfig(use_dora=True, target_modules=("mlp.gate",)))
 
 
 def test_tensor_parallel_evaluation_refuses_the_families_autotp_cannot_shard_by_name(tmp_path):

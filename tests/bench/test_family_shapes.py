@@ -29,10 +29,19 @@ EXPECTED = {  # per layer × layers, written from the published configs
 }  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def rows() -> dict[str, dict]:
+    return {name: family_shapes.measure(name) for name in family_shapes.SHAPES}
+
+
 @pytest.mark.parametrize("name", EXPECTED)
-def test_default_lora_counts_and_zero3_replication_on_real_shapes(name):
-    row = family_shapes.measure(name)
-    assert row["lora_trainable"] == EXPECTED[name]
+def test_default_lora_counts_on_real_shapes(rows, name):
+    assert rows[name]["lora_trainable"] == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", list(family_shapes.SHAPES))
+def test_every_adapter_tensor_whole_and_the_base_partitioned_on_real_shapes(rows, name):
+    row = rows[name]
     layers = family_shapes.SHAPES[name][1]["num_hidden_layers"]
     assert row["adapter_tensors_whole"] == 2 * layers * len(row["lora_targets"]) + (
         2 * layers if "experts" in row["lora_targets"] else 0  # experts: a pair for each of the two fused matrices
