@@ -5,6 +5,8 @@ where the record allows packing, and batched cached generation with left padding
 
 from __future__ import annotations
 
+import re
+
 import peft
 import pytest
 import torch
@@ -165,6 +167,29 @@ def test_the_models_router_aux_loss_joins_the_training_loss_and_is_logged(family
     torch.testing.assert_close(metrics["moe/router_aux_loss"], expected.item(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close((terms.total / n).detach(), reference.loss, rtol=1e-5, atol=1e-6)
     assert expected > 0
+
+
+@pytest.mark.slow
+def test_a_training_run_on_a_mixture_of_experts_logs_the_router_aux_loss(tmp_path):
+    """The real training command on a tiny Mixtral (one process, ZeRO-3 fp32): the aux loss on the log line and in
+    TensorBoard at every logged step."""
+    from launch import run, write_train_assets
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assets = write_train_assets(tmp_path)
+    make_recent_model("mixtral").save_pretrained(tmp_path / "mixtral")
+    make_tokenizer().save_pretrained(tmp_path / "mixtral")
+    out = tmp_path / "run"
+    result = run(["--ds_config", str(assets / "zero3_fp32.json"), "--base_model", str(tmp_path / "mixtral"),
+         "--data_path", str(assets / "data.json"), "--output_dir", str(out), "--adapter", "lora", "--max_steps", "2",
+         "--logging_steps", "1", "--micro_batch_size", "2", "--batch_size", "2", "--cutoff_len", "64",
+         "--save_steps", "0", "--val_set_size", "0"], launcher="python", nproc=1)  # fmt: skip
+    logged = re.findall(r"step (\d)/2 \| loss .* \| moe/router_aux_loss (\S+)", result.stdout + result.stderr)
+    assert [step for step, _ in logged] == ["1", "2"] and all(float(v) > 0 for _, v in logged), logged
+    events = EventAccumulator(str(out / "tensorboard" / "train"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("moe/router_aux_loss")] == [1, 2]
+    assert all(e.value > 0 for e in events.Scalars("moe/router_aux_loss"))
 
 
 def test_parallel_on_a_fused_gate_up_projection_adds_to_the_up_half_only():
