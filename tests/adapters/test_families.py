@@ -30,6 +30,8 @@ from adapters_ds import GatesConfig, InputError, LoRAConfig, ParallelConfig, Ser
 from adapters_ds.adapters.base import adapter_parameters
 from adapters_ds.adapters.inject import freeze_base, inject_adapters, resolve_targets
 from adapters_ds.adapters.prefix import PrefixConfig
+from adapters_ds.adapters.prompt import PromptConfig
+from adapters_ds.adapters.ptuning import PTuningConfig
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
 from adapters_ds.export.peft import export_peft
 from adapters_ds.families import ROLES, families, layout_of, role_paths
@@ -152,6 +154,16 @@ def test_a_family_without_a_record_trains_lora_series_and_parallel_on_named_targ
     model = build()
     assert model.config.model_type not in families()
     assert set(inject_adapters(model, config)) == {f"model.layers.{i}.{a}" for i in range(LAYERS) for a in adapted}
+    freeze_base(model)
+    batch = sample_batch()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in adapter_parameters(model).values())
+
+
+@pytest.mark.parametrize("config", [PromptConfig(num_virtual_tokens=3), PTuningConfig(num_virtual_tokens=3)])
+def test_a_family_without_a_record_trains_prompt_methods_as_they_are(config):
+    model = _toy_model()
+    assert inject_adapters(model, config) == [""]  # the model itself: its input embeddings
     freeze_base(model)
     batch = sample_batch()
     model(**batch, labels=batch["input_ids"]).loss.backward()
