@@ -192,6 +192,28 @@ def test_a_training_run_on_a_mixture_of_experts_logs_the_router_aux_loss(tmp_pat
     assert all(e.value > 0 for e in events.Scalars("moe/router_aux_loss"))
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("case", ["dora", "series", "parallel"])
+def test_methods_refused_on_experts_work_on_a_mixture_of_experts_attention(family, case):
+    """What the matrix refuses on a mixture of experts' MLP works on its attention with --target_modules."""
+    config = {
+        "dora": LoRAConfig(r=2, dropout=0.0, use_dora=True, target_modules=("q_proj", "o_proj")),
+        "series": SeriesConfig(bottleneck_size=4, target_modules=("o_proj",)),
+        "parallel": ParallelConfig(bottleneck_size=4, target_modules=("o_proj",)),
+    }[case]
+    model = make_recent_model(family)
+    batch = sample_batch()
+    with torch.no_grad():
+        base = model(**batch).logits
+    inject_adapters(model, config)
+    freeze_base(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=1e-5)
+    model.train()
+    causal_lm_loss_sum(model, _labelled(batch)).backward()
+    assert all(p.grad is not None for p in adapter_parameters(model).values())
+
+
 def test_parallel_on_a_fused_gate_up_projection_adds_to_the_up_half_only():
     model = make_recent_model("phi3")
     inject_adapters(model, ParallelConfig(bottleneck_size=4))
