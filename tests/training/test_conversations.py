@@ -159,8 +159,10 @@ def test_truncation_keeps_whole_turns(tmp_path, caplog):
         assert cut[0]["input_ids"] == full[0]["input_ids"][:first_end]
         assert cut_shown[0]["trained_segments"] == shown[0]["trained_segments"][:1]
     assert "and 1 assistant turns" in caplog.text
-    with pytest.raises(InputError, match="first assistant turn fits"):
+    with pytest.raises(InputError, match="first trained assistant turn fits"):
         examples(tmp_path, tok, [MULTI_TURN], cutoff_len=first_end - 1)
+    with pytest.raises(InputError, match="first trained assistant turn fits"):  # the last turn is the one trained
+        examples(tmp_path, tok, [MULTI_TURN], cutoff_len=len(labels) - 1, train_on_turns="last")
 
 
 @pytest.mark.parametrize("per_example_attention", [False, True])
