@@ -171,9 +171,13 @@ def monitor_sections(trackers: list[str], output_dir: str | Path, job_name: str 
     return sections
 
 
-def finish_trackers() -> None:
-    """End the W&B run DeepSpeed's monitor started (it never does): its last events are flushed and its files
-    complete before the process ends (the launcher's ranks may leave without running exit handlers)."""
+def finish_trackers(monitor: Any) -> None:
+    """End the W&B run and the Comet experiment that DeepSpeed's monitor (`engine.monitor`, or None) started (it
+    never does): their last events are flushed and their files complete (Comet's offline archive is empty until
+    then) before the process ends (the launcher's ranks may leave without running exit handlers)."""
+    comet = getattr(monitor, "comet_monitor", None)
+    if comet is not None and comet.experiment is not None:
+        comet.experiment.end()
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
