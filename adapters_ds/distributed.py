@@ -124,6 +124,18 @@ def launched_world_size(env: dict[str, str] | None = None) -> int:
     return 1
 
 
+def launched_rank(env: dict[str, str] | None = None) -> int:
+    """This process's rank as announced by its launcher (as `launched_world_size`), before any process group
+    exists; 0 for a plain process."""
+    env = os.environ if env is None else env
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    if "SLURM_STEP_NUM_TASKS" in env:
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
 class Ranks:
     """This process's place among the ranks, with the collectives the project uses.
 
