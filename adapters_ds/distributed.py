@@ -250,11 +250,12 @@ def group_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     return tensor
 
 
-def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Rank `src`'s `tensor` on every rank, in place, returned; the identity without a process group."""
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0, group: Any = None) -> torch.Tensor:
+    """Rank `src`'s `tensor` (`src` a global rank) on every rank of `group` (default: all), in place, returned; the
+    identity without a process group. Every rank of the group must call it."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        dist.broadcast(tensor, src)
+        dist.broadcast(tensor, src, group=group)
     return tensor
 
 

@@ -125,3 +125,11 @@ def test_a_config_is_data_injection_and_preparation_neither_read_files_nor_chang
         strategy_for(resolved).prepare(model)
     assert resolved.to_dict() == saved
     assert type(resolved).from_dict(saved).to_dict() == saved  # the saved form rebuilds the same config
+
+
+@pytest.mark.parametrize("method", sorted(adapters_ds.METHODS))
+def test_how_a_method_trains_is_its_strategy_not_its_config(method):
+    registered = get_method(method)
+    hooks = [name for name in vars(adapters_ds.Strategy) if not name.startswith("_")]
+    assert hooks and not [name for name in hooks if hasattr(registered.config, name)], method
+    assert issubclass(registered.strategy, adapters_ds.Strategy)
