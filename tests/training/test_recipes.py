@@ -153,3 +153,12 @@ def test_a_bad_recipe_key_is_an_error_naming_it(recipe, tmp_path, line, message)
     bad.write_text((recipe / "recipe.yaml").read_text() + line + "\n")
     with pytest.raises(InputError, match=message):
         parse_train_args(["--config", str(bad)])
+
+
+def test_saved_arguments_without_their_method_are_an_error(tmp_path):
+    """Which method options a saved run repeats with depends on its `adapter`: a record without it is refused, not
+    read as some default method's."""
+    saved = tmp_path / "train_args.json"
+    saved.write_text(json.dumps({"args": {"learning_rate": 0.1}, "ds_config": {}}))
+    with pytest.raises(InputError, match=r"expected the run's 'adapter' in 'args'; found None"):
+        parse_train_args(["--config", str(saved)])

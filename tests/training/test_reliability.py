@@ -618,8 +618,8 @@ def test_a_command_that_is_its_process_exits_with_its_own_code_after_ending_its_
         assert "Traceback" in result.stderr  # printed as Python prints an uncaught exception
 
 
-# Runs per launcher: 3 in the suite (a run is ~10-25 s on 2 cores; the suite stays within its 30 minutes);
-# ADAPTERS_DS_EXIT_RUNS=20 for the full table (40 runs, every rank 0: the closing note of issue 17).
+# Runs per launcher: 3 in the suite, which keeps the suite's time in bounds; ADAPTERS_DS_EXIT_RUNS=20 for a fuller
+# count (40 runs).
 EXIT_RUNS = int(os.environ.get("ADAPTERS_DS_EXIT_RUNS", "3"))
 
 
