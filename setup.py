@@ -25,9 +25,10 @@ setup(
         "pydantic>=2",  # DeepSpeed's config validation errors (training/ds_config.py)
         "filelock>=3.12",  # one rank converts the embedded model while the others wait (demo/default_model.py)
         "pyyaml>=6.0",  # --config recipe files
+        "jinja2>=3.1",  # chat templates: transformers renders them with it, training/chat_data.py catches its errors
     ],
     extras_require={
-        "test": ["pytest>=8", "peft>=0.17", "ruff>=0.6", "tokenizers>=0.20"],
+        "test": ["pytest>=8", "peft>=0.17", "ruff>=0.6", "tokenizers>=0.20", "packaging>=23"],
         "mpi": ["mpi4py>=3.1"],
         "demo": ["gguf>=0.10", "accelerate>=1.0"],
         "quant": ["bitsandbytes>=0.47"],  # --quantization (its CPU path: 4-bit since 0.47)

@@ -124,6 +124,18 @@ def launched_world_size(env: dict[str, str] | None = None) -> int:
     return 1
 
 
+def launched_rank(env: dict[str, str] | None = None) -> int:
+    """This process's rank as announced by its launcher (as `launched_world_size`), before any process group
+    exists; 0 for a plain process."""
+    env = os.environ if env is None else env
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    if "SLURM_STEP_NUM_TASKS" in env:
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
 class Ranks:
     """This process's place among the ranks, with the collectives the project uses.
 
@@ -238,11 +250,12 @@ def group_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     return tensor
 
 
-def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Rank `src`'s `tensor` on every rank, in place, returned; the identity without a process group."""
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0, group: Any = None) -> torch.Tensor:
+    """Rank `src`'s `tensor` (`src` a global rank) on every rank of `group` (default: all), in place, returned; the
+    identity without a process group. Every rank of the group must call it."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        dist.broadcast(tensor, src)
+        dist.broadcast(tensor, src, group=group)
     return tensor
 
 

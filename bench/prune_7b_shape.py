@@ -1,4 +1,4 @@
-"""A 7B-shape estimate of what the unit gates' pruning buys (issue 32): the forward time of a stack of LLaMA-7B-shaped
+"""A 7B-shape estimate of what the unit gates' pruning buys: the forward time of a stack of LLaMA-7B-shaped
 decoder blocks before and after removing --share of their parameters by the rule the gates use, on this CPU.
 
     python bench/prune_7b_shape.py [--layers 2] [--share 0.3] [--batch 1] [--seq 512] [--reps 3]

@@ -14,7 +14,7 @@ base, on the embedded model and the built-in problems, in one run (resumable).
    its defaults and `--gate_target_sparsity` s for every s of `--sparsities`, `--steps` each; `--gate K=V` passes
    `--gate_K V` to the gates runs (`--gate distill=1 --gate teacher=DIR`: distillation from the LoRA adapter in
    DIR). `--teacher_from_lora` makes this run's own LoRA reference (trained first) the gates runs' dense teacher
-   (`--gate_teacher <its adapter>`), the fine-tuned teacher of issue 32's first lever; it needs the weight,
+   (`--gate_teacher <its adapter>`): a fine-tuned dense teacher for the distillation; it needs the weight,
    `--gate distill=W` with W > 0 (the trainer refuses a teacher without one), and a LoRA run (`--lora_steps` > 0).
    `--floor` adds, at every s (or at the shares it lists), a gates run that closes random units
    (`--gate_importance random`): what the same schedule and recovery give without the importance estimates.

@@ -1,4 +1,5 @@
-"""The README's library example runs as printed, through the public API of `adapters_ds`."""
+"""The README's library example runs as printed, through the public API of `adapters_ds`, and its --preview_data
+command prints what it shows."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from tiny_models import make_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import adapters_ds
+from adapters_ds.cli.train import run as train_command
+from adapters_ds.demo.default_model import default_model_dir, is_complete
 from adapters_ds.training.args import adapter_config, parse_train_args
 from adapters_ds.training.persistence import check_share, plan_persistence
 
@@ -84,3 +87,20 @@ def test_every_method_trains_under_the_shipped_zero3_config_as_printed(tmp_path,
         plan = plan_persistence(model)
         check_share(plan, args.max_replicated_base_share)
         assert plan.base_replicated_share < 0.001 and plan.adapters, argv
+
+
+def test_the_readme_preview_is_what_the_command_prints(tmp_path, monkeypatch, capsys):
+    """The README's --preview_data command on its example records (as chat.jsonl) prints its output line."""
+    if not is_complete(default_model_dir()):
+        pytest.skip("the embedded model is prepared by .ci/setup")
+    readme = (REPO / "README.md").read_text()
+    records = readme.split("so one file may mix them:\n\n```json\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "chat.jsonl").write_text(re.sub(r"\n\s+", " ", records))  # one record a line
+    command, printed = readme.split("--preview_data N` prints", 1)[1].split("```bash\n", 1)[1].split("\n{", 1)
+    argv = shlex.split(command.replace("\\\n", " "), comments=True)[2:]  # less "python launcher/train.py"
+    argv[argv.index("--base_model") + 1] = str(default_model_dir())
+    argv[argv.index("--chat_template") + 1] = str(REPO / "slurm" / "recipes" / "chatml_tools.jinja")
+    monkeypatch.chdir(tmp_path)
+    train_command(argv)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [json.loads(line) for line in lines] == [json.loads("{" + printed.split("\n```", 1)[0])]

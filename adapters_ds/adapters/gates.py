@@ -75,6 +75,8 @@ class GatedConfig(AdapterConfig):
             raise InputError(f"{self.method} lora_r must be an integer >= 0, found {self.lora_r!r}")
         if self.lora_alpha is not None:
             check_range(f"{self.method} lora_alpha", self.lora_alpha, 0, low_inclusive=False)
+            if self.lora_r == 0:  # it would be silently ignored
+                raise InputError("--gate_lora_alpha does not apply with --gate_lora_r 0 (no LoRA inside the gates)")
 
     @property
     def keep(self) -> float:

@@ -58,6 +58,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from adapters_ds.adapters.base import Adapter, option
 from adapters_ds.adapters.registry import register
 from adapters_ds.adapters.virtual_tokens import (
+    ENCODER_HIDDEN_SIZE,
     ENCODER_HIDDEN_SIZE_HELP,
     INIT_HELP,
     InitName,
@@ -97,7 +98,7 @@ class PrefixConfig(VirtualTokensConfig):
     projection: bool = option(
         False, "prefix: train the prefixes through an MLP (folded away on export)", flag="prefix_projection"
     )
-    encoder_hidden_size: int = option(128, ENCODER_HIDDEN_SIZE_HELP, flag="encoder_hidden_size")
+    encoder_hidden_size: int = option(ENCODER_HIDDEN_SIZE, ENCODER_HIDDEN_SIZE_HELP, flag="encoder_hidden_size")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +106,15 @@ class PrefixConfig(VirtualTokensConfig):
             raise InputError(f"prefix projection must be true or false, found {self.projection!r}")
         check_count("prefix encoder_hidden_size", self.encoder_hidden_size)
         self.init_token_ids = check_init("prefix", self.init, self.init_text, self.init_token_ids)
+        # an option of the other mode would be silently ignored: the MLP starts at random, real-token prefixes have
+        # no MLP (encoder_hidden_size is compared with its default, which both modes share)
+        if self.projection and self.init_text is not None:
+            raise InputError("--prefix_init_text does not apply with --prefix_projection (its MLP starts at random)")
+        if not self.projection and self.encoder_hidden_size != ENCODER_HIDDEN_SIZE:
+            raise InputError(
+                f"--encoder_hidden_size {self.encoder_hidden_size} applies to prefix tuning only with "
+                "--prefix_projection (the width of its MLP)"
+            )
 
     def resolve(self, tokenizer: Any) -> PrefixConfig:
         return self if self.projection else resolve_init(self, tokenizer)

@@ -43,6 +43,7 @@ from torch import nn
 from adapters_ds.adapters.base import option
 from adapters_ds.adapters.registry import register
 from adapters_ds.adapters.virtual_tokens import (
+    ENCODER_HIDDEN_SIZE,
     ENCODER_HIDDEN_SIZE_HELP,
     INIT_HELP,
     InitName,
@@ -69,7 +70,7 @@ class PTuningConfig(VirtualTokensConfig):
         "mlp", "ptuning: prompt encoder, an MLP (PEFT's default) or a bidirectional LSTM + MLP (the paper's)",
         flag="encoder_type",
     )  # fmt: skip
-    encoder_hidden_size: int = option(128, ENCODER_HIDDEN_SIZE_HELP, flag="encoder_hidden_size")
+    encoder_hidden_size: int = option(ENCODER_HIDDEN_SIZE, ENCODER_HIDDEN_SIZE_HELP, flag="encoder_hidden_size")
     init: InitName = option(
         "vocab", "ptuning: " + INIT_HELP + "; vocab and a text make the encoder residual, P = E + encoder(E)",
         flag="ptuning_init",

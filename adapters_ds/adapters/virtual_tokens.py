@@ -42,6 +42,7 @@ INIT_HELP = (
     "initialisation without an init text: vocab (from real tokens sampled from the vocabulary's first "
     f"{COMMON_TOKENS} ids, the literature's) or random (PEFT's N(0, 1))"
 )
+ENCODER_HIDDEN_SIZE = 128  # the default of --encoder_hidden_size (PEFT's P-tuning default), one for both methods
 ENCODER_HIDDEN_SIZE_HELP = (
     "ptuning: hidden width of the prompt encoder; prefix with --prefix_projection: width of its reparameterisation MLP"
 )

@@ -11,13 +11,12 @@ fallback to the demo's model or data.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 from adapters_ds.cli.output import quiet_third_party
 from adapters_ds.demo.default_model import prepare_default_model
 from adapters_ds.demo.gain import demo_options, report_gain, training_records
-from adapters_ds.distributed import closing_distributed
+from adapters_ds.distributed import closing_distributed, launched_rank
 from adapters_ds.errors import InputError, run_main
 from adapters_ds.modeling import load_tokenizer
 from adapters_ds.training.args import parse_train_args
@@ -40,7 +39,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     if args.preview_data:  # the examples as the loss sees them, then exit without training
         tokenizer = load_tokenizer(base_model, trust_remote_code=args.trust_remote_code)
         tokenized = training_examples(tokenizer, args, records)[1]
-        if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, one rank prints
+        if launched_rank() == 0:  # under a launcher, one rank prints
             for example in preview(tokenized, tokenizer, args.preview_data):
                 print(json.dumps(example, ensure_ascii=False), flush=True)
         return

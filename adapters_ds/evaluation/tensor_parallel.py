@@ -54,7 +54,7 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from adapters_ds.adapters.storage import load_adapter, read_adapter_config, read_adapter_tensors
-from adapters_ds.distributed import Ranks
+from adapters_ds.distributed import Ranks, broadcast_tensor
 from adapters_ds.errors import InputError
 from adapters_ds.evaluation.tp_adapters import check_method, prepare_adapters, reattach
 from adapters_ds.families import families, find_family
@@ -293,11 +293,8 @@ class GroupConsensus(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.greedy:
-            scores = scores.contiguous()
-            torch.distributed.broadcast(scores, src=self.leader, group=self.group)
-            return scores
-        choice = scores.argmax(-1)  # (batch,)
-        torch.distributed.broadcast(choice, src=self.leader, group=self.group)
+            return broadcast_tensor(scores.contiguous(), src=self.leader, group=self.group)
+        choice = broadcast_tensor(scores.argmax(-1), src=self.leader, group=self.group)  # (batch,)
         return torch.full_like(scores, float("-inf")).scatter_(-1, choice[:, None], 0.0)
 
 

@@ -49,8 +49,8 @@ def tokenize_conversations(
     (-100 outside the assistant's turns; `train_on_turns="last"`: outside the last one), `length`.
 
     Truncation keeps whole turns (`conversations.fit_turns`): the turns that do not fit in `cutoff_len` tokens are
-    dropped with the context before them, and counted (logged); a conversation whose first answer does not fit is
-    dropped (logged); if all are, that is an `InputError`.
+    dropped with the context before them, and counted (logged); a conversation whose first trained answer (the last
+    one under `train_on_turns="last"`) does not fit is dropped (logged); if all are, that is an `InputError`.
     """
     require_chat_template(tokenizer)
     if len(ds) == 0:
@@ -71,13 +71,13 @@ def tokenize_conversations(
     dropped = len(ds) - len(tokenized)
     if len(tokenized) == 0:
         raise InputError(
-            f"no conversation's first assistant turn fits in cutoff_len={cutoff_len} tokens; found all "
+            f"no conversation's first trained assistant turn fits in cutoff_len={cutoff_len} tokens; found all "
             f"{dropped} longer (raise cutoff_len)"
         )
     dropped_turns = sum(tokenized["dropped_turns"])
     if dropped or dropped_turns:
         logger.warning(
-            "cutoff_len=%d: dropped %d of %d conversations whose first answer does not fit, and %d assistant "
+            "cutoff_len=%d: dropped %d of %d conversations whose first trained answer does not fit, and %d assistant "
             "turns (with their context) that did not fit after the turns kept",
             cutoff_len,
             dropped,

@@ -134,9 +134,8 @@ _TRACKER_PACKAGES = {"wandb": "wandb", "comet": "comet_ml"}
 def monitor_config(report_to: str, output_dir: str | Path, job_name: str = "train") -> dict[str, Any]:
     """DeepSpeed monitor sections for `--report_to` (comma-separated trackers, or "none"): DeepSpeed's own
     TensorBoard, CSV, Weights & Biases and Comet monitors, which get the same events (`engine.monitor`), so every
-    tracker shows the same metrics under the same names. File-based trackers write inside the run folder
-    (`tensorboard/`, `csv/`; W&B's local files in `wandb/` unless WANDB_DIR is set). A tracker whose package is not
-    installed is an `InputError` now, not after the model has loaded."""
+    tracker shows the same metrics under the same names. A tracker whose package is not installed is an
+    `InputError` now, not after the model has loaded."""
     names = [name.strip() for name in report_to.split(",") if name.strip()]
     unknown = [name for name in names if name not in (*TRACKERS, "none")]
     if unknown or not names or ("none" in names and len(names) > 1):
@@ -145,23 +144,40 @@ def monitor_config(report_to: str, output_dir: str | Path, job_name: str = "trai
         package = _TRACKER_PACKAGES.get(name)
         if package and importlib.util.find_spec(package) is None:
             raise InputError(f"--report_to {name}: expected the {package!r} package installed; found it missing")
+    return monitor_sections([name for name in names if name != "none"], output_dir, job_name)
+
+
+def monitor_sections(trackers: list[str], output_dir: str | Path, job_name: str = "train") -> dict[str, Any]:
+    """The DeepSpeed monitor section of each tracker in `trackers` (names from `TRACKERS`). File-based trackers
+    write inside the run folder (`tensorboard/`, `csv/`; W&B's local files in `wandb/` unless WANDB_DIR is set).
+    Comet logs every event: its monitor's `samples_log_interval` (default 100) would otherwise drop a metric's
+    events until that many steps have passed since its last logged one (the events are at optimizer steps)."""
     out = Path(output_dir)
     sections: dict[str, Any] = {}
-    if "tensorboard" in names:
+    if "tensorboard" in trackers:
         sections["tensorboard"] = {"enabled": True, "output_path": str(out / "tensorboard"), "job_name": job_name}
-    if "csv" in names:
+    if "csv" in trackers:
         sections["csv_monitor"] = {"enabled": True, "output_path": str(out / "csv"), "job_name": job_name}
-    if "wandb" in names:
+    if "wandb" in trackers:
         os.environ.setdefault("WANDB_DIR", str(out))
         sections["wandb"] = {"enabled": True, "project": "adapters_ds", "group": out.resolve().name}
-    if "comet" in names:
-        sections["comet"] = {"enabled": True, "project": "adapters_ds", "experiment_name": out.resolve().name}
+    if "comet" in trackers:
+        sections["comet"] = {
+            "enabled": True,
+            "project": "adapters_ds",
+            "experiment_name": out.resolve().name,
+            "samples_log_interval": 1,
+        }
     return sections
 
 
-def finish_trackers() -> None:
-    """End the W&B run DeepSpeed's monitor started (it never does): its last events are flushed and its files
-    complete before the process ends (the launcher's ranks may leave without running exit handlers)."""
+def finish_trackers(monitor: Any) -> None:
+    """End the W&B run and the Comet experiment that DeepSpeed's monitor (`engine.monitor`, or None) started (it
+    never does): their last events are flushed and their files complete (Comet's offline archive is empty until
+    then) before the process ends (the launcher's ranks may leave without running exit handlers)."""
+    comet = getattr(monitor, "comet_monitor", None)
+    if comet is not None and comet.experiment is not None:
+        comet.experiment.end()
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()

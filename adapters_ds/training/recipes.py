@@ -55,16 +55,19 @@ def load_config(path: str) -> dict[str, Any]:
     if not isinstance(document, Mapping):
         raise InputError(f"config {path!r}: expected a mapping of option names to values; found {json_type(document)}")
     if isinstance(document.get("args"), Mapping) and "ds_config" in document:  # a run folder's train_args.json
-        return saved_options(document["args"])
+        return saved_options(document["args"], path)
     if "config" in document:
         raise InputError(f"config {path!r}: a config cannot name another config; found 'config'")
     return dict(document)
 
 
-def saved_options(saved: Mapping[str, Any]) -> dict[str, Any]:
+def saved_options(saved: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The options a saved run repeats with: every recorded option but the method options of the methods the run
-    did not use (recorded at their defaults; given back, each would be refused as not applying to --adapter)."""
-    adapter = get_method(saved.get("adapter", "lora")).config
+    did not use (recorded at their defaults; given back, each would be refused as not applying to --adapter). A
+    record without its run's `adapter` is an InputError: which method options to keep depends on it."""
+    if not isinstance(saved.get("adapter"), str):
+        raise InputError(f"config {source!r}: expected the run's 'adapter' in 'args'; found {saved.get('adapter')!r}")
+    adapter = get_method(saved["adapter"]).config
     own = {adapter.flag(f) for f in adapter.options()}
     others = {m.config.flag(f) for m in METHODS.values() for f in m.config.options()} - own
     return {k: v for k, v in saved.items() if k not in SAVED_ONLY and k not in others}

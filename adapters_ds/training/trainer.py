@@ -429,7 +429,7 @@ class Trainer:
         if self.total_steps not in {step for step, _ in complete_checkpoints(checkpoint_root(self.out))}:
             self.checkpoint(self.total_steps)
         save_adapter(self.engine.module, self.adapter_config, self.out / "adapter")
-        finish_trackers()
+        finish_trackers(self.monitor)
         self.log(f"adapter saved to {self.out / 'adapter'}")
         return self.out / "adapter"
 

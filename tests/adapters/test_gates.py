@@ -332,6 +332,15 @@ def test_an_option_of_another_method_is_an_error(argv, message):
         parse_train_args(["--ds_config", "x.json", *argv])
 
 
+@pytest.mark.parametrize("method", ["gates", "gates_paper"])
+def test_the_lora_scale_without_lora_inside_the_gates_is_an_error(method):
+    args = parse_train_args(
+        ["--ds_config", "x.json", "--adapter", method, "--gate_lora_r", "0", "--gate_lora_alpha", "8"]
+    )
+    with pytest.raises(InputError, match="--gate_lora_alpha does not apply with --gate_lora_r 0"):
+        adapter_config(args)
+
+
 def test_gates_refuse_merge():
     from adapters_ds import merge_adapters
 

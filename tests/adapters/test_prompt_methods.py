@@ -408,6 +408,9 @@ def test_prefix_on_bloom_is_refused_naming_method_and_family():
         ({"method": "prompt", "init_text": "  "}, "init_text must be a non-empty text"),
         ({"method": "prompt", "init": "random", "init_token_ids": [5]}, "tokens of init_text or sampled"),
         ({"method": "prefix", "init": "zeros"}, "init must be 'vocab' or 'random'"),
+        # an option of the other prefix mode is refused, not ignored
+        ({"method": "prefix", "projection": True, "init_text": "Solve:"}, "--prefix_init_text does not apply with"),
+        ({"method": "prefix", "encoder_hidden_size": 64}, "--encoder_hidden_size 64 applies to prefix tuning only"),
     ],
 )
 def test_config_validation(values, message):

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from adapters_ds import InputError, LoRAConfig, SeriesConfig, adapter_parameters, inject_adapters, save_adapter
 from adapters_ds.adapters.prefix import PrefixConfig
 from adapters_ds.cli import evaluate as cli
-from adapters_ds.distributed import Ranks, launched_world_size
+from adapters_ds.distributed import Ranks, launched_rank, launched_world_size
 from adapters_ds.evaluation import harness
 from adapters_ds.evaluation.answers import score
 from adapters_ds.evaluation.datasets import EvalDataset, load_dataset
@@ -234,6 +234,15 @@ def test_launched_world_size():
     assert launched_world_size({"WORLD_SIZE": "4"}) == 4
     assert launched_world_size({"OMPI_COMM_WORLD_SIZE": "3"}) == 3
     assert launched_world_size({"SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "8"}) == 8
+
+
+def test_launched_rank():
+    """The rank a launcher announces, before a process group exists (an srun step's SLURM_PROCID included)."""
+    assert launched_rank({}) == 0
+    assert launched_rank({"RANK": "3"}) == 3
+    assert launched_rank({"OMPI_COMM_WORLD_RANK": "2"}) == 2
+    assert launched_rank({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}) == 1
+    assert launched_rank({"SLURM_PROCID": "1"}) == 0  # the batch script itself is no rank
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI

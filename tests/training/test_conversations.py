@@ -1,21 +1,27 @@
 """Conversations as training data: formats, checks, and the loss mask on exactly the assistant's tokens, on three
 templates' behaviour (the embedded SmolLM2's own template and two written in tests/training/chat_templates.py in
-the style of Qwen3 and Llama 3.x)."""
+the style of Qwen3 and Llama 3.x), and on the ChatML template with tool calls shipped for the embedded model."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import datasets
 import pytest
+import torch
+from launch import REPO
+from tiny_models import make_model
 from tiny_tokenizer import make_tokenizer
 from transformers import AutoTokenizer
 
-from adapters_ds.conversations import assistant_spans, normalize
+from adapters_ds.conversations import assistant_spans, load_chat_template, normalize, render
 from adapters_ds.demo.default_model import default_model_dir, is_complete
 from adapters_ds.errors import InputError
 from adapters_ds.training import data
-from adapters_ds.training.data import IGNORE_INDEX, load_records, preview, tokenize_records
+from adapters_ds.training.data import IGNORE_INDEX, collate, collate_packed, load_records, preview, tokenize_records
+from adapters_ds.training.loss import causal_lm_loss_sum
+from adapters_ds.training.packing import enable_packing
 from training.chat_templates import LLAMA3_STYLE, QWEN3_STYLE
 
 SYSTEM, Q1, A1, Q2, A2 = "Be brief.", "Hi there!", "Hello. How can I help?", "What is 2+2?", "2+2 is 4."
@@ -84,17 +90,35 @@ EXPECTED = {
         [f"{A1}<|eot_id|>", f"{A2}<|eot_id|>"],
         ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 18 C and sunny.<|eot_id|>"],
     ),
+    "smollm2_tools": (
+        [f"{A1}<|im_end|>", f"{A2}<|im_end|>"],
+        [
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+            "It is 18 C and sunny.<|im_end|>",
+        ],
+    ),
 }
+CHATML_TOOLS = REPO / "slurm" / "recipes" / "chatml_tools.jinja"  # shipped for the embedded model's tool calls
 
 
-@pytest.fixture(params=["smollm2", "qwen3", "llama3"])
+@pytest.fixture(params=["smollm2", "qwen3", "llama3", "smollm2_tools"])
 def template(request, smol):
-    tok = (
-        smol
-        if request.param == "smollm2"
-        else tokenizer_with({"qwen3": QWEN3_STYLE, "llama3": LLAMA3_STYLE}[request.param])
-    )
-    return request.param, tok
+    if request.param == "smollm2":
+        return request.param, smol
+    if request.param == "smollm2_tools":
+        tok = copy.deepcopy(smol)
+        load_chat_template(tok, str(CHATML_TOOLS))
+        return request.param, tok
+    return request.param, tokenizer_with({"qwen3": QWEN3_STYLE, "llama3": LLAMA3_STYLE}[request.param])
+
+
+def test_the_shipped_tool_template_renders_plain_chats_as_the_embedded_model_does(smol):
+    tok = copy.deepcopy(smol)
+    load_chat_template(tok, str(CHATML_TOOLS))
+    for record in (MULTI_TURN, {"messages": MULTI_TURN["messages"][1:]}):
+        conversation = normalize(record, "x")
+        assert render(tok, conversation) == render(smol, conversation)
+        assert render(tok, conversation, 2, prompt=True) == render(smol, conversation, 2, prompt=True)
 
 
 def test_loss_covers_exactly_the_assistant_turns(tmp_path, template):
@@ -135,8 +159,29 @@ def test_truncation_keeps_whole_turns(tmp_path, caplog):
         assert cut[0]["input_ids"] == full[0]["input_ids"][:first_end]
         assert cut_shown[0]["trained_segments"] == shown[0]["trained_segments"][:1]
     assert "and 1 assistant turns" in caplog.text
-    with pytest.raises(InputError, match="first assistant turn fits"):
+    with pytest.raises(InputError, match="first trained assistant turn fits"):
         examples(tmp_path, tok, [MULTI_TURN], cutoff_len=first_end - 1)
+    with pytest.raises(InputError, match="first trained assistant turn fits"):  # the last turn is the one trained
+        examples(tmp_path, tok, [MULTI_TURN], cutoff_len=len(labels) - 1, train_on_turns="last")
+
+
+@pytest.mark.parametrize("per_example_attention", [False, True])
+def test_packed_conversations_keep_to_themselves(tmp_path, per_example_attention):
+    """Packing keeps conversation boundaries: conversations packed in one row (each with several trained spans)
+    train on the same tokens, with the same loss, as the padded batch, so no token attends across conversations
+    (with transformers' block-diagonal mask and with `packed_sdpa`)."""
+    tok = tokenizer_with(LLAMA3_STYLE)
+    tokenized, _ = examples(tmp_path, tok, [MULTI_TURN, TOOL_CALL, SHAREGPT])
+    features = [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in tokenized]
+    packed = collate_packed(features)
+    assert packed["labels"][0].tolist() == [label for f in features for label in f["labels"]]
+    model = make_model("llama")
+    if per_example_attention:
+        assert enable_packing(model)
+    with torch.no_grad():
+        padded_loss = causal_lm_loss_sum(model, collate(features, tok.pad_token_id))
+        packed_loss = causal_lm_loss_sum(model, packed)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -205,6 +205,19 @@ def test_load_records_hub_errors(monkeypatch: pytest.MonkeyPatch, behaviour: str
         load_records("someone/gone")
 
 
+@pytest.mark.parametrize("bug", [TypeError("unexpected keyword"), AttributeError("no attribute"), KeyError("x")])
+def test_a_loader_bug_is_not_reported_as_bad_input(bug: Exception):
+    """Only the failures that mean bad input become InputError (exit 2, one line); a bug keeps its traceback."""
+
+    def load():
+        raise bug
+
+    with pytest.raises(type(bug)):
+        data._load_dataset("someone/set", load)
+    with pytest.raises(InputError, match=r"could not load 'someone/set': FileNotFoundError"):
+        data._load_dataset("someone/set", lambda: datasets.load_dataset("json", data_files="/nonexistent/x.json"))
+
+
 # ------------------------------------------------------------------------------------------------ tokenizing
 
 

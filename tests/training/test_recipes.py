@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import zipfile
 
 import pytest
 from launch import losses, run, write_train_assets
@@ -19,6 +20,7 @@ from training.chat_templates import QWEN3_STYLE
 pytestmark = pytest.mark.slow
 
 WANDB = importlib.util.find_spec("wandb") is not None
+COMET = importlib.util.find_spec("comet_ml") is not None
 CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
 
 
@@ -68,9 +70,9 @@ seed: 7
     return root
 
 
-def train(recipe, config, out, *extra):
+def train(recipe, config, out, *extra, env=None):
     args = ["--config", str(config), "--output_dir", str(out), *extra]
-    return run(args, launcher="python", nproc=1, env_extra={"WANDB_MODE": "offline"})
+    return run(args, launcher="python", nproc=1, env_extra={"WANDB_MODE": "offline", **(env or {})})
 
 
 def test_recipe_run_repeats_from_its_saved_arguments_with_equal_losses(recipe):
@@ -100,6 +102,31 @@ def test_recipe_run_repeats_from_its_saved_arguments_with_equal_losses(recipe):
         assert all(repr(loss).encode() in data for loss in losses(first))
 
 
+@pytest.mark.skipif(not COMET, reason="comet_ml is not installed here")
+def test_comet_gets_the_metrics_of_the_other_trackers(recipe, tmp_path):
+    """An offline Comet experiment (its archive complete once the run ends it) holds every step's metrics under the
+    names and with the values that the CSV tracker writes."""
+    out, archive = tmp_path / "run", tmp_path / "comet"
+    train(recipe, recipe / "recipe.yaml", out, "--report_to", "csv,comet",
+          env={"COMET_START_ONLINE": "0", "COMET_OFFLINE_DIRECTORY": str(archive)})  # fmt: skip
+    (path,) = archive.glob("*.zip")
+    logged: dict[str, list[tuple[int, float]]] = {}
+    with zipfile.ZipFile(path) as zipped:
+        for line in zipped.read("messages.json").decode().splitlines():
+            metric = json.loads(line).get("payload", {}).get("metric")
+            if metric and metric["metricName"].startswith("train/"):
+                logged.setdefault(metric["metricName"], []).append((metric["step"], metric["metricValue"]))
+    written = {
+        p.stem: [(int(step), value) for step, value in list(csv.reader(p.open()))[1:]]
+        for p in (out / "csv" / "train").glob("*.csv")
+    }
+    assert {name.replace("/", "_") for name in logged} == set(written)
+    for name, values in logged.items():
+        expected = written[name.replace("/", "_")]
+        assert [step for step, _ in values] == [step for step, _ in expected] == [1, 2, 3]
+        assert [float(v) for _, v in values] == pytest.approx([float(v) for _, v in expected], nan_ok=True)
+
+
 def test_preview_data_shows_the_trained_spans_without_training(recipe, capsys):
     # no --ds_config: nothing trains
     options = {"base_model": "base", "data_path": "chat.jsonl", "chat_template": "qwen3.jinja", "output_dir": "preview"}
@@ -126,3 +153,12 @@ def test_a_bad_recipe_key_is_an_error_naming_it(recipe, tmp_path, line, message)
     bad.write_text((recipe / "recipe.yaml").read_text() + line + "\n")
     with pytest.raises(InputError, match=message):
         parse_train_args(["--config", str(bad)])
+
+
+def test_saved_arguments_without_their_method_are_an_error(tmp_path):
+    """Which method options a saved run repeats with depends on its `adapter`: a record without it is refused, not
+    read as some default method's."""
+    saved = tmp_path / "train_args.json"
+    saved.write_text(json.dumps({"args": {"learning_rate": 0.1}, "ds_config": {}}))
+    with pytest.raises(InputError, match=r"expected the run's 'adapter' in 'args'; found None"):
+        parse_train_args(["--config", str(saved)])

@@ -218,6 +218,7 @@ def eval_data(a: Path, tmp: Path, records: object | None = None) -> Path:
 
 
 RECORD = {"instruction": "What is 1 plus 1?", "input": "", "output": "2"}
+CHAT = {"messages": [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"}]}
 
 # (command, build(assets, case folder) -> argv, fragment of the error line); the output path is always inside the
 # case folder or UNWRITABLE
@@ -231,6 +232,25 @@ CASES = [
                  "expected field 'output' to be a string; found number", id="train-field-wrong-type"),
     pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [])),
                  "empty dataset", id="train-empty-dataset"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [CHAT, {"messages": [
+                     CHAT["messages"][0]]}])),
+                 "d.json: record 1 (0-based): expected the conversation to end with an assistant turn",
+                 id="train-conversation-without-assistant-ending"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [CHAT, {"messages": [
+                     {"role": "user", "content": "x"}, {"role": "tool", "content": "3"}, *CHAT["messages"][1:]]}])),
+                 "d.json: record 1 (0-based): message 1: expected a tool result after an assistant tool call",
+                 id="train-conversation-tool-result-without-call"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [CHAT, {"messages": [
+                     {"role": "robot", "content": "x"}, *CHAT["messages"][1:]]}])),
+                 "d.json: record 1 (0-based): message 0: expected a role among system, user, assistant, tool; found "
+                 "'robot'", id="train-conversation-unknown-role"),
+    pytest.param("train", lambda a, t: overwrite(a, t, data=write(t / "d.json", [CHAT, {"text": "x"}])),
+                 "d.json: record 1 (0-based): expected 'messages' (OpenAI), 'conversations' (ShareGPT) or",
+                 id="train-record-of-no-known-format"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--chat_template", str(t / "none.jinja")),
+                 "chat_template: expected a Jinja template file; found no file", id="train-chat-template-missing"),
+    pytest.param("train", lambda a, t: overwrite(a, t, "--config", str(write(t / "r.yaml", "lerning_rate: 1\n"))),
+                 "r.yaml': unknown option 'lerning_rate'", id="train-config-unknown-key"),
     pytest.param("train", lambda a, t: overwrite(a, t, "--cutoff_len", "4"),
                  "every prompt is longer than cutoff_len=4", id="train-every-prompt-beyond-cutoff"),
     pytest.param("train", lambda a, t: overwrite(a, t, "--target_modules", "q_proj,nope_proj"),
@@ -598,8 +618,8 @@ def test_a_command_that_is_its_process_exits_with_its_own_code_after_ending_its_
         assert "Traceback" in result.stderr  # printed as Python prints an uncaught exception
 
 
-# Runs per launcher: 3 in the suite (a run is ~10-25 s on 2 cores; the suite stays within its 30 minutes);
-# ADAPTERS_DS_EXIT_RUNS=20 for the full table (40 runs, every rank 0: the closing note of issue 17).
+# Runs per launcher: 3 in the suite, which keeps the suite's time in bounds; ADAPTERS_DS_EXIT_RUNS=20 for a fuller
+# count (40 runs).
 EXIT_RUNS = int(os.environ.get("ADAPTERS_DS_EXIT_RUNS", "3"))
 
 
