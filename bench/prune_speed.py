@@ -14,8 +14,9 @@ base, on the embedded model and the built-in problems, in one run (resumable).
    its defaults and `--gate_target_sparsity` s for every s of `--sparsities`, `--steps` each; `--gate K=V` passes
    `--gate_K V` to the gates runs (`--gate distill=1 --gate teacher=DIR`: distillation from the LoRA adapter in
    DIR). `--teacher_from_lora` makes this run's own LoRA reference (trained first) the gates runs' dense teacher
-   (`--gate_teacher <its adapter>`): a fine-tuned dense teacher for the distillation; it needs the weight,
-   `--gate distill=W` with W > 0 (the trainer refuses a teacher without one), and a LoRA run (`--lora_steps` > 0).
+   (`--gate_teacher <its adapter>`): a fine-tuned dense teacher for the distillation (`--gate distill=W`, W > 0)
+   and / or the warm start (`--gate warm_start`: the LoRA inside the gates starts as the teacher's); it needs one of
+   them (the trainer refuses a teacher with no use) and a LoRA run (`--lora_steps` > 0).
    `--floor` adds, at every s (or at the shares it lists), a gates run that closes random units
    (`--gate_importance random`): what the same schedule and recovery give without the importance estimates.
 2. Exports each gates adapter (`export.pruned.export_pruned`, per-layer shapes, fp32 weights, each layer's kept MLP
@@ -65,12 +66,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora_steps", type=int, help="steps of the LoRA reference (default --steps; 0: skip)")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="LoRA's, and the LoRA inside the gates'")
     parser.add_argument(
-        "--gate", action="append", default=[], metavar="OPTION=VALUE", help="for the gates runs: --gate_OPTION VALUE"
+        "--gate",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="for the gates runs: --gate_OPTION VALUE (a bare OPTION: the switch --gate_OPTION)",
     )
     parser.add_argument(
         "--teacher_from_lora",
         action="store_true",
-        help="the gates runs distill from this run's LoRA reference (--gate_teacher); needs --gate distill=W, W > 0",
+        help="this run's LoRA reference is the gates runs' --gate_teacher; needs --gate distill=W (W > 0) and / or "
+        "--gate warm_start",
     )
     parser.add_argument(
         "--floor", nargs="?", const="all", help="also prune random units at every share, or at those listed (0.3,0.4)"
@@ -115,8 +121,11 @@ def parse_args() -> argparse.Namespace:
             weight = float(given.get("distill", 0))
         except ValueError:
             weight = 0.0
-        if weight <= 0:
-            parser.error("--teacher_from_lora needs the distillation weight: --gate distill=W with W > 0 (e.g. 1)")
+        if weight <= 0 and "warm_start" not in given:
+            parser.error(
+                "--teacher_from_lora needs a use for the teacher: --gate distill=W with W > 0 (e.g. 1), or --gate "
+                "warm_start"
+            )
         if not args.lora_steps:
             parser.error("--teacher_from_lora needs the LoRA reference run: --lora_steps > 0")
     return args
@@ -285,8 +294,8 @@ def gates_point(
     run_dir = Path(args.out_dir) / name
     extra = ["--gate_target_sparsity", str(sparsity), *(["--gate_importance", "random"] if floor else [])]
     for option in args.gate:
-        key, _, value = option.partition("=")
-        extra += [f"--gate_{key}", value]
+        key, equals, value = option.partition("=")
+        extra += [f"--gate_{key}", value] if equals else [f"--gate_{key}"]  # a bare name: a switch (warm_start)
     if teacher is not None:
         extra += ["--gate_teacher", teacher["result"]["adapter_dir"]]
     settings = {"steps": args.steps, "lr": args.learning_rate, "extra": extra, "val_n": args.val_n, "base": base}

@@ -15,6 +15,12 @@ teacher's one forward per micro-batch (`gate_schedule.distillation`), as `gate_s
 self-teacher; the layer computes it in `lora.LoRA`'s evaluation order, so the teacher's logits are those of the base
 with the adapter loaded by `adapters_ds.load_adapter`, bit for bit.
 
+Warm start (`--gate_warm_start`): the LoRA inside the gates starts as the teacher's, so that at step 0, every gate
+open, the student *is* the teacher and pruning starts from the fine-tuned model (prune after fine-tuning, as the
+gradual-pruning literature does) instead of learning the task and losing units at once. `warm_start` copies the
+teacher's pair into the first r_t ranks of the gates' (r ≥ r_t), with B rescaled by s_t / s for the gates' own
+scale s; the other ranks keep LoRA's initialisation (A random, B zero), so they add nothing yet and still learn.
+
 `load_teacher` refuses by name, before changing any layer, a folder that is no LoRA adapter (DoRA included: its
 magnitude rescales the base path, which the gated layer does not), one trained on another model type, one that adapts
 a module the gates do not, and one whose tensors do not fit this base's shapes.
@@ -23,10 +29,11 @@ a module the gates do not, and one whose tensors do not fit this base's shapes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from adapters_ds.adapters.base import ADAPTER_ATTR, reference_weight, resolve_dtype
@@ -94,3 +101,23 @@ def teaching(layers: Iterable[Any]) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.teaching = False
+
+
+@torch.no_grad()
+def warm_start(layers: Sequence[Any]) -> None:
+    """The gates' own LoRA of every layer in `layers` that holds a teacher pair (`load_teacher`) becomes that pair:
+    s · B A = s_t · B_t A_t in the first r_t ranks, the others left as initialised (B zero). Layers the teacher does
+    not adapt keep their initialisation. An `InputError` when the gates' rank is below the teacher's."""
+    held = [layer for layer in layers if layer.teacher_A is not None]
+    too_small = [layer for layer in held if layer.teacher_A.shape[0] > layer.lora_r]
+    if too_small:
+        raise InputError(
+            f"--gate_warm_start: the teacher's LoRA has rank {too_small[0].teacher_A.shape[0]}, the LoRA inside the "
+            f"gates {too_small[0].lora_r}; give --gate_lora_r >= the teacher's rank"
+        )
+    for layer in held:
+        rank = layer.teacher_A.shape[0]
+        layer.lora_A[:rank].copy_(layer.teacher_A.to(layer.lora_A.dtype))
+        ratio = layer.teacher_scaling / layer.scaling
+        layer.lora_B[:, :rank].copy_((layer.teacher_B.float() * ratio).to(layer.lora_B.dtype))
+        layer.lora_B[:, rank:].zero_()

@@ -109,6 +109,12 @@ class GatesConfig(GatedConfig):
         "applied; needs --gate_distill > 0 (see gate_teacher)",
         flag="gate_teacher",
     )
+    warm_start: bool = option(
+        False,
+        "unit gates: the LoRA inside the gates starts as --gate_teacher's LoRA (the dense fine-tuned model), so "
+        "pruning starts from the model it is to match rather than from the base (see gate_teacher.warm_start)",
+        flag="gate_warm_start",
+    )
     importance: Literal["fisher", "random"] = option(
         "fisher",
         "unit gates: which units close first: the least important by the gates' Fisher information (fisher), or "
@@ -130,10 +136,17 @@ class GatesConfig(GatedConfig):
         if self.teacher is not None:  # no I/O here: the folder is read by the training strategy (`gate_teacher`)
             if not isinstance(self.teacher, str) or not self.teacher:
                 raise InputError(f"gates teacher must be an adapter folder, found {self.teacher!r}")
-            if not self.distill:  # a weight the curve depends on is given, never implied
+            if not self.distill and not self.warm_start:  # a weight the curve depends on is given, never implied
                 raise InputError(
-                    f"gates teacher (--gate_teacher {self.teacher}) is used by distillation only: give its weight, "
-                    "distill (--gate_distill) > 0, e.g. 1"
+                    f"gates teacher (--gate_teacher {self.teacher}) is used by distillation (give its weight, distill "
+                    "(--gate_distill) > 0, e.g. 1) or by the warm start (--gate_warm_start): give one"
+                )
+        if self.warm_start:
+            if self.teacher is None:
+                raise InputError("gates warm_start (--gate_warm_start) starts from --gate_teacher's LoRA: give one")
+            if not self.lora_r:
+                raise InputError(
+                    "gates warm_start (--gate_warm_start) needs the LoRA inside the gates (--gate_lora_r > 0)"
                 )
         if self.importance not in ("fisher", "random"):
             raise InputError(f"gates importance must be 'fisher' or 'random', found {self.importance!r}")
@@ -357,11 +370,14 @@ class GatesStrategy(Strategy):
     def prepare(self, model: nn.Module) -> None:
         """The recording hooks on the unit-gate layers, and the teacher's LoRA (`--gate_teacher`) into the gated
         layers it adapts (`gate_teacher.load_teacher`: refused by name unless it is a LoRA of this base's gated
-        layers)."""
+        layers), copied into the gates' own LoRA with `--gate_warm_start` (before `deepspeed.initialize`, so ZeRO's
+        copies start from it; a resume then loads the trained values over it)."""
         if self.config.teacher is not None:
             layers = self.teachable(model)
             gate_teacher.load_teacher(model, self.config.teacher, layers)
             self.taught = list(layers.values())
+            if self.config.warm_start:
+                gate_teacher.warm_start(self.taught)
         for layer in schedule.unit_layers(model):
             self.fishers[layer] = schedule.Fisher(layer.col_group)
             layer.register_forward_hook(self._record)

@@ -127,6 +127,37 @@ def test_the_teacher_is_frozen_replicated_and_not_saved(tmp_path):
     assert set(load_file(tmp_path / "gates" / WEIGHTS_NAME)) == set(adapter_parameters(plain))
 
 
+# ------------------------------------------------------------------------------------------------ warm start
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_warm_started_student_is_the_teacher_until_units_close(family, tmp_path):
+    """With every gate open the warm-started student computes the LoRA model (gates' rank 2·r_t, their own alpha, so
+    the copied B is rescaled; rsLoRA on gpt2); its other ranks add nothing yet but still learn; layers the teacher
+    does not adapt keep B zero; closing units then changes the model."""
+    targets = {"llama": ("q_proj", "down_proj"), "gpt2": ("c_attn", "c_proj")}[family]
+    save_teacher(tmp_path / "teacher", family, dropout=0.0, target_modules=targets, use_rslora=family == "gpt2")
+    reference = make_model(family)
+    load_adapter(reference, tmp_path / "teacher")
+    batch = labelled(sample_batch(batch=3, seq=10))
+    model, strategy = unit_gated(family, lora_r=8, lora_alpha=3.0, warm_start=True, teacher=str(tmp_path / "teacher"))
+    torch.testing.assert_close(logits(model.eval(), batch), logits(reference.eval(), batch), atol=1e-5, rtol=1e-5)
+    held = {name: a for name, a in layers_by_name(model).items() if a.teacher_A is not None}
+    assert held and all(a.lora_B[:, 4:].abs().sum() == 0 and a.lora_B[:, :4].abs().sum() > 0 for a in held.values())
+    assert all(a.lora_B.abs().sum() == 0 for n, a in layers_by_name(model).items() if n not in held)
+    forward = forward_targets(model.train(), batch)
+    torch.nn.functional.cross_entropy(forward.logits, forward.targets).backward()
+    assert all(a.lora_B.grad[:, 4:].abs().sum() > 0 for a in held.values())  # the extra ranks learn
+    scramble(model)
+    assert (logits(model.eval(), batch) - logits(reference.eval(), batch)).abs().max() > 1e-2
+
+
+def test_a_warm_start_from_a_wider_teacher_is_refused_by_name(tmp_path):
+    save_teacher(tmp_path / "teacher", r=8, alpha=16.0)
+    with pytest.raises(InputError, match=r"teacher's LoRA has rank 8, the LoRA inside the gates 4; give --gate_lora_r"):
+        unit_gated("llama", lora_r=4, warm_start=True, teacher=str(tmp_path / "teacher"))
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 
@@ -168,9 +199,14 @@ def test_the_option_belongs_to_unit_gates():
             parse_train_args(["--ds_config", "x.json", "--adapter", adapter, "--gate_teacher", "runs/lora"])
 
 
-def test_a_teacher_without_a_distillation_weight_is_an_error():
-    with pytest.raises(InputError, match=r"used by distillation only: give its weight, distill \(--gate_distill\) > 0"):
+def test_a_teacher_without_a_distillation_weight_or_warm_start_is_an_error():
+    with pytest.raises(InputError, match=r"used by distillation \(give its weight, distill \(--gate_distill\) > 0"):
         config_from_dict({"method": "gates", "teacher": "runs/lora/adapter"})
+    assert GatesConfig(teacher="runs/lora", warm_start=True).distill == 0  # the warm start alone uses the teacher
+    with pytest.raises(InputError, match=r"--gate_warm_start\) starts from --gate_teacher's LoRA: give one"):
+        GatesConfig(warm_start=True)
+    with pytest.raises(InputError, match=r"needs the LoRA inside the gates \(--gate_lora_r > 0\)"):
+        GatesConfig(warm_start=True, teacher="runs/lora", lora_r=0)
     config = GatesConfig(distill=1.0, teacher="runs/lora/adapter")
     assert config_from_dict(config.to_dict()) == config  # a saved gates adapter loads without its teacher's folder
 

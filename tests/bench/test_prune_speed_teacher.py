@@ -56,11 +56,25 @@ def test_the_lora_reference_is_the_gates_runs_teacher(monkeypatch):
     )
 
 
+def test_a_bare_gate_option_is_a_switch_and_the_warm_start_alone_uses_the_teacher(monkeypatch):
+    bench = load_bench()
+    args = parse(bench, monkeypatch, "--teacher_from_lora", "--gate", "warm_start", "--steps", "10")
+    teacher = {"settings": {"steps": 10, "lr": 1e-3}, "result": {"adapter_dir": "out/lora/adapter"}}
+    stages = Recorded()
+    bench.gates_point("base", args, stages, 0.3, False, {"prompts": [], "records": []}, teacher)
+    extra = stages.seen["train gates_0.3"]["extra"]
+    assert extra == ["--gate_target_sparsity", "0.3", "--gate_warm_start", "--gate_teacher", "out/lora/adapter"]
+    from adapters_ds.training.args import adapter_config, parse_train_args
+
+    config = adapter_config(parse_train_args(["--ds_config", "x.json", "--adapter", "gates", *extra]))
+    assert config.warm_start and config.teacher == "out/lora/adapter" and config.distill == 0
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--teacher_from_lora"], "needs the distillation weight: --gate distill=W with W > 0"),
-        (["--teacher_from_lora", "--gate", "distill=0"], "needs the distillation weight"),
+        (["--teacher_from_lora"], "needs a use for the teacher: --gate distill=W with W > 0"),
+        (["--teacher_from_lora", "--gate", "distill=0"], "needs a use for the teacher"),
         (["--teacher_from_lora", "--gate", "distill=1", "--lora_steps", "0"], "needs the LoRA reference run"),
         (["--teacher_from_lora", "--gate", "distill=1", "--gate", "teacher=x"], "name two teachers"),
     ],
