@@ -35,34 +35,32 @@ def parse(bench, monkeypatch, *argv: str):
     return bench.parse_args()
 
 
-def test_the_lora_reference_is_the_gates_runs_teacher(monkeypatch):
+TEACHER = {"settings": {"steps": 10, "lr": 1e-3}, "result": {"adapter_dir": "out/lora/adapter"}}
+
+
+def train_settings(monkeypatch, *argv: str, teacher: dict | None = TEACHER) -> dict:
+    """The settings of the 0.3 gates run's training stage under the bench's command line `argv`."""
     bench = load_bench()
-    args = parse(bench, monkeypatch, "--teacher_from_lora", "--gate", "distill=1", "--steps", "10")
-    teacher = {"settings": {"steps": 10, "lr": 1e-3}, "result": {"adapter_dir": "out/lora/adapter"}}
     stages = Recorded()
-    bench.gates_point("base", args, stages, 0.3, False, {"prompts": [], "records": []}, teacher)
-    settings = stages.seen["train gates_0.3"]
+    bench.gates_point("base", parse(bench, monkeypatch, *argv), stages, 0.3, False, {"prompts": [], "records": []},
+                      teacher)  # fmt: skip
+    return stages.seen["train gates_0.3"]
+
+
+def test_the_lora_reference_is_the_gates_runs_teacher(monkeypatch):
+    settings = train_settings(monkeypatch, "--teacher_from_lora", "--gate", "distill=1", "--steps", "10")
     extra = settings["extra"]
     assert extra[extra.index("--gate_distill") + 1] == "1"
     assert extra[extra.index("--gate_teacher") + 1] == "out/lora/adapter"
-    assert settings["teacher"] == teacher["settings"]  # a retrained LoRA is another teacher: another stage
-    args = parse(bench, monkeypatch, "--gate", "distill=1", "--gate", "teacher=runs/lora/adapter")
-    stages = Recorded()
-    bench.gates_point("base", args, stages, 0.3, False, {"prompts": [], "records": []}, None)
-    extra = stages.seen["train gates_0.3"]["extra"]
-    assert (
-        extra[extra.index("--gate_teacher") + 1] == "runs/lora/adapter"
-        and "teacher" not in stages.seen["train gates_0.3"]
-    )
+    assert settings["teacher"] == TEACHER["settings"]  # a retrained LoRA is another teacher: another stage
+    argv = ("--gate", "distill=1", "--gate", "teacher=runs/lora/adapter")
+    settings = train_settings(monkeypatch, *argv, teacher=None)
+    extra = settings["extra"]
+    assert extra[extra.index("--gate_teacher") + 1] == "runs/lora/adapter" and "teacher" not in settings
 
 
 def test_a_bare_gate_option_is_a_switch_and_the_warm_start_alone_uses_the_teacher(monkeypatch):
-    bench = load_bench()
-    args = parse(bench, monkeypatch, "--teacher_from_lora", "--gate", "warm_start", "--steps", "10")
-    teacher = {"settings": {"steps": 10, "lr": 1e-3}, "result": {"adapter_dir": "out/lora/adapter"}}
-    stages = Recorded()
-    bench.gates_point("base", args, stages, 0.3, False, {"prompts": [], "records": []}, teacher)
-    extra = stages.seen["train gates_0.3"]["extra"]
+    extra = train_settings(monkeypatch, "--teacher_from_lora", "--gate", "warm_start", "--steps", "10")["extra"]
     assert extra == ["--gate_target_sparsity", "0.3", "--gate_warm_start", "--gate_teacher", "out/lora/adapter"]
     from adapters_ds.training.args import adapter_config, parse_train_args
 
