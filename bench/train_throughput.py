@@ -41,7 +41,9 @@ carries no profiler overhead): torch.profiler's self CPU time of rank 0 per step
 bmm), attention (everything inside an attention op), dropout_rng (Bernoulli and random draws, dropout), copies
 (copy_, dtype casts, clone, cat, fills), optimizer (inside the optimizer's step: torch's `Optimizer.step` range,
 DeepSpeed's optimizer in a range of the bench's), communication (c10d/gloo/NCCL collectives), other (the rest:
-elementwise ops, norms, the loss, ZeRO-3's hooks). On a GPU the CPU time is the launch overhead, not the kernels'.
+elementwise ops, norms, the loss, ZeRO-3's hooks); beside it the ops with the most self time and the wall time the
+main thread spends in no op (Python, and on 2 ranks waiting for the slower one). On a GPU the CPU time is the launch
+overhead, not the kernels'.
 Prints one JSON object.
 """
 
@@ -190,15 +192,30 @@ def category_seconds(events: list) -> dict[str, float]:
     return seconds
 
 
-def time_split(events: list, steps: int) -> dict:
+def top_ops(events: list, steps: int, n: int = 8) -> list[list]:
+    """The `n` ops with the most self CPU time, [name, seconds per step], most first."""
+    seconds: dict[str, float] = {}
+    for event in events:
+        seconds[event.name] = seconds.get(event.name, 0.0) + event.self_cpu_time_total / 1e6
+    ranked = sorted(seconds.items(), key=lambda item: -item[1])[:n]
+    return [[name, round(value / steps, 3)] for name, value in ranked]
+
+
+def time_split(events: list, steps: int, wall_s: float | None = None) -> dict:
     """Self CPU time per step by `SPLIT_CATEGORIES`, in seconds and as shares of the total (torch.profiler's
-    events of `steps` steps)."""
+    events of `steps` steps), and the ops that take most of it. With `wall_s` (the profiled steps' wall time) also
+    `outside_ops_s_per_step`: the wall time in no op at all (Python, and on several ranks waiting for the slowest)."""
     seconds = category_seconds(events)
     total = sum(seconds.values()) or 1.0
-    return {
+    split = {
         "s_per_step": {k: round(v / steps, 3) for k, v in seconds.items()},
         "share": {k: round(v / total, 3) for k, v in seconds.items()},
+        "top_ops_s_per_step": top_ops(events, steps),
     }
+    if wall_s is not None:
+        split["wall_s_per_step"] = round(wall_s / steps, 3)
+        split["outside_ops_s_per_step"] = round(max(0.0, wall_s - total) / steps, 3)
+    return split
 
 
 def free_port() -> int:
@@ -312,7 +329,8 @@ def hf_trainer_child(spec: dict) -> dict:
         trainer.train()
     if spec.get("split_warmup"):
         profiler.stop()
-        return {"split": time_split(profiler.events(), spec["steps"] - spec["split_warmup"])}
+        wall_s = clock.times[-1] - clock.times[spec["split_warmup"] - 1]
+        return {"split": time_split(profiler.events(), spec["steps"] - spec["split_warmup"], wall_s)}
     if torch.cuda.is_available():  # the Trainer's own device (it has no other accelerator path here)
         peak_gb = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -440,7 +458,7 @@ def profile_one_rank(spec: dict, workdir: Path) -> None:
     config_path, name = write_config(workdir, 1, "auto")
     prof, seconds = profiled_steps(spec, config_path, workdir / name, warmup=1)
     print(f"{spec['steps'] - 1} steps in {seconds:.2f} s", file=sys.stderr)
-    print(json.dumps(time_split(prof.events(), spec["steps"] - 1)), file=sys.stderr)
+    print(json.dumps(time_split(prof.events(), spec["steps"] - 1, seconds)), file=sys.stderr)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60),
           file=sys.stderr)  # fmt: skip
@@ -449,9 +467,9 @@ def profile_one_rank(spec: dict, workdir: Path) -> None:
 def ds_split_child(job: dict) -> None:
     """One rank of a --split run of mode b or c (under the deepspeed launcher): rank 0 prints its time split."""
     spec, warmup = job["spec"], job["warmup"]
-    prof, _ = profiled_steps(spec, Path(job["config"]), Path(job["out"]), warmup)
+    prof, seconds = profiled_steps(spec, Path(job["config"]), Path(job["out"]), warmup)
     if int(os.environ.get("RANK", "0")) == 0:
-        print("SPLIT " + json.dumps(time_split(prof.events(), spec["steps"] - warmup)), flush=True)
+        print("SPLIT " + json.dumps(time_split(prof.events(), spec["steps"] - warmup, seconds)), flush=True)
 
 
 def run_split(mode: str, spec: dict, workdir: Path, warmup: int, limit_s: float | None) -> dict:

@@ -294,12 +294,17 @@ class BatchPlan:
        batches of similar lengths waste less padding, and the shuffle keeps the megabatches random.
     4. Optimizer step t reads `order[t·B : (t+1)·B]`; its micro-step k is global micro-step s = t·a + k, which is
        `order[s·G : (s+1)·G]`, of which rank r takes `[s·G + r·m, s·G + (r+1)·m)`.
+    5. With W > 1, each global micro-batch is first rearranged so that its W slices of m carry about the same number
+       of tokens (`balanced`): in a synchronous step every rank waits for the slowest, and the rank with the longest
+       examples is the slowest (on shuffled data the plain slices differ by 3–16 % of their tokens per step).
 
     Steps 1–3 depend on the global batch B, never on how it is split into ranks, micro-batches and accumulation
-    steps: every optimizer step trains on the same examples whatever the split. One rank with micro-batch 2m sees,
-    at every step, exactly the examples two ranks with micro-batch m see together (rank 0's batch then rank 1's),
-    and a run resumed on another number of ranks continues with the examples it would have read next. To resume
-    an epoch after k micro-batches, take `micro_batches(epoch)[k:]`.
+    steps, and step 5 only moves examples between the ranks of one global micro-batch: every optimizer step trains
+    on the same examples whatever the split. One rank with micro-batch 2m sees, at every step, exactly the examples
+    two ranks with micro-batch m see together, and a run resumed on another number of ranks continues with the
+    examples it would have read next. The step's gradient, (sum of token losses) / (target tokens of the global
+    batch), does not depend on which rank computes which example. To resume an epoch after k micro-batches, take
+    `micro_batches(epoch)[k:]`.
     """
 
     lengths: Sequence[int] = field(repr=False)
@@ -358,9 +363,25 @@ class BatchPlan:
             for index in sorted(order[start : start + megabatch], key=lambda i: -self.lengths[i])
         ]
 
+    def balanced(self, micro_batch: Sequence[int]) -> list[int]:
+        """`micro_batch` (one global micro-batch, G indices) as W consecutive slices of m with nearly equal tokens:
+        longest example first (stable), each to the slice with the fewest tokens that has room (ties: the lower
+        rank); within a slice, in the order placed."""
+        m, world = self.micro_batch_size, self.world_size
+        slices: list[list[int]] = [[] for _ in range(world)]
+        tokens = [0] * world
+        for index in sorted(micro_batch, key=lambda i: -self.lengths[i]):
+            rank = min((r for r in range(world) if len(slices[r]) < m), key=lambda r: tokens[r])
+            slices[rank].append(index)
+            tokens[rank] += self.lengths[index]
+        return [index for part in slices for index in part]
+
     def micro_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches for `epoch` (lists of dataset indices): usable as a DataLoader `batch_sampler`."""
         order = self.global_order(epoch)
+        if self.world_size > 1:
+            step = self.global_micro_batch_size
+            order = [i for start in range(0, len(order), step) for i in self.balanced(order[start : start + step])]
         size, offset = self.micro_batch_size, self.rank * self.micro_batch_size
         step = self.global_micro_batch_size
         return [order[start + offset : start + offset + size] for start in range(0, len(order), step)]

@@ -34,8 +34,13 @@ def test_time_split_categories():
     for category in ("matmul", "attention", "dropout_rng", "copies", "optimizer", "other"):
         assert seconds[category] > 0, category
     assert seconds["communication"] == 0
-    split = bench.time_split(prof.events(), steps=2)
+    split = bench.time_split(prof.events(), steps=2, wall_s=1e3)
     assert set(split["share"]) == set(split["s_per_step"]) == set(bench.SPLIT_CATEGORIES)
+    top = split["top_ops_s_per_step"]
+    assert len(top) == 8 and "aten::mm" in [name for name, _ in top]
+    assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    in_ops = sum(split["s_per_step"].values())
+    assert split["wall_s_per_step"] == 500 and abs(split["outside_ops_s_per_step"] - (500 - in_ops)) < 0.01
     assert abs(sum(split["share"].values()) - 1) < 0.01
     assert bench.event_category("aten::mul", [bench.OPTIMIZER_RANGE]) == "optimizer"  # a range wins over the op
     assert bench.event_category("aten::copy_", ["c10d::allreduce_"]) == "communication"

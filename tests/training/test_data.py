@@ -393,7 +393,29 @@ def test_batch_plan_ranks_partition_each_global_step(world_size: int, micro: int
     seen = [i for batches in per_rank for batch in batches for i in batch]
     assert len(seen) == len(set(seen)) == steps * G  # disjoint across ranks and steps
     for s, expected in enumerate(single.micro_batches(epoch=1)):
-        assert [i for batches in per_rank for i in batches[s]] == expected  # rank 0's part, then rank 1's, ...
+        parts = [batches[s] for batches in per_rank]
+        assert sorted(i for part in parts for i in part) == sorted(expected)  # the ranks share one global batch
+        tokens = [sum(LENGTHS[i] for i in part) for part in parts]  # balanced: never more than one example apart
+        assert max(tokens) - min(tokens) <= max(LENGTHS[i] for i in expected)
+
+
+def test_the_ranks_of_a_global_micro_batch_get_nearly_equal_tokens():
+    """Longest first, each to the slice with the fewest tokens that has room (ties: the lower rank)."""
+    lengths = [5, 100, 7, 60, 50, 3]
+    plan = BatchPlan(lengths, micro_batch_size=3, world_size=2)
+    # 100 → rank 0 (tie); 60 → 1; 50 → 1 (60 < 100); 7 → 0 (100 < 110); 5 → 0 (107 < 110; now full); 3 → 1
+    assert plan.balanced(range(6)) == [1, 2, 0, 3, 4, 5]
+    order = BatchPlan(LENGTHS, 4, 4, 0, seed=1).global_order(0)  # the order before step 5
+    ranks = [BatchPlan(LENGTHS, 4, 4, r, seed=1).micro_batches(0) for r in range(4)]
+
+    def slowest(parts_per_step):  # the step waits for its rank with the most tokens
+        return sum(max(sum(LENGTHS[i] for i in part) for part in parts) for parts in parts_per_step)
+
+    steps = len(order) // 16
+    plain_parts = [[order[s * 16 + r * 4 : s * 16 + (r + 1) * 4] for r in range(4)] for s in range(steps)]
+    balanced_parts = [[ranks[r][s] for r in range(4)] for s in range(steps)]
+    total = sum(LENGTHS[i] for i in order)
+    assert slowest(balanced_parts) < slowest(plain_parts) and slowest(balanced_parts) < 1.05 * total / 4
 
 
 @pytest.mark.parametrize("group", [False, True])
@@ -411,7 +433,8 @@ def test_batch_plan_order_definition():
     plan = BatchPlan(LENGTHS, 4, 2, 0, seed=10)
     perm = torch.randperm(len(LENGTHS), generator=torch.Generator().manual_seed(10 + 2)).tolist()
     assert plan.global_order(2) == perm[: (len(LENGTHS) // 8) * 8]
-    assert plan.micro_batches(2)[:2] == [perm[0:4], perm[8:12]]
+    assert plan.micro_batches(2)[:2] == [plan.balanced(perm[0:8])[0:4], plan.balanced(perm[8:16])[0:4]]
+    assert BatchPlan(LENGTHS, 8, 1, 0, seed=10).micro_batches(2)[:2] == [perm[0:8], perm[8:16]]  # one rank: as is
 
 
 def test_batch_plan_group_by_length_sorts_within_megabatches():
