@@ -66,6 +66,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora_steps", type=int, help="steps of the LoRA reference (default --steps; 0: skip)")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="LoRA's, and the LoRA inside the gates'")
     parser.add_argument(
+        "--gates_learning_rate",
+        type=float,
+        help="the gates runs' (default --learning_rate; a warm start begins at the fine-tuned model and wants less)",
+    )
+    parser.add_argument(
         "--gate",
         action="append",
         default=[],
@@ -107,6 +112,8 @@ def parse_args() -> argparse.Namespace:
     floor = args.floor or ""
     args.floor = args.sparsities if floor == "all" else [float(s) for s in floor.split(",") if s]
     args.lora_steps = args.steps if args.lora_steps is None else args.lora_steps
+    if args.gates_learning_rate is None:
+        args.gates_learning_rate = args.learning_rate
     if args.width_multiple is None:
         from adapters_ds.export.pruned import WIDTH_MULTIPLE
 
@@ -157,14 +164,16 @@ class Stages:
         return result
 
 
-def train_adapter(base: str, out: Path, args: argparse.Namespace, method: str, steps: int, extra: list[str]) -> dict:
+def train_adapter(
+    base: str, out: Path, args: argparse.Namespace, method: str, steps: int, lr: float, extra: list[str]
+) -> dict:
     from adapters_ds.demo.gain import training_records
     from adapters_ds.training.args import parse_train_args
     from adapters_ds.training.trainer import train
 
     argv = [
         "--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--base_model", base, "--output_dir", str(out),
-        "--adapter", method, "--max_steps", str(steps), "--learning_rate", str(args.learning_rate),
+        "--adapter", method, "--max_steps", str(steps), "--learning_rate", str(lr),
         "--micro_batch_size", "8", "--batch_size", "8", "--cutoff_len", "128", "--warmup_ratio", "0.03",
         "--logging_steps", "10", "--save_steps", "0", "--overwrite_output_dir", "--val_set_size", str(args.val_n),
         "--eval_steps", "10", *extra,
@@ -298,10 +307,11 @@ def gates_point(
         extra += [f"--gate_{key}", value] if equals else [f"--gate_{key}"]  # a bare name: a switch (warm_start)
     if teacher is not None:
         extra += ["--gate_teacher", teacher["result"]["adapter_dir"]]
-    settings = {"steps": args.steps, "lr": args.learning_rate, "extra": extra, "val_n": args.val_n, "base": base}
+    settings = {"steps": args.steps, "lr": args.gates_learning_rate, "extra": extra, "val_n": args.val_n, "base": base}
     if teacher is not None:  # keyed by the teacher's own settings too: a retrained LoRA is another teacher
         settings["teacher"] = teacher["settings"]
-    trained = stages.run(f"train {name}", settings, lambda: train_adapter(base, run_dir, args, "gates", args.steps,
+    lr = args.gates_learning_rate
+    trained = stages.run(f"train {name}", settings, lambda: train_adapter(base, run_dir, args, "gates", args.steps, lr,
                                                                           extra))  # fmt: skip
     pruned = str(run_dir / "pruned")
     if args.width_multiple != 1:  # another export, timed and scored anew (1: the stages of runs before the option)
@@ -359,8 +369,10 @@ def main() -> None:
     accuracy, lora, teacher = {}, None, None
     if args.lora_steps:  # first: with --teacher_from_lora the gates runs distill from it
         settings = {"steps": args.lora_steps, "lr": args.learning_rate, "val_n": args.val_n, "base": base}
-        lora = stages.run("train lora", settings,
-                          lambda: train_adapter(base, out / "lora", args, "lora", args.lora_steps, []))  # fmt: skip
+        steps, lr = args.lora_steps, args.learning_rate
+        lora = stages.run(
+            "train lora", settings, lambda: train_adapter(base, out / "lora", args, "lora", steps, lr, [])
+        )
         teacher = {"settings": settings, "result": lora} if args.teacher_from_lora else None
     if teacher is not None:
         result["teacher"] = teacher["result"]["adapter_dir"]

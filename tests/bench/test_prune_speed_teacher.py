@@ -60,7 +60,11 @@ def test_the_lora_reference_is_the_gates_runs_teacher(monkeypatch):
 
 
 def test_a_bare_gate_option_is_a_switch_and_the_warm_start_alone_uses_the_teacher(monkeypatch):
-    extra = train_settings(monkeypatch, "--teacher_from_lora", "--gate", "warm_start", "--steps", "10")["extra"]
+    settings = train_settings(
+        monkeypatch, "--teacher_from_lora", "--gate", "warm_start", "--gates_learning_rate", "3e-4"
+    )
+    extra = settings["extra"]
+    assert settings["lr"] == 3e-4 and train_settings(monkeypatch, "--learning_rate", "2e-3")["lr"] == 2e-3
     assert extra == ["--gate_target_sparsity", "0.3", "--gate_warm_start", "--gate_teacher", "out/lora/adapter"]
     from adapters_ds.training.args import adapter_config, parse_train_args
 
