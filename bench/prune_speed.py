@@ -1,8 +1,9 @@
 """Stochastic-gates pruning: accuracy and speed of the pruned model at several removed shares, against LoRA and the
 base, on the embedded model and the built-in problems, in one run (resumable).
 
-    python bench/prune_speed.py [--sparsities 0.2,0.3,0.4] [--steps 200] [--lora_steps N] [--floor [0.3,...]]
-                                [--gate OPTION=VALUE ...] [--teacher_from_lora] [--eval_n 200] [--val_n 48]
+    python bench/prune_speed.py [--sparsities 0.2,0.3,0.4,0.5] [--steps 200] [--lora_steps N] [--floor [0.3,...]]
+                                [--gate OPTION=VALUE ...] [--gates_learning_rate 3e-4] [--plain [--teacher_from_lora]]
+                                [--eval_n 200] [--val_n 48]
                                 [--batch 8] [--seq 256] [--width_multiple 64]
                                 [--reps 7] [--bf16_reps 5] [--bf16_batch B] [--gen_tokens 32]
                                 [--out_dir outputs/bench_prune] [--fresh]
@@ -10,13 +11,14 @@ base, on the embedded model and the built-in problems, in one run (resumable).
 1. Trains, with the real trainer in this process (one rank, ZeRO-2, the shipped config's precision), on the
    built-in problems' training split (`demo.gain.training_records`) less `--val_n` held-out problems (the run's
    validation split: its eval/answer_loss and eval/digit_loss are logged every 10 steps and reported here):
-   LoRA (the defaults of `--adapter lora`, r 32) for `--lora_steps` (default `--steps`), and `--adapter gates` with
-   its defaults and `--gate_target_sparsity` s for every s of `--sparsities`, `--steps` each; `--gate K=V` passes
-   `--gate_K V` to the gates runs (`--gate distill=1 --gate teacher=DIR`: distillation from the LoRA adapter in
-   DIR). `--teacher_from_lora` makes this run's own LoRA reference (trained first) the gates runs' dense teacher
-   (`--gate_teacher <its adapter>`): a fine-tuned dense teacher for the distillation (`--gate distill=W`, W > 0)
-   and / or the warm start (`--gate warm_start`: the LoRA inside the gates starts as the teacher's); it needs one of
-   them (the trainer refuses a teacher with no use) and a LoRA run (`--lora_steps` > 0).
+   LoRA (the defaults of `--adapter lora`, r 32) for `--lora_steps` (default `--steps`), then `--adapter gates` with
+   `--gate_target_sparsity` s for every s of `--sparsities`, `--steps` each, by the recipe (`RECIPE`): the LoRA
+   reference is the dense teacher (`--gate_teacher <its adapter>`), distilled from (`--gate_distill 1`) and started
+   from (`--gate_warm_start`: the LoRA inside the gates starts as the teacher's), units closing from the first step
+   until half the run (`--gate_ramp 0,0.5`), at `--gates_learning_rate` 3e-4. `--gate K=V` passes `--gate_K V` to
+   the gates runs (a bare K: the switch `--gate_K`), in place of the recipe's K. `--plain` drops the recipe: the
+   gates' own defaults at `--learning_rate`, no teacher unless `--gate teacher=DIR` or `--teacher_from_lora` (this
+   run's LoRA; it needs `--gate distill=W`, W > 0, and / or `--gate warm_start`).
    `--floor` adds, at every s (or at the shares it lists), a gates run that closes random units
    (`--gate_importance random`): what the same schedule and recovery give without the importance estimates.
 2. Exports each gates adapter (`export.pruned.export_pruned`, per-layer shapes, fp32 weights, each layer's kept MLP
@@ -34,7 +36,7 @@ base, on the embedded model and the built-in problems, in one run (resumable).
    Beside each forward speed-up, `flop_ceiling`: the dense model's forward FLOPs (blocks and LM head) over the
    pruned model's for the same batch × seq (`pruned_model.forward_flops`), the speed-up the removed FLOPs allow.
 4. Held-out accuracy (`evaluation.evaluate_records`, the first --eval_n test problems, max 64 new tokens, fp32) of
-   the base, LoRA and each pruned model.
+   the base, LoRA and each pruned model, each with its Wilson 95 % interval (`accuracy_95`, `accuracy_95_percent`).
 
 Every finished stage is kept in <out_dir>/stages.json, so a rerun with the same settings continues where the last one
 stopped (--fresh starts over). Prints one JSON object (also written to <out_dir>/prune_speed.json), with `curve`:
@@ -58,24 +60,39 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_MAX_NEW_TOKENS = 64  # the built-in rationales are one or two short sentences (as adapters_ds.demo.gain)
 
 
+# The gates runs' recipe unless --plain: the LoRA reference is the dense teacher, distilled from (weight 1) and
+# started from (warm start), pruning from the first step to half the run, the rest recovering, at a lower learning
+# rate than LoRA's (Adam's first steps at 1e-3 moved the warm-started LoRA far from the teacher before any unit
+# closed). Each part measured at 30 % removed: the README's gates section.
+RECIPE = ("distill=1", "warm_start", "ramp=0,0.5")
+RECIPE_LEARNING_RATE = 3e-4
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", help="default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--sparsities", default="0.2,0.3,0.4", help="shares of block parameters to remove")
+    parser.add_argument("--sparsities", default="0.2,0.3,0.4,0.5", help="shares of block parameters to remove")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of each gates run (batch 8)")
     parser.add_argument("--lora_steps", type=int, help="steps of the LoRA reference (default --steps; 0: skip)")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="LoRA's, and the LoRA inside the gates'")
     parser.add_argument(
         "--gates_learning_rate",
         type=float,
-        help="the gates runs' (default --learning_rate; a warm start begins at the fine-tuned model and wants less)",
+        help=f"the gates runs' (default {RECIPE_LEARNING_RATE:g}; with --plain, --learning_rate)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help=f"the gates runs with the trainer's defaults and --learning_rate, not the recipe ({' '.join(RECIPE)} "
+        "with this run's LoRA as the teacher)",
     )
     parser.add_argument(
         "--gate",
         action="append",
         default=[],
         metavar="OPTION=VALUE",
-        help="for the gates runs: --gate_OPTION VALUE (a bare OPTION: the switch --gate_OPTION)",
+        help="for the gates runs: --gate_OPTION VALUE (a bare OPTION: the switch --gate_OPTION); replaces the "
+        "recipe's value of the same OPTION",
     )
     parser.add_argument(
         "--teacher_from_lora",
@@ -112,8 +129,12 @@ def parse_args() -> argparse.Namespace:
     floor = args.floor or ""
     args.floor = args.sparsities if floor == "all" else [float(s) for s in floor.split(",") if s]
     args.lora_steps = args.steps if args.lora_steps is None else args.lora_steps
+    if not args.plain:
+        given = [option.partition("=")[0] for option in args.gate]
+        args.gate = [option for option in RECIPE if option.partition("=")[0] not in given] + args.gate
+        args.teacher_from_lora = args.teacher_from_lora or "teacher" not in given
     if args.gates_learning_rate is None:
-        args.gates_learning_rate = args.learning_rate
+        args.gates_learning_rate = args.learning_rate if args.plain else RECIPE_LEARNING_RATE
     if args.width_multiple is None:
         from adapters_ds.export.pruned import WIDTH_MULTIPLE
 
@@ -134,7 +155,8 @@ def parse_args() -> argparse.Namespace:
                 "warm_start"
             )
         if not args.lora_steps:
-            parser.error("--teacher_from_lora needs the LoRA reference run: --lora_steps > 0")
+            parser.error("the teacher (the recipe's or --teacher_from_lora; --plain: none) needs the LoRA reference "
+                         "run: --lora_steps > 0")  # fmt: skip
     return args
 
 
@@ -292,6 +314,14 @@ def speed(base: str, pruned: str, args: argparse.Namespace, prompts: list[str]) 
     return result
 
 
+def interval_95(accuracy: float, n: int) -> list[float]:
+    """The Wilson 95 % interval, in percent, of an accuracy in percent over n questions."""
+    from adapters_ds.evaluation.stats import wilson_interval
+
+    low, high = wilson_interval(round(accuracy * n / 100), n)
+    return [round(100 * low, 1), round(100 * high, 1)]
+
+
 def gates_point(
     base: str, args: argparse.Namespace, stages: Stages, sparsity: float, floor: bool, data: dict, teacher: dict | None
 ) -> dict:
@@ -338,6 +368,7 @@ def gates_point(
                                                                    exported["blocks_removed_fraction"]), 4),
             "width_multiple": args.width_multiple,
             "removed_fraction": round(exported["removed_fraction"], 4), "accuracy": scored["accuracy"],
+            "accuracy_95": interval_95(scored["accuracy"], len(data["records"])),
             "fp32_speedup": timing["fp32"]["speedup"], "fp32_flop_ceiling": timing["fp32"].get("flop_ceiling"),
             "bf16_speedup": timing["bf16"]["speedup"], "bf16_flop_ceiling": timing["bf16"].get("flop_ceiling"),
             "generation_speedup": timing.get("generation_tokens_per_s", {}).get("speedup"),
@@ -389,6 +420,8 @@ def main() -> None:
         lambda: {"accuracy": accuracy_of(base, None, data["records"])},
     )
     result["accuracy_percent"] = {"base": base_accuracy["accuracy"], **accuracy}
+    n = len(data["records"])
+    result["accuracy_95_percent"] = {name: interval_95(value, n) for name, value in result["accuracy_percent"].items()}
     result["curve"] = curve
     text = json.dumps(result, indent=2)
     (out / "prune_speed.json").write_text(text + "\n")

@@ -1,5 +1,6 @@
-"""bench/prune_speed.py's teachers: `--gate teacher=DIR` and `--teacher_from_lora` reach the gates runs as
-`--gate_teacher`, keyed by the teacher's settings; a switch without its weight or its LoRA run is refused."""
+"""bench/prune_speed.py's recipe and teachers: the recipe by default (`--plain` without), `--gate teacher=DIR` and
+`--teacher_from_lora` reach the gates runs as `--gate_teacher`, keyed by the teacher's settings; a switch without its
+weight or its LoRA run is refused."""
 
 from __future__ import annotations
 
@@ -59,25 +60,41 @@ def test_the_lora_reference_is_the_gates_runs_teacher(monkeypatch):
     assert extra[extra.index("--gate_teacher") + 1] == "runs/lora/adapter" and "teacher" not in settings
 
 
-def test_a_bare_gate_option_is_a_switch_and_the_warm_start_alone_uses_the_teacher(monkeypatch):
-    settings = train_settings(
-        monkeypatch, "--teacher_from_lora", "--gate", "warm_start", "--gates_learning_rate", "3e-4"
-    )
-    extra = settings["extra"]
-    assert settings["lr"] == 3e-4 and train_settings(monkeypatch, "--learning_rate", "2e-3")["lr"] == 2e-3
-    assert extra == ["--gate_target_sparsity", "0.3", "--gate_warm_start", "--gate_teacher", "out/lora/adapter"]
+def test_the_recipe_is_the_default_and_an_option_replaces_its_part(monkeypatch):
+    settings = train_settings(monkeypatch)
+    teacher = ["--gate_teacher", "out/lora/adapter"]
+    recipe = ["--gate_distill", "1", "--gate_warm_start", "--gate_ramp", "0,0.5"]
+    assert settings["extra"] == ["--gate_target_sparsity", "0.3", *recipe, *teacher] and settings["lr"] == 3e-4
+    args = parse(load_bench(), monkeypatch)
+    assert args.teacher_from_lora and args.sparsities == [0.2, 0.3, 0.4, 0.5]
     from adapters_ds.training.args import adapter_config, parse_train_args
 
-    config = adapter_config(parse_train_args(["--ds_config", "x.json", "--adapter", "gates", *extra]))
-    assert config.warm_start and config.teacher == "out/lora/adapter" and config.distill == 0
+    config = adapter_config(parse_train_args(["--ds_config", "x.json", "--adapter", "gates", *settings["extra"]]))
+    assert config.warm_start and config.distill == 1 and config.ramp_fractions == (0, 0.5)
+    assert config.teacher == "out/lora/adapter"
+    extra = train_settings(monkeypatch, "--gate", "ramp=0.1,0.6", "--gate", "distill=2")["extra"]
+    assert extra[2:] == ["--gate_warm_start", "--gate_ramp", "0.1,0.6", "--gate_distill", "2", *teacher]
+    args = parse(load_bench(), monkeypatch, "--gate", "teacher=runs/lora/adapter")
+    assert not args.teacher_from_lora  # the user's teacher, not the LoRA reference
+
+
+def test_plain_runs_the_gates_defaults_and_a_bare_option_is_a_switch(monkeypatch):
+    settings = train_settings(monkeypatch, "--plain", "--learning_rate", "2e-3", teacher=None)
+    assert settings["extra"] == ["--gate_target_sparsity", "0.3"] and settings["lr"] == 2e-3
+    argv = ("--plain", "--teacher_from_lora", "--gate", "warm_start", "--gates_learning_rate", "5e-4")
+    settings = train_settings(monkeypatch, *argv)
+    assert settings["lr"] == 5e-4
+    assert settings["extra"] == ["--gate_target_sparsity", "0.3", "--gate_warm_start", "--gate_teacher",
+                                 "out/lora/adapter"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--teacher_from_lora"], "needs a use for the teacher: --gate distill=W with W > 0"),
-        (["--teacher_from_lora", "--gate", "distill=0"], "needs a use for the teacher"),
+        (["--plain", "--teacher_from_lora"], "needs a use for the teacher: --gate distill=W with W > 0"),
+        (["--plain", "--teacher_from_lora", "--gate", "distill=0"], "needs a use for the teacher"),
         (["--teacher_from_lora", "--gate", "distill=1", "--lora_steps", "0"], "needs the LoRA reference run"),
+        (["--lora_steps", "0"], "needs the LoRA reference run"),  # the recipe's teacher
         (["--teacher_from_lora", "--gate", "distill=1", "--gate", "teacher=x"], "name two teachers"),
     ],
 )
