@@ -358,7 +358,8 @@ def gates_point(
                                                                       data["prompts"])}  # fmt: skip
 
     exported = stages.run(f"export {name}", settings, export)
-    timed = {**settings, "batch": args.batch, "seq": args.seq, "timing": "fastest", "flop_ceiling": True}
+    timed = {**settings, "batch": args.batch, "seq": args.seq, "timing": "fastest", "flop_ceiling": True,
+             "reps": [args.reps, args.bf16_reps], "gen_tokens": args.gen_tokens}  # fmt: skip
     timing = stages.run(f"speed {name}", timed, lambda: speed(base, pruned, args, data["prompts"]))
     scored = stages.run(f"accuracy {name}", {**settings, "eval_n": args.eval_n},
                         lambda: {"accuracy": accuracy_of(pruned, None, data["records"])})  # fmt: skip

@@ -41,6 +41,7 @@ def test_the_width_multiple_keys_the_export_stages_and_reaches_the_curve(monkeyp
         assert "width_multiple" not in stages.seen["train gates_0.3"]  # the same training either way
         assert stages.seen["export gates_0.3"].get("width_multiple", 1) == multiple
         assert stages.seen["speed gates_0.3"]["flop_ceiling"] and "fp32_flop_ceiling" in point
+        assert stages.seen["speed gates_0.3"]["reps"] == [7, 5]  # a quick run's timings are another stage
 
 
 def test_the_7b_shape_estimate_runs_on_tiny_shapes(capsys):
