@@ -106,7 +106,7 @@ class GatesConfig(GatedConfig):
         None,
         "unit gates: a LoRA adapter folder (trained first with --adapter lora on the same base) whose model is the "
         "distillation's dense teacher: the frozen base with that LoRA, every gate open, the LoRA inside the gates not "
-        "applied; needs --gate_distill > 0 (see gate_teacher)",
+        "applied; needs --gate_distill > 0 or --gate_warm_start (see gate_teacher)",
         flag="gate_teacher",
     )
     warm_start: bool = option(
