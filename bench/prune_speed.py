@@ -21,8 +21,11 @@ base, on the embedded model and the built-in problems, in one run (resumable).
    run's LoRA; it needs `--gate distill=W`, W > 0, and / or `--gate warm_start`).
    `--floor` adds, at every s (or at the shares it lists), a gates run that closes random units
    (`--gate_importance random`): what the same schedule and recovery give without the importance estimates.
+   The gates close an MLP's units --width_multiple at a time (`--gate_width_multiple`, unless `--gate
+   width_multiple=M` says otherwise), so each kept MLP width is a multiple of it.
 2. Exports each gates adapter (`export.pruned.export_pruned`, per-layer shapes, fp32 weights, each layer's kept MLP
-   width rounded up to a multiple of --width_multiple with closed units whose outputs are zero; 1: no rounding) and
+   width rounded up to a multiple of --width_multiple with closed units whose outputs are zero: none where the gates
+   closed in runs of it; 1: no rounding) and
    checks that the pruned model's logits equal the gated model's (evaluation mode) on a batch of held-out prompts.
    The curve gives the share the export removes (`blocks_removed_fraction`, rounding included) beside the target and
    the share the closed units alone remove (`blocks_removed_fraction_unpadded`).
@@ -119,8 +122,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--width_multiple",
         type=int,
-        help="the export rounds each layer's kept MLP width up to a multiple of this (default: the export's, 64; "
-        "1: no rounding)",
+        help="the gates close MLP units this many at a time (--gate_width_multiple) and the export rounds each "
+        "layer's kept MLP width up to a multiple of it (default: the export's, 64; 1: unit by unit, no rounding)",
     )
     parser.add_argument("--out_dir", default="outputs/bench_prune")
     parser.add_argument("--fresh", action="store_true", help="ignore the stages a previous run finished")
@@ -141,6 +144,8 @@ def parse_args() -> argparse.Namespace:
         args.width_multiple = WIDTH_MULTIPLE
     if args.width_multiple < 1:
         parser.error(f"--width_multiple must be >= 1 (1: no rounding), found {args.width_multiple}")
+    if "width_multiple" not in [option.partition("=")[0] for option in args.gate]:  # the schedule's runs match it
+        args.gate.append(f"width_multiple={args.width_multiple}")
     if args.teacher_from_lora:
         given = dict(option.partition("=")[::2] for option in args.gate)
         if "teacher" in given:

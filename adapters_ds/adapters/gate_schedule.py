@@ -8,7 +8,9 @@ projection's columns; one head where every head has its own keys and values; BLO
 in between, so the gated model in evaluation mode *is* the pruned export at every step. A unit's cost is the number
 of block parameters the export removes with it, so the share the schedule controls is the export's
 `blocks_removed_fraction_unpadded` (one unit more at most: an MLP unit is a few thousand parameters, a KV group
-more); the export keeps a few closed units to round each MLP width to a multiple of 64, and says how many.
+more). An MLP's units close 64 at a time (`width_multiple`, `mlp_runs`): the least important 64 of its open units,
+scored by their mean, so its kept width stays a multiple of the kernels' tile and the export's rounding (which keeps
+closed units to reach one) keeps none: what the export removes is the share the schedule reached.
 
 Schedule (gradual pruning, Zhu & Gupta 2017, arXiv 1710.01878): the share of block parameters removed is 0 for the
 first `start` of the run, while the LoRA inside the gates learns the task with every unit open; then
@@ -63,6 +65,7 @@ from adapters_ds.zero import full_numel, gathered
 PUSH = 1e-4  # gradient on a closed gate's θ: far above Adam's eps (1e-8), far below anything gradient clipping sees
 UNIT_GATE_LR = 1.0  # θ leaves 1 by far more than a bf16 step near 1 (2^-8), even at the end of a decaying schedule
 FISHER_DECAY = 0.9  # per step: the importance estimate averages over the last ~10 steps
+RUN_MIN_MULTIPLES = 8  # an MLP closes `width_multiple` units at a time only where it is this many multiples wide
 MIN_FISHER_STEPS = 2  # steps of estimates needed before a choice (also after a resume, which starts them afresh)
 
 
@@ -154,23 +157,32 @@ def block_parameters(model: nn.Module, exclude: set[int]) -> int:
 
 
 def close_on_schedule(
-    model: nn.Module, layers: list[Any], fishers: list[Fisher], target: float, final: float, importance: str, seed: int
+    model: nn.Module,
+    layers: list[Any],
+    fishers: list[Fisher],
+    target: float,
+    final: float,
+    importance: str,
+    seed: int,
+    width_multiple: int = 1,
 ) -> dict[str, float]:
     """Close open units of the unit-gate `layers` (`fishers`: their importance estimates) until the share of block
     parameters removed reaches `target` (not above `final`, the run's target; least important first; `importance`
-    "random": in an order drawn from `seed`). Call on every rank at the same step: the estimates are summed over
-    ranks. Returns gates/target, gates/removed (the share the export would
-    remove now) and gates/closed_units/{mlp,attn} (shares of the units)."""
+    "random": in an order drawn from `seed`), an MLP's units `width_multiple` at a time (`mlp_runs`). Call on every
+    rank at the same step: the estimates are summed over ranks. Returns gates/target, gates/removed (the share the
+    export would remove now) and gates/closed_units/{mlp,attn} (shares of the units)."""
     with gathered([layer.theta_cols for layer in layers]):
         closed = [layer.closed_units().cpu() for layer in layers]
     for fisher in fishers:
         fisher.fold()
     total = block_parameters(model, {id(p) for p in adapter_parameters(model).values()})
     costs = [layer.unit_cost for layer in layers]
+    runs = mlp_runs(layers, width_multiple)
     removed = sum(int(shut.sum()) * cost for shut, cost in zip(closed, costs, strict=True))
     need = target * total - removed
-    # a large unit (a KV group) may overshoot a step of the ramp, not the final share by more than the smallest unit
-    limit = final * total - removed + min(costs)
+    # a large unit (a KV group, an MLP run) may overshoot a step of the ramp, not the final share by more than the
+    # smallest of them
+    limit = final * total - removed + min(cost * run for cost, run in zip(costs, runs, strict=True))
     if need > 0 and all(fisher.steps >= MIN_FISHER_STEPS for fisher in fishers):
         if importance == "random":  # the same draw on every rank
             generator = torch.Generator().manual_seed(seed)
@@ -178,7 +190,7 @@ def close_on_schedule(
         else:  # Fisher per parameter removed
             flat = all_reduce_sum(torch.cat([fisher.estimate for fisher in fishers])).cpu()
             scores = [s / cost for s, cost in zip(flat.split([len(s) for s in closed]), costs, strict=True)]
-        for layer, shut, new in zip(layers, closed, choose(scores, costs, closed, need, limit), strict=True):
+        for layer, shut, new in zip(layers, closed, choose(scores, costs, closed, need, limit, runs), strict=True):
             layer.close(new)
             shut |= new
     removed = sum(int(shut.sum()) * cost for shut, cost in zip(closed, costs, strict=True))
@@ -192,55 +204,80 @@ def close_on_schedule(
     return metrics
 
 
+def mlp_runs(layers: Sequence[Any], multiple: int) -> list[int]:
+    """How many units of each layer close together: `multiple` in an MLP at least `RUN_MIN_MULTIPLES` multiples
+    wide, so that its kept width stays a multiple of it (the matmul kernels' tile: `export.pruned`'s rounding then
+    keeps no closed unit); 1 in a narrower MLP (the coarser choice would cost more than the kernels gain: test-sized
+    models) and in attention, whose KV groups are whole heads already."""
+    return [
+        multiple if layer.unit_kind == "mlp" and full_numel(layer.theta_cols) >= RUN_MIN_MULTIPLES * multiple else 1
+        for layer in layers
+    ]
+
+
 def choose(
-    scores: list[torch.Tensor], costs: list[int], closed: list[torch.Tensor], need: float, limit: float
+    scores: list[torch.Tensor],
+    costs: list[int],
+    closed: list[torch.Tensor],
+    need: float,
+    limit: float,
+    runs: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """Close open units in increasing order of score until their costs add up to `need` parameters, passing over a
     unit that would take the sum above `limit` and keeping at least one open unit in each layer. Returns the newly
     closed units of each layer (bool). Ties go to the lower layer and unit index (a stable sort), so equal inputs
     give equal choices on every rank.
 
-    Vectorised (a 70B model has millions of units): a layer's last open unit in that order is never reached, so it
-    is left out up front; every unit before the one whose running sum reaches `need` is taken (those sums stay below
-    `need`, so below `limit`), and only where that unit would pass `limit` do the cheaper units after it fill in."""
+    `runs` (default 1 each): how many units of each layer close together. A layer's open units, in increasing order
+    of score, are cut into runs of that many (the first run takes the remainder, so that after it the open count is
+    a multiple); a run is scored by its units' mean score, costs their sum and closes as a whole, and the layer keeps
+    its last run. So with runs of 64 every MLP keeps a multiple of 64 units (`close_on_schedule`).
+
+    Vectorised (a 70B model has millions of units): a layer's last run in that order is never reached, so it is
+    left out up front; every run before the one whose running sum reaches `need` is taken (those sums stay below
+    `need`, so below `limit`), and only where that run would pass `limit` do the cheaper runs after it fill in."""
     chosen = [torch.zeros_like(shut) for shut in closed]
     if need <= 0:
         return chosen
-    keys, owners, unit_costs = [], [], []
-    for i, (score, shut) in enumerate(zip(scores, closed, strict=True)):
+    keys, owners, run_costs, members = [], [], [], {}
+    for i, (score, shut, size) in enumerate(zip(scores, closed, runs or [1] * len(closed), strict=True)):
         open_units = (~shut).nonzero().flatten()
-        if len(open_units) < 2:
-            continue
         key = score.float()[open_units]
-        kept = torch.ones_like(open_units, dtype=torch.bool)
-        kept[len(key) - 1 - int(torch.argmax(key.flip(0)))] = False  # the highest score (of ties, the last)
-        keys.append(key[kept])
-        owners.append(torch.stack([torch.full_like(open_units[kept], i), open_units[kept]], dim=1))
-        unit_costs.append(torch.full((int(kept.sum()),), float(costs[i]), dtype=torch.float64))
+        order = torch.argsort(key, stable=True)  # the highest score (of ties, the last) ends the last run
+        run_of = (torch.arange(len(order)) + (size - len(order) % size) % size) // size
+        n_runs = int(run_of[-1]) + 1 if len(order) else 0
+        if n_runs < 2:
+            continue
+        sums = torch.zeros(n_runs, dtype=key.dtype).index_add_(0, run_of, key[order])
+        units = torch.bincount(run_of, minlength=n_runs)
+        keys.append((sums / units)[:-1])
+        owners.append(torch.stack([torch.full((n_runs - 1,), i), torch.arange(n_runs - 1)], dim=1))
+        run_costs.append(units[:-1].to(torch.float64) * costs[i])
+        members[i] = (open_units[order], run_of)
     if not keys:
         return chosen
     order = torch.argsort(torch.cat(keys), stable=True)
-    owner, cost = torch.cat(owners)[order], torch.cat(unit_costs)[order]
+    owner, cost = torch.cat(owners)[order], torch.cat(run_costs)[order]
     running = torch.cumsum(cost, 0)
     taken = min(int(torch.searchsorted(running, torch.tensor(float(need), dtype=torch.float64))) + 1, len(running))
     if running[taken - 1] > limit:
         taken -= 1
     removed = float(running[taken - 1]) if taken else 0.0
     picks = [owner[:taken]]
-    if removed < need:  # the unit reaching `need` passes `limit`: the cheaper ones after it, in order
+    if removed < need:  # the run reaching `need` passes `limit`: the cheaper ones after it, in order
         fits = cost[taken:] <= limit - removed
-        for unit, unit_cost in zip(owner[taken:][fits].tolist(), cost[taken:][fits].tolist(), strict=True):
+        for run, run_cost in zip(owner[taken:][fits].tolist(), cost[taken:][fits].tolist(), strict=True):
             if removed >= need:
                 break
-            if removed + unit_cost <= limit:
-                picks.append(torch.tensor([unit]))
-                removed += unit_cost
+            if removed + run_cost <= limit:
+                picks.append(torch.tensor([run]))
+                removed += run_cost
     picked = torch.cat(picks)
-    sizes = [len(shut) for shut in closed]
-    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
-    flat = torch.zeros(sum(sizes), dtype=torch.bool)
-    flat[starts[picked[:, 0]] + picked[:, 1]] = True
-    return [part.to(shut.device) for part, shut in zip(flat.split(sizes), closed, strict=True)]
+    for i in picked[:, 0].unique().tolist():
+        units, run_of = members[i]
+        new = units[torch.isin(run_of, picked[picked[:, 0] == i, 1])]
+        chosen[i][new.to(chosen[i].device)] = True
+    return chosen
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

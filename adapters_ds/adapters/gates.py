@@ -28,8 +28,9 @@ registered before `deepspeed.initialize`, so they run while ZeRO-3 still holds t
 tracing step it releases even persistent parameters after use). TensorBoard: gates/target, gates/removed,
 gates/closed_units/{mlp,attn}, gates/distill.
 
-`adapters_ds.export.pruned` turns a trained gates adapter into a physically smaller plain `transformers` model (each
-kept MLP width rounded up to a multiple of 64 with closed units, for the matmul kernels: `--prune_width_multiple`).
+`adapters_ds.export.pruned` turns a trained gates adapter into a physically smaller plain `transformers` model. The
+schedule closes an MLP's units 64 at a time (`--gate_width_multiple`), so each kept width is a multiple of 64 for the
+matmul kernels; the export's rounding (`--prune_width_multiple`) covers adapters trained unit by unit.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ class GatesConfig(GatedConfig):
         "pruning starts from the model it is to match rather than from the base (see gate_teacher.warm_start)",
         flag="gate_warm_start",
     )
+    width_multiple: int = option(
+        64,
+        "unit gates: an MLP's units close this many at a time, so that its kept width stays a multiple of it (the "
+        "matmul kernels' tile; the export then pads nothing); 1: unit by unit (gate_schedule.mlp_runs)",
+        flag="gate_width_multiple",
+    )
     importance: Literal["fisher", "random"] = option(
         "fisher",
         "unit gates: which units close first: the least important by the gates' Fisher information (fisher), or "
@@ -148,6 +155,10 @@ class GatesConfig(GatedConfig):
                 raise InputError(
                     "gates warm_start (--gate_warm_start) needs the LoRA inside the gates (--gate_lora_r > 0)"
                 )
+        if not isinstance(self.width_multiple, int) or isinstance(self.width_multiple, bool) or self.width_multiple < 1:
+            raise InputError(
+                f"gates width_multiple must be an integer >= 1 (1: unit by unit), found {self.width_multiple!r}"
+            )
         if self.importance not in ("fisher", "random"):
             raise InputError(f"gates importance must be 'fisher' or 'random', found {self.importance!r}")
 
@@ -408,7 +419,7 @@ class GatesStrategy(Strategy):
         layers = schedule.unit_layers(model)
         return schedule.close_on_schedule(
             model, layers, [self.fishers[layer] for layer in layers], target, self.config.target_sparsity,
-            self.config.importance, seed=step,
+            self.config.importance, seed=step, width_multiple=self.config.width_multiple,
         )  # fmt: skip
 
     def batch_loss(

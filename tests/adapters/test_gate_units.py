@@ -18,6 +18,7 @@ from adapters_ds.adapters.gate_schedule import unit_layers
 from adapters_ds.adapters.gates import Gates, GatesConfig
 from adapters_ds.adapters.registry import strategy_for
 from adapters_ds.adapters.storage import save_adapter
+from adapters_ds.errors import InputError
 from adapters_ds.export.pruned import prune_model
 from adapters_ds.training.loss import forward_targets, token_losses
 from adapters_ds.zero import full_numel
@@ -161,6 +162,23 @@ def test_choose_takes_the_lowest_scores_keeps_a_unit_per_layer_and_respects_the_
     assert [c.tolist() for c in schedule.choose(tied, [1, 1], closed, 2, 9)] == [[True, True, False], [False] * 2]
 
 
+def test_choose_closes_runs_whose_first_takes_the_remainder():
+    """Runs of 2 in a layer of 5 open units: by score, unit 1 alone (the remainder: 4 open after it), then units 3
+    and 2 (mean 0.25), and units 0 and 4 stay (its last run)."""
+    scores = [torch.tensor([0.5, 0.1, 0.3, 0.2, 0.9]), torch.tensor([0.2, 0.05])]
+    closed = [torch.zeros(5, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)]
+    chosen = schedule.choose(scores, [1, 1], closed, need=3, limit=100, runs=[2, 1])
+    assert [c.tolist() for c in chosen] == [[False, True, True, True, False], [False, True]]
+    # the 2-unit run would pass the limit and nothing cheaper follows it: the need is not met
+    chosen = schedule.choose(scores, [1, 1], closed, need=3, limit=3, runs=[2, 1])
+    assert [c.tolist() for c in chosen] == [[False, True, False, False, False], [False, True]]
+    # runs of 1 are the unit-by-unit choice
+    assert [c.tolist() for c in schedule.choose(scores, [1, 1], closed, 3, 100, runs=[1, 1])] == [
+        [False, True, False, True, False],
+        [False, True],
+    ]
+
+
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_every_share_is_reachable_within_one_unit_on_real_shapes(name):
     """On published sizes (meta device): the units cover the blocks' matrices, the largest unit is far below the
@@ -185,6 +203,19 @@ def test_every_share_is_reachable_within_one_unit_on_real_shapes(name):
         assert {kind for layer, new in zip(layers, chosen, strict=True) if new.any() for kind in [layer.unit_kind]} == (
             {"mlp"} if name.startswith("bloom") else {"mlp", "attn"}
         )
+    # the schedule's default: an MLP's units 64 at a time; every MLP it touches keeps a multiple of 64 units
+    runs = schedule.mlp_runs(layers, 64)
+    assert {run for layer, run in zip(layers, runs, strict=True) if layer.unit_kind == "mlp"} == {64}
+    smallest = min(cost * run for cost, run in zip(costs, runs, strict=True))
+    assert smallest / total < 0.005
+    for share in (0.2, 0.3, 0.4):
+        chosen = schedule.choose(scores, costs, closed, share * total, share * total + smallest, runs)
+        removed = sum(int(new.sum()) * cost for new, cost in zip(chosen, costs, strict=True)) / total
+        assert share <= removed <= share + smallest / total, (share, removed)
+        kept = [
+            len(new) - int(new.sum()) for layer, new in zip(layers, chosen, strict=True) if layer.unit_kind == "mlp"
+        ]
+        assert all(width % 64 == 0 for width in kept), kept
 
 
 def test_fisher_estimate_is_the_squared_gradient_of_each_gate():
@@ -307,6 +338,29 @@ def test_short_run_with_default_settings_reaches_the_target_and_exports_the_gate
     assert removed == pytest.approx(metrics_end["gates/removed"], abs=1e-9)  # what the schedule counts is removed
     assert abs(removed - 0.3) <= 0.02
     torch.testing.assert_close(logits(reloaded, batch), expected, atol=1e-4, rtol=0)
+
+
+def test_mlp_units_close_in_runs_so_the_export_pads_nothing(tmp_path):
+    """`width_multiple` 4 on the tiny llama (MLP width 48): every MLP keeps a multiple of 4 units, the run ends on
+    target (within its smallest run), and the export rounding to 4 keeps no closed unit (what the schedule counts
+    is removed)."""
+    model, strategy = unit_gated("llama", lora_r=R, width_multiple=4)
+    train(model, strategy, steps=12, batch=labelled(sample_batch(batch=4, seq=12)))
+    metrics = strategy.step_begin(model, 12, 12)
+    layers = unit_layers(model)
+    widths = [int((~a.closed_units()).sum()) for a in layers if a.unit_kind == "mlp"]
+    assert all(width % 4 == 0 for width in widths) and min(widths) < INTER, widths
+    total = schedule.block_parameters(model, {id(p) for p in adapter_parameters(model).values()})
+    smallest = min(a.unit_cost * run for a, run in zip(layers, schedule.mlp_runs(layers, 4), strict=True))
+    assert 0.3 <= metrics["gates/removed"] <= 0.3 + smallest / total
+    save_adapter(model, strategy.config, tmp_path)
+    reloaded = make_model("llama")
+    load_adapter(reloaded, tmp_path)
+    parameters = prune_model(reloaded.eval(), width_multiple=4)["parameters"]
+    assert parameters["width_padding_units"] == 0
+    assert parameters["blocks_removed_fraction"] == pytest.approx(metrics["gates/removed"], abs=1e-9)
+    with pytest.raises(InputError, match="width_multiple"):
+        GatesConfig(width_multiple=0)
 
 
 def test_random_importance_is_the_same_draw_for_the_same_step():

@@ -64,27 +64,33 @@ def test_the_recipe_is_the_default_and_an_option_replaces_its_part(monkeypatch):
     settings = train_settings(monkeypatch)
     teacher = ["--gate_teacher", "out/lora/adapter"]
     recipe = ["--gate_distill", "1", "--gate_warm_start", "--gate_ramp", "0,0.5"]
-    assert settings["extra"] == ["--gate_target_sparsity", "0.3", *recipe, *teacher] and settings["lr"] == 3e-4
+    runs = ["--gate_width_multiple", "64"]  # the export's rounding: the schedule closes MLP units 64 at a time
+    assert settings["extra"] == ["--gate_target_sparsity", "0.3", *recipe, *runs, *teacher] and settings["lr"] == 3e-4
     args = parse(load_bench(), monkeypatch)
     assert args.teacher_from_lora and args.sparsities == [0.2, 0.3, 0.4, 0.5]
     from adapters_ds.training.args import adapter_config, parse_train_args
 
     config = adapter_config(parse_train_args(["--ds_config", "x.json", "--adapter", "gates", *settings["extra"]]))
     assert config.warm_start and config.distill == 1 and config.ramp_fractions == (0, 0.5)
-    assert config.teacher == "out/lora/adapter"
+    assert config.teacher == "out/lora/adapter" and config.width_multiple == 64
     extra = train_settings(monkeypatch, "--gate", "ramp=0.1,0.6", "--gate", "distill=2")["extra"]
-    assert extra[2:] == ["--gate_warm_start", "--gate_ramp", "0.1,0.6", "--gate_distill", "2", *teacher]
+    assert extra[2:] == ["--gate_warm_start", "--gate_ramp", "0.1,0.6", "--gate_distill", "2", *runs, *teacher]
+    extra = train_settings(monkeypatch, "--width_multiple", "1")["extra"]
+    assert extra[extra.index("--gate_width_multiple") + 1] == "1"  # unit by unit, as the export rounds nothing
+    extra = train_settings(monkeypatch, "--gate", "width_multiple=32")["extra"]
+    assert extra.count("--gate_width_multiple") == 1 and extra[extra.index("--gate_width_multiple") + 1] == "32"
     args = parse(load_bench(), monkeypatch, "--gate", "teacher=runs/lora/adapter")
     assert not args.teacher_from_lora  # the user's teacher, not the LoRA reference
 
 
 def test_plain_runs_the_gates_defaults_and_a_bare_option_is_a_switch(monkeypatch):
     settings = train_settings(monkeypatch, "--plain", "--learning_rate", "2e-3", teacher=None)
-    assert settings["extra"] == ["--gate_target_sparsity", "0.3"] and settings["lr"] == 2e-3
+    runs = ["--gate_width_multiple", "64"]
+    assert settings["extra"] == ["--gate_target_sparsity", "0.3", *runs] and settings["lr"] == 2e-3
     argv = ("--plain", "--teacher_from_lora", "--gate", "warm_start", "--gates_learning_rate", "5e-4")
     settings = train_settings(monkeypatch, *argv)
     assert settings["lr"] == 5e-4
-    assert settings["extra"] == ["--gate_target_sparsity", "0.3", "--gate_warm_start", "--gate_teacher",
+    assert settings["extra"] == ["--gate_target_sparsity", "0.3", "--gate_warm_start", *runs, "--gate_teacher",
                                  "out/lora/adapter"]  # fmt: skip
 
 
