@@ -426,6 +426,11 @@ def test_batch_plan_is_a_pure_function_of_seed_and_epoch(group: bool):
     assert a.micro_batches(0) != BatchPlan(LENGTHS, 2, 2, 1, 6, group).micro_batches(0)  # seeds differ
     resumed = b.micro_batches(0)[7:]  # what the trainer does after 7 micro-batches
     assert resumed == a.micro_batches(0)[7:] and resumed[0] == a.micro_batches(0)[7]
+    # the kept orders are copies: changing one changes no later answer, and going back an epoch recomputes it
+    order, batches = a.global_order(1), a.micro_batches(1)
+    order.reverse(), batches[0].clear()
+    assert a.global_order(1) == b.global_order(1) != order and a.micro_batches(1) == b.micro_batches(1) != batches
+    assert a.micro_batches(0) == BatchPlan(LENGTHS, 2, 2, 1, 5, group).micro_batches(0)
 
 
 def test_batch_plan_order_definition():
