@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--base_model PATH] [--steps 6] [--warmup_steps 1] [--micro_batch_size 4]
                                      [--batch_size 8] [--cutoff_len 256] [--learning_rate 3e-4]
-                                     [--modes a_bf16,a_fp32,b,b_bf16,c] [--bf16_steps 2] [--bf16_limit_s 120]
+                                     [--modes a_bf16,a_fp32,b,b_bf16,b_fp32,c] [--bf16_steps 2] [--bf16_limit_s 120]
                                      [--split_steps 1]
     python bench/train_throughput.py --profile [--steps 4]     # where one rank of adapters_ds spends its time
 
@@ -13,6 +13,8 @@ Modes, each in a process of its own (clean peak memory), one after the other in 
   b       adapters_ds, `launcher/train.py` on one rank, ds_configs/zero3.json as shipped: bf16 "auto", which is
           bf16 where the hardware has bf16 matrix units and fp32 where bf16 is emulated (`hardware.native_bf16`).
   b_bf16  the same with bf16 forced on (weights and compute in bf16, as DeepSpeed's bf16 mode does).
+  b_fp32  the same with bf16 off: against a_fp32 the fp32 comparison on any machine (left out where b itself trains
+          in fp32).
   c       adapters_ds, ZeRO-3 on 2 ranks under the `deepspeed` launcher (one thread per rank on a CPU), bf16 "auto";
           on CUDA it needs 2 GPUs (one rank per GPU) and is left out on a machine with one.
 Same for all: the model (--base_model, else the embedded SmolLM2-135M-Instruct), LoRA r 32, alpha 64, dropout
@@ -69,7 +71,8 @@ REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k_raw" / "train.jsonl"
 TARGET_MODULES = "q_proj,k_proj,v_proj,up_proj,down_proj"
 LORA = {"r": 32, "alpha": 64, "dropout": 0.05}
-MODES = ("a_bf16", "a_fp32", "b", "b_bf16", "c")
+MODES = ("a_bf16", "a_fp32", "b", "b_bf16", "b_fp32", "c")
+DS_BF16 = {"b": "auto", "b_bf16": True, "b_fp32": False, "c": "auto"}  # each adapters_ds mode's config bf16 setting
 
 
 # ---------------------------------------------------------------------------------------------------- shared set-up
@@ -488,7 +491,7 @@ def run_split(mode: str, spec: dict, workdir: Path, warmup: int, limit_s: float 
         )
     else:
         ranks = 2 if mode == "c" else 1
-        config_path, name = write_config(workdir, ranks, True if mode == "b_bf16" else "auto")
+        config_path, name = write_config(workdir, ranks, DS_BF16[mode])
         job = {"spec": spec, "config": str(config_path), "out": str(workdir / f"split_{name}"), "warmup": warmup}
         cmd = [*deepspeed_launcher(ranks), __file__, "--_ds_split_child", json.dumps(job)]
         proc = run_limited(cmd, child_env(threads=1 if ranks > 1 else None), limit_s)
@@ -601,6 +604,9 @@ def main() -> None:
         from adapters_ds.hardware import native_bf16
 
         result["native_bf16"] = native_bf16()
+        if not result["native_bf16"] and "b_fp32" in modes and "b" in modes:
+            modes.remove("b_fp32")
+            skipped_modes["b_fp32"] = "b trains in fp32 on this machine (bf16 is emulated): the same run"
         runs = {}
         for mode in modes:
             bf16 = mode in ("a_bf16", "b_bf16")
@@ -610,10 +616,8 @@ def main() -> None:
             mode_spec = {**spec, "steps": steps}
             if mode.startswith("a"):
                 raw = run_hf({**mode_spec, "bf16": bf16}, limit)
-            elif mode == "c":
-                raw = run_adapters_ds(mode_spec, 2, "auto", workdir, limit)
             else:
-                raw = run_adapters_ds(mode_spec, 1, True if bf16 else "auto", workdir, limit)
+                raw = run_adapters_ds(mode_spec, 2 if mode == "c" else 1, DS_BF16[mode], workdir, limit)
             if raw.get("finished") is False:  # the steps did not finish within the limit: an upper bound
                 runs[mode] = {
                     **({"autocast": raw["autocast"]} if raw.get("autocast") else {}),
@@ -651,13 +655,13 @@ def main() -> None:
 
         result["ratios"] = {
             "b_over_a_bf16 (each tool's default 'bf16' on this machine)": ratio("b", "a_bf16"),
-            # b trains in fp32 only where bf16 is emulated ("auto"); elsewhere b against a_fp32 compares precisions
-            "b_over_a_fp32 (both fp32)": None if result["native_bf16"] else ratio("b", "a_fp32"),
+            # b trains in fp32 only where bf16 is emulated ("auto"); elsewhere b_fp32 is the fp32 run
+            "b_over_a_fp32 (both fp32)": ratio("b_fp32", "a_fp32") if result["native_bf16"] else ratio("b", "a_fp32"),
             "b_bf16_over_a_bf16 (both bf16)": ratio("b_bf16", "a_bf16"),
             "c_over_b (2 ranks ZeRO-3 total over 1 rank)": ratio("c", "b"),
         }
         result["last_loss_relative_gap"] = {
-            "b_vs_a_fp32": loss_gap("b", "a_fp32"),
+            "b_vs_a_fp32": loss_gap("b_fp32", "a_fp32") if result["native_bf16"] else loss_gap("b", "a_fp32"),
             "b_bf16_vs_a_bf16": loss_gap("b_bf16", "a_bf16"),
             "c_vs_b": loss_gap("c", "b"),
         }
