@@ -353,19 +353,19 @@ class BatchPlan:
         return len(self.lengths) // self.global_batch_size * self.gradient_accumulation_steps
 
     def _latest(self, name: str, epoch: int, compute: Callable[[], list]) -> list:
-        """`compute()`'s result, kept for the latest epoch asked for (a copy: callers may change theirs)."""
+        """`compute()`'s result, kept for the latest epoch asked for (the callers hand out copies)."""
         key = (name, epoch)
         if key not in self._kept:
             if any(kept_epoch != epoch for _, kept_epoch in self._kept):
                 self._kept.clear()
             self._kept[key] = compute()
-        return [list(item) if isinstance(item, list) else item for item in self._kept[key]]
+        return self._kept[key]
 
     def global_order(self, epoch: int) -> list[int]:
         """All ranks' indices for `epoch` in step order (steps 1–3 of the class docstring)."""
         if epoch < 0:
             raise InputError(f"batch plan: expected epoch >= 0; found {epoch}")
-        return self._latest("global", epoch, lambda: self._global_order(epoch))
+        return list(self._latest("global", epoch, lambda: self._global_order(epoch)))
 
     def _global_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -395,7 +395,7 @@ class BatchPlan:
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches for `epoch` (lists of dataset indices): usable as a DataLoader `batch_sampler`."""
-        return self._latest("micro", epoch, lambda: self._micro_batches(epoch))
+        return [list(batch) for batch in self._latest("micro", epoch, lambda: self._micro_batches(epoch))]
 
     def _micro_batches(self, epoch: int) -> list[list[int]]:
         order = self.global_order(epoch)
