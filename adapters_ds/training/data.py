@@ -307,8 +307,7 @@ class BatchPlan:
     batch), does not depend on which rank computes which example. To resume an epoch after k micro-batches, take
     `micro_batches(epoch)[k:]`.
 
-    The latest epoch's orders are kept (the trainer asks for them at every step; on 50k examples and 8 ranks the
-    balancing alone is tens of milliseconds); both methods return fresh lists.
+    The latest epoch's orders are kept (the trainer asks at every step; 50k examples took 0.3 s); both return copies.
     """
 
     lengths: Sequence[int] = field(repr=False)
@@ -320,7 +319,7 @@ class BatchPlan:
     gradient_accumulation_steps: int = 1
 
     MEGABATCH_MULT: ClassVar[int] = 50
-    _kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # {(name, epoch): order}
+    _kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # {"epoch": e, name: order}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(length) for length in self.lengths))
@@ -354,12 +353,10 @@ class BatchPlan:
 
     def _latest(self, name: str, epoch: int, compute: Callable[[], list]) -> list:
         """`compute()`'s result, kept for the latest epoch asked for (the callers hand out copies)."""
-        key = (name, epoch)
-        if key not in self._kept:
-            if any(kept_epoch != epoch for _, kept_epoch in self._kept):
-                self._kept.clear()
-            self._kept[key] = compute()
-        return self._kept[key]
+        if self._kept.get("epoch") != epoch:
+            self._kept.clear()
+            self._kept["epoch"] = epoch
+        return self._kept[name] if name in self._kept else self._kept.setdefault(name, compute())
 
     def global_order(self, epoch: int) -> list[int]:
         """All ranks' indices for `epoch` in step order (steps 1–3 of the class docstring)."""
@@ -398,12 +395,10 @@ class BatchPlan:
         return [list(batch) for batch in self._latest("micro", epoch, lambda: self._micro_batches(epoch))]
 
     def _micro_batches(self, epoch: int) -> list[list[int]]:
-        order = self.global_order(epoch)
+        order, step = self.global_order(epoch), self.global_micro_batch_size
         if self.world_size > 1:
-            step = self.global_micro_batch_size
             order = [i for start in range(0, len(order), step) for i in self.balanced(order[start : start + step])]
         size, offset = self.micro_batch_size, self.rank * self.micro_batch_size
-        step = self.global_micro_batch_size
         return [order[start + offset : start + offset + size] for start in range(0, len(order), step)]
 
 
