@@ -10,10 +10,11 @@ decoder blocks before and after removing --share of their parameters by the rule
 2. Removes --share of the block parameters as a gates run with `--gate_importance random` ends: the units are the
    ones the gates have (MLP units, KV groups; `gate_schedule.unit_options` gives their costs) and
    `gate_schedule.choose` closes them in a random order (the same draw for the same --seed) until the share is
-   reached, within the smallest unit, keeping one of each kind per block. The importance only decides *which*
-   units go, which does not change the time; how many go per kind and layer comes from the same rule. Then the
-   export's plan: each kept MLP width rounded up to a multiple of --width_multiple (`export.pruned.round_widths`,
-   1: off) and the blocks shrunk (`pruned_model.shrink_block`) as `export --prune` does.
+   reached, within the smallest unit, keeping one of each kind per block, an MLP's units --width_multiple at a
+   time as the gates close them (`gate_schedule.run_size`). The importance only decides *which* units go, which
+   does not change the time; how many go per kind and layer comes from the same rule. Then the export's plan: each
+   kept MLP width rounded up to a multiple of --width_multiple (`export.pruned.round_widths`, 1: off; nothing to
+   round after runs of it) and the blocks shrunk (`pruned_model.shrink_block`) as `export --prune` does.
 3. Times the forward of the block stack (`model.model` on random `inputs_embeds`, --batch × --seq; final norm
    included, embedding and LM head not) of the dense and the pruned model, the fastest of --reps after one warm-up,
    the two models alternating (as `bench/prune_speed.py`), in fp32 and, where this CPU computes bf16 natively (AMX
@@ -75,7 +76,7 @@ def build(args: argparse.Namespace) -> LlamaForCausalLM:
 def prune_like_the_gates(model: LlamaForCausalLM, share: float, width_multiple: int, seed: int) -> dict:
     """Shrink `model` in place by the gates' rule with random importance (see the module docstring); returns the
     share removed and the kept shapes."""
-    from adapters_ds.adapters.gate_schedule import block_parameters, choose, unit_options
+    from adapters_ds.adapters.gate_schedule import block_parameters, choose, run_size, unit_options
     from adapters_ds.export.pruned import round_widths
     from adapters_ds.families import layout_of
     from adapters_ds.pruned_model import BlockPlan, geometry, shrink_block
@@ -90,7 +91,10 @@ def prune_like_the_gates(model: LlamaForCausalLM, share: float, width_multiple: 
     total = block_parameters(model, set())
     generator = torch.Generator().manual_seed(seed)
     scores = [torch.rand(len(shut), generator=generator) for shut in closed]  # --gate_importance random
-    chosen = choose(scores, costs, closed, share * total, share * total + min(costs))
+    kinds = [unit_options(model, path)["unit_kind"] for path in paths]
+    runs = [run_size(kind, len(shut), width_multiple) for kind, shut in zip(kinds, closed, strict=True)]
+    smallest = min(cost * run for cost, run in zip(costs, runs, strict=True))
+    chosen = choose(scores, costs, closed, share * total, share * total + smallest, runs)
     plans = []
     for i in range(len(blocks)):
         units, groups = (~chosen[2 * i]).nonzero().flatten().tolist(), (~chosen[2 * i + 1]).nonzero().flatten()

@@ -204,15 +204,17 @@ def close_on_schedule(
     return metrics
 
 
+def run_size(kind: str, units: int, multiple: int) -> int:
+    """How many units of a layer of `units` units of `kind` ("mlp", "attn") close together: `multiple` in an MLP at
+    least `RUN_MIN_MULTIPLES` multiples wide, so that its kept width stays a multiple of it (the matmul kernels'
+    tile: `export.pruned`'s rounding then keeps no closed unit); 1 in a narrower MLP (the coarser choice would cost
+    more than the kernels gain: test-sized models) and in attention, whose KV groups are whole heads already."""
+    return multiple if kind == "mlp" and units >= RUN_MIN_MULTIPLES * multiple else 1
+
+
 def mlp_runs(layers: Sequence[Any], multiple: int) -> list[int]:
-    """How many units of each layer close together: `multiple` in an MLP at least `RUN_MIN_MULTIPLES` multiples
-    wide, so that its kept width stays a multiple of it (the matmul kernels' tile: `export.pruned`'s rounding then
-    keeps no closed unit); 1 in a narrower MLP (the coarser choice would cost more than the kernels gain: test-sized
-    models) and in attention, whose KV groups are whole heads already."""
-    return [
-        multiple if layer.unit_kind == "mlp" and full_numel(layer.theta_cols) >= RUN_MIN_MULTIPLES * multiple else 1
-        for layer in layers
-    ]
+    """`run_size` of each unit-gate layer."""
+    return [run_size(layer.unit_kind, full_numel(layer.theta_cols), multiple) for layer in layers]
 
 
 def choose(
