@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
+import pytest
 import torch
 from adapters.test_gates import _export
 from launch import REPO
