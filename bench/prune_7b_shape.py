@@ -85,14 +85,14 @@ def prune_like_the_gates(model: LlamaForCausalLM, share: float, width_multiple: 
     blocks = model.get_submodule(layout.blocks)
     geo = geometry(model.config, blocks[0], layout)
     paths = [f"{layout.blocks}.{i}.{rel}" for i in range(len(blocks)) for rel in (layout.mlp_out, layout.o)]
-    costs = [unit_options(model, path)["unit_cost"] for path in paths]
+    options = [unit_options(model, path) for path in paths]
+    costs = [option["unit_cost"] for option in options]
     closed = [torch.zeros(geo.intermediate if path.endswith(layout.mlp_out) else geo.kv_heads, dtype=torch.bool)
               for path in paths]  # fmt: skip
     total = block_parameters(model, set())
     generator = torch.Generator().manual_seed(seed)
     scores = [torch.rand(len(shut), generator=generator) for shut in closed]  # --gate_importance random
-    kinds = [unit_options(model, path)["unit_kind"] for path in paths]
-    runs = [run_size(kind, len(shut), width_multiple) for kind, shut in zip(kinds, closed, strict=True)]
+    runs = [run_size(o["unit_kind"], len(shut), width_multiple) for o, shut in zip(options, closed, strict=True)]
     smallest = min(cost * run for cost, run in zip(costs, runs, strict=True))
     chosen = choose(scores, costs, closed, share * total, share * total + smallest, runs)
     plans = []

@@ -319,7 +319,7 @@ class BatchPlan:
     gradient_accumulation_steps: int = 1
 
     MEGABATCH_MULT: ClassVar[int] = 50
-    _kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # {"epoch": e, name: order}
+    _kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # {name: (epoch, order)}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(length) for length in self.lengths))
@@ -353,10 +353,9 @@ class BatchPlan:
 
     def _latest(self, name: str, epoch: int, compute: Callable[[], list]) -> list:
         """`compute()`'s result, kept for the latest epoch asked for (the callers hand out copies)."""
-        if self._kept.get("epoch") != epoch:
-            self._kept.clear()
-            self._kept["epoch"] = epoch
-        return self._kept[name] if name in self._kept else self._kept.setdefault(name, compute())
+        if self._kept.get(name, (None,))[0] != epoch:
+            self._kept[name] = (epoch, compute())
+        return self._kept[name][1]
 
     def global_order(self, epoch: int) -> list[int]:
         """All ranks' indices for `epoch` in step order (steps 1–3 of the class docstring)."""
